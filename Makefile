@@ -1,0 +1,38 @@
+# Raptor: `make demo` and `make test` build their own virtualenv (.venv) first.
+# Users on another CUDA version override TORCH, e.g.
+#   make test TORCH="torch==2.5.1 torchvision==0.20.1 --index-url https://download.pytorch.org/whl/cu121"
+PYTHON ?= python3
+TORCH ?= torch==2.14.1 torchvision==0.29.1
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: setup demo test lint bench clean
+
+setup: $(STAMP)
+
+# Rebuilt whenever pyproject.toml changes (the stamp is older than it).
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet $(TORCH)
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/raptor pipeline configs/demo.yaml
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q tests
+
+lint: $(STAMP)
+	$(BIN)/ruff check raptor dmd tests
+	$(BIN)/ruff format --check raptor dmd tests
+
+bench: $(STAMP)
+	$(BIN)/raptor bench train configs/demo.yaml
+	$(BIN)/raptor bench dmd
+	$(BIN)/raptor bench data
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,152 @@
+"""Run folders, loggers and the Lightning Trainer every training command shares.
+
+A run folder holds the resolved `config.yaml`, `metrics.csv` (always), the W&B
+files when W&B is on (with the run id kept in `wandb_id.txt`, so a resumed or
+requeued job continues the same W&B run), `checkpoints/` and PNG plots.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from pathlib import Path
+from typing import Any, Iterable, List, Optional
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from raptor.config import save_config
+
+WANDB_ID_FILE = "wandb_id.txt"
+
+
+def prepare_run_dir(cfg: DictConfig, run_dir: Optional[str | Path] = None) -> Path:
+    """Create the run folder (default `cfg.run_dir`) and write the resolved config."""
+    path = Path(run_dir or cfg.run_dir)
+    path.mkdir(parents=True, exist_ok=True)
+    if _global_rank() == 0:
+        save_config(cfg, path)
+    return path
+
+
+def _global_rank() -> int:
+    for var in ("RANK", "SLURM_PROCID", "LOCAL_RANK"):
+        if var in os.environ:
+            return int(os.environ[var])
+    return 0
+
+
+def wandb_run_id(run_dir: Path) -> str:
+    """The run's W&B id: read from the run folder, or made once and stored there."""
+    path = Path(run_dir) / WANDB_ID_FILE
+    if not path.exists():
+        try:
+            with open(path, "x") as fh:  # first writer wins; others read it back
+                fh.write(uuid.uuid4().hex[:12])
+        except FileExistsError:
+            pass
+    return path.read_text().strip()
+
+
+def make_loggers(cfg: DictConfig, run_dir: Path) -> List[Any]:
+    """CSV always (`run_dir/metrics.csv`); W&B when `logging.wandb` is online/offline."""
+    from lightning.pytorch.loggers import CSVLogger
+
+    loggers: List[Any] = [CSVLogger(save_dir=str(run_dir), name="", version="")]
+    mode = cfg.logging.wandb
+    if mode not in ("online", "offline", "disabled"):
+        raise ValueError(f"logging.wandb must be online, offline or disabled, got '{mode}'")
+    if mode != "disabled":
+        from lightning.pytorch.loggers import WandbLogger
+
+        loggers.append(
+            WandbLogger(
+                project=cfg.logging.project,
+                entity=cfg.logging.entity,
+                name=cfg.logging.run_name or cfg.name,
+                save_dir=str(run_dir),
+                id=wandb_run_id(run_dir),
+                resume="allow",
+                offline=mode == "offline",
+                config=OmegaConf.to_container(cfg, resolve=True),
+            )
+        )
+    return loggers
+
+
+def default_precision(cfg: DictConfig) -> str:
+    """bf16 autocast on GPU, float32 on CPU, unless `trainer.precision` says otherwise."""
+    if cfg.trainer.precision:
+        return str(cfg.trainer.precision)
+    on_gpu = cfg.trainer.accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()
+    return "bf16-mixed" if on_gpu else "32-true"
+
+
+def _num_devices(devices: Any) -> int:
+    if isinstance(devices, int):
+        return devices
+    if isinstance(devices, str) and devices.isdigit():
+        return int(devices)
+    if isinstance(devices, (list, tuple)) or OmegaConf.is_list(devices):
+        return len(devices)
+    return torch.cuda.device_count() if torch.cuda.is_available() else 1
+
+
+def world_size(cfg: DictConfig) -> int:
+    """Devices x nodes, as the Trainer will see it."""
+    return _num_devices(cfg.trainer.devices) * int(cfg.trainer.num_nodes)
+
+
+def make_trainer(
+    cfg: DictConfig,
+    run_dir: Path,
+    *,
+    max_steps: int = -1,
+    max_epochs: Optional[int] = None,
+    callbacks: Iterable[Any] = (),
+    loggers: Optional[List[Any]] = None,
+    **overrides: Any,
+):
+    """A `lightning.Trainer` from `cfg.trainer` (ddp when several devices or nodes;
+    gloo on CPU, NCCL on GPU, chosen by Lightning)."""
+    import lightning as L
+
+    t = cfg.trainer
+    strategy = t.strategy
+    if strategy == "auto" and world_size(cfg) > 1:
+        strategy = "ddp"
+    kwargs = dict(
+        accelerator=t.accelerator,
+        devices=t.devices,
+        num_nodes=t.num_nodes,
+        strategy=strategy,
+        precision=default_precision(cfg),
+        deterministic=t.deterministic,
+        benchmark=t.benchmark,
+        max_steps=max_steps,
+        max_epochs=max_epochs if max_epochs is not None else -1,
+        default_root_dir=str(run_dir),
+        logger=loggers if loggers is not None else make_loggers(cfg, run_dir),
+        callbacks=list(callbacks),
+        log_every_n_steps=cfg.logging.log_every_n_steps,
+        enable_progress_bar=cfg.logging.progress_bar,
+        use_distributed_sampler=False,  # webdataset splits by node and worker itself
+        enable_model_summary=False,
+    )
+    kwargs.update(OmegaConf.to_container(t.extra, resolve=True))
+    kwargs.update(overrides)
+    return L.Trainer(**kwargs)
+
+
+def log_figure(fig, run_dir: Path, name: str, loggers: Iterable[Any] = (), step: Optional[int] = None) -> Path:
+    """Save a matplotlib figure as `run_dir/name.png` and send it to W&B loggers."""
+    import matplotlib.pyplot as plt
+
+    path = Path(run_dir) / f"{name}.png"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    for logger in loggers:
+        if hasattr(logger, "log_image"):
+            logger.log_image(key=name, images=[str(path)], step=step)
+    return path
