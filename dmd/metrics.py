@@ -1,0 +1,145 @@
+"""Fidelity of predicted hidden states, per step and per token group.
+
+`TrajectoryMetrics` is a torchmetrics `Metric`: it streams sufficient
+statistics in float64 over batches (and DDP ranks: every state is summed), so
+the result equals the computation on all the data concatenated. It is shared
+by the DMD evaluation and by Raptor's distillation validation.
+
+Inputs are `pred` and `target` of shape (B, S, T, D): B images, S steps
+(step s predicts one layer), T tokens, D features. A *row* is one (image,
+token) pair of one step. For every step and every token group (the groups
+given plus "all" = every token) `compute()` returns tensors of shape (S,):
+
+- ``r2``: 1 - SSE / SST, SST = sum over feature dims of the target's variance
+  over the group's rows (scikit-learn's ``variance_weighted`` R^2);
+- ``r2_ref``: the Raptor reference code's variant (overcomplete's
+  ``r2_score(pred, target)``): SST is the prediction's own spread around its
+  scalar mean over all entries, sum((p - mean(p))^2); computed here over all
+  rows at once rather than averaged over batches, and without its 1e-6 epsilon;
+- ``cos``: mean over rows of the cosine similarity of pred and target;
+- ``rel_l2``: mean over rows of ||pred - target|| / ||target||;
+- ``norm_ratio``: mean over rows of ||pred|| / ||target||.
+
+Keys are f"{metric}/{group}". A group with no rows gives NaN.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, Mapping, Optional
+
+import torch
+from torch import Tensor
+from torchmetrics import Metric
+
+METRICS = ("r2", "r2_ref", "cos", "rel_l2", "norm_ratio")
+_EPS = 1e-12  # floor on norms in the per-row ratios
+
+
+class TrajectoryMetrics(Metric):
+    """Per-step, per-group fidelity metrics (see the module docstring).
+
+    Args:
+        num_steps: S, the size of dim 1 of every update.
+        groups: name -> slice over the token axis (e.g. the teacher's
+            {"cls": slice(0, 1), "patch": slice(1, None)}); "all" is added.
+        dim: D, the feature size; when None the per-dim state is allocated at
+            the first update (every DDP rank must then update at least once
+            before `compute`).
+    """
+
+    full_state_update = False
+    is_differentiable = False
+    higher_is_better = None
+
+    def __init__(
+        self, num_steps: int, groups: Mapping[str, slice], dim: Optional[int] = None, **kwargs
+    ) -> None:
+        super().__init__(**kwargs)
+        if num_steps < 1:
+            raise ValueError(f"TrajectoryMetrics: num_steps must be >= 1, got {num_steps}")
+        if "all" in groups:
+            raise ValueError("TrajectoryMetrics: the group name 'all' is reserved (every token)")
+        for name, sl in groups.items():
+            if not isinstance(sl, slice):
+                raise TypeError(f"TrajectoryMetrics: group '{name}' must be a slice, got {type(sl).__name__}")
+        self.num_steps = int(num_steps)
+        self.group_names = list(groups) + ["all"]
+        self.slices = list(groups.values()) + [slice(None)]
+        G, S = len(self.group_names), self.num_steps
+        f64 = torch.float64
+        for name in ("rows", "sse", "sum_y2", "sum_p", "sum_p2", "sum_cos", "sum_rel", "sum_ratio"):
+            self.add_state(name, default=torch.zeros(G, S, dtype=f64), dist_reduce_fx="sum")
+        self.add_state("sum_y", default=torch.zeros(G, S, dim or 0, dtype=f64), dist_reduce_fx="sum")
+
+    def update(self, pred: Tensor, target: Tensor, valid: Optional[Tensor] = None) -> None:
+        """Add a batch: pred, target (B, S, T, D); valid bool (B,) marks rows to keep."""
+        if pred.shape != target.shape or pred.ndim != 4:
+            raise ValueError(
+                f"TrajectoryMetrics: pred and target must both be (B, S, T, D), got "
+                f"{tuple(pred.shape)} and {tuple(target.shape)}"
+            )
+        if pred.shape[1] != self.num_steps:
+            raise ValueError(
+                f"TrajectoryMetrics: expected {self.num_steps} steps on dim 1, got {pred.shape[1]}"
+            )
+        if valid is not None:
+            if valid.shape != pred.shape[:1]:
+                raise ValueError(
+                    f"TrajectoryMetrics: valid must be bool ({pred.shape[0]},), got {tuple(valid.shape)}"
+                )
+            valid = valid.to(device=pred.device, dtype=torch.bool)
+            pred, target = pred[valid], target[valid]
+        D = pred.shape[-1]
+        if self.sum_y.shape[-1] == 0:
+            self.sum_y = torch.zeros(*self.sum_y.shape[:2], D, dtype=torch.float64, device=self.device)
+        elif self.sum_y.shape[-1] != D:
+            raise ValueError(f"TrajectoryMetrics: feature size {D} != {self.sum_y.shape[-1]} seen before")
+        for s in range(self.num_steps):  # one step at a time bounds the float64 copies
+            p = pred[:, s].to(torch.float64)
+            y = target[:, s].to(torch.float64)
+            e2 = (p - y).square().sum(-1)  # (B, T)
+            p2, y2, py = p.square().sum(-1), y.square().sum(-1), (p * y).sum(-1)
+            pn, yn = p2.sqrt(), y2.sqrt().clamp_min(_EPS)
+            per_row = {
+                "sse": e2,
+                "sum_y2": y2,
+                "sum_p": p.sum(-1),
+                "sum_p2": p2,
+                "sum_cos": py / (pn * yn).clamp_min(_EPS),
+                "sum_rel": e2.sqrt() / yn,
+                "sum_ratio": pn / yn,
+            }
+            y_tok = y.sum(0)  # (T, D)
+            for g, sl in enumerate(self.slices):
+                for name, val in per_row.items():
+                    getattr(self, name)[g, s] += val[:, sl].sum()
+                self.rows[g, s] += e2[:, sl].numel()
+                self.sum_y[g, s] += y_tok[sl].sum(0)
+
+    def compute(self) -> Dict[str, Tensor]:
+        rows = self.rows
+        sst = self.sum_y2 - self.sum_y.square().sum(-1) / rows
+        entries = rows * self.sum_y.shape[-1]
+        sst_ref = self.sum_p2 - self.sum_p.square() / entries
+        values = {
+            "r2": 1.0 - self.sse / sst,
+            "r2_ref": 1.0 - self.sse / sst_ref,
+            "cos": self.sum_cos / rows,
+            "rel_l2": self.sum_rel / rows,
+            "norm_ratio": self.sum_ratio / rows,
+        }
+        out = {}
+        for metric in METRICS:
+            for g, group in enumerate(self.group_names):
+                v = values[metric][g]
+                out[f"{metric}/{group}"] = torch.where(rows[g] > 0, v, torch.full_like(v, float("nan")))
+        return out
+
+
+def trajectory_metrics(
+    pred: Tensor, target: Tensor, groups: Mapping[str, slice], valid: Optional[Tensor] = None
+) -> Dict[str, Tensor]:
+    """One-shot `TrajectoryMetrics` on pred, target (B, S, T, D); values (S,) float64."""
+    metric = TrajectoryMetrics(pred.shape[1], groups, dim=pred.shape[-1]).to(pred.device)
+    metric.update(pred, target, valid)
+    return metric.compute()
