@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import (
     ConfigAttributeError,
     ConfigKeyError,
@@ -206,7 +206,9 @@ class DmdConfig:
     calib_images: int = 1000
     eval_images: int = 500
     solvers: List[str] = field(default_factory=lambda: ["ridge", "rrr"])
-    selections: List[str] = field(default_factory=lambda: ["span", "anchor", "endpoint", "identity"])
+    selections: List[str] = field(
+        default_factory=lambda: ["span", "anchor", "endpoint", "identity"]
+    )
     rank: Optional[int] = None
     alpha: float = 1e-4  # ridge, relative to the mean eigenvalue of C_xx
     center: bool = False
@@ -343,7 +345,9 @@ def parse_overrides(overrides: List[str]) -> DictConfig:
     return OmegaConf.from_dotlist(list(overrides))
 
 
-def load_config(path: Optional[str | Path] = None, overrides: Optional[List[str]] = None) -> DictConfig:
+def load_config(
+    path: Optional[str | Path] = None, overrides: Optional[List[str]] = None
+) -> DictConfig:
     """Schema <- YAML (with its defaults) <- overrides, validated; returns a typed DictConfig.
 
     Raises ConfigError naming the offending key and the nearest valid keys.

@@ -138,7 +138,9 @@ def make_trainer(
     return L.Trainer(**kwargs)
 
 
-def log_figure(fig, run_dir: Path, name: str, loggers: Iterable[Any] = (), step: Optional[int] = None) -> Path:
+def log_figure(
+    fig, run_dir: Path, name: str, loggers: Iterable[Any] = (), step: Optional[int] = None
+) -> Path:
     """Save a matplotlib figure as `run_dir/name.png` and send it to W&B loggers."""
     import matplotlib.pyplot as plt
 
