@@ -25,7 +25,8 @@ Keys are f"{metric}/{group}". A group with no rows gives NaN.
 
 from __future__ import annotations
 
-from typing import Dict, Mapping, Optional
+from collections.abc import Mapping
+from typing import Optional
 
 import torch
 from torch import Tensor
@@ -61,7 +62,9 @@ class TrajectoryMetrics(Metric):
             raise ValueError("TrajectoryMetrics: the group name 'all' is reserved (every token)")
         for name, sl in groups.items():
             if not isinstance(sl, slice):
-                raise TypeError(f"TrajectoryMetrics: group '{name}' must be a slice, got {type(sl).__name__}")
+                raise TypeError(
+                    f"TrajectoryMetrics: group '{name}' must be a slice, got {type(sl).__name__}"
+                )
         self.num_steps = int(num_steps)
         self.group_names = list(groups) + ["all"]
         self.slices = list(groups.values()) + [slice(None)]
@@ -69,7 +72,9 @@ class TrajectoryMetrics(Metric):
         f64 = torch.float64
         for name in ("rows", "sse", "sum_y2", "sum_p", "sum_p2", "sum_cos", "sum_rel", "sum_ratio"):
             self.add_state(name, default=torch.zeros(G, S, dtype=f64), dist_reduce_fx="sum")
-        self.add_state("sum_y", default=torch.zeros(G, S, dim or 0, dtype=f64), dist_reduce_fx="sum")
+        self.add_state(
+            "sum_y", default=torch.zeros(G, S, dim or 0, dtype=f64), dist_reduce_fx="sum"
+        )
 
     def update(self, pred: Tensor, target: Tensor, valid: Optional[Tensor] = None) -> None:
         """Add a batch: pred, target (B, S, T, D); valid bool (B,) marks rows to keep."""
@@ -91,9 +96,13 @@ class TrajectoryMetrics(Metric):
             pred, target = pred[valid], target[valid]
         D = pred.shape[-1]
         if self.sum_y.shape[-1] == 0:
-            self.sum_y = torch.zeros(*self.sum_y.shape[:2], D, dtype=torch.float64, device=self.device)
+            self.sum_y = torch.zeros(
+                *self.sum_y.shape[:2], D, dtype=torch.float64, device=self.device
+            )
         elif self.sum_y.shape[-1] != D:
-            raise ValueError(f"TrajectoryMetrics: feature size {D} != {self.sum_y.shape[-1]} seen before")
+            raise ValueError(
+                f"TrajectoryMetrics: feature size {D} != {self.sum_y.shape[-1]} seen before"
+            )
         for s in range(self.num_steps):  # one step at a time bounds the float64 copies
             p = pred[:, s].to(torch.float64)
             y = target[:, s].to(torch.float64)
@@ -116,7 +125,7 @@ class TrajectoryMetrics(Metric):
                 self.rows[g, s] += e2[:, sl].numel()
                 self.sum_y[g, s] += y_tok[sl].sum(0)
 
-    def compute(self) -> Dict[str, Tensor]:
+    def compute(self) -> dict[str, Tensor]:
         rows = self.rows
         sst = self.sum_y2 - self.sum_y.square().sum(-1) / rows
         entries = rows * self.sum_y.shape[-1]
@@ -132,13 +141,15 @@ class TrajectoryMetrics(Metric):
         for metric in METRICS:
             for g, group in enumerate(self.group_names):
                 v = values[metric][g]
-                out[f"{metric}/{group}"] = torch.where(rows[g] > 0, v, torch.full_like(v, float("nan")))
+                out[f"{metric}/{group}"] = torch.where(
+                    rows[g] > 0, v, torch.full_like(v, float("nan"))
+                )
         return out
 
 
 def trajectory_metrics(
     pred: Tensor, target: Tensor, groups: Mapping[str, slice], valid: Optional[Tensor] = None
-) -> Dict[str, Tensor]:
+) -> dict[str, Tensor]:
     """One-shot `TrajectoryMetrics` on pred, target (B, S, T, D); values (S,) float64."""
     metric = TrajectoryMetrics(pred.shape[1], groups, dim=pred.shape[-1]).to(pred.device)
     metric.update(pred, target, valid)
