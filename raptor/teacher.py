@@ -1,0 +1,488 @@
+"""The frozen teacher: a timm VisionTransformer read as a trajectory along depth.
+
+Conventions (DESIGN.md): `a_0 = embed(images)` is the token sequence entering
+block 1 (patch embedding, position embedding, prefix tokens, `norm_pre`);
+`a_l = step(a_{l-1}, l)` is block l's output, l = 1..L (1-based). Tokens are
+`[cls, reg_1..reg_R, patch_1..patch_P]`, T = 1 + R + P, every tensor (B, T, D).
+`finish` applies the remaining blocks and the final norm; the pooled feature is
+`[cls ; mean(patch)]` of the normed tokens (registers excluded), shape (B, 2D),
+the input DINOv2's published linear heads take.
+
+Weights (`Teacher.from_config(cfg.teacher)`):
+- `weights=PATH`, a file written by `raptor teacher` (`teacher.safetensors`
+  whose metadata carries the architecture), rebuilt from the file alone;
+- `weights=PATH`, a timm state dict (.pth/.bin/.safetensors) or the official
+  DINOv2 torch.hub `.pth` (converted by timm's own `checkpoint_filter_fn`),
+  loaded into `timm.create_model(name, **architecture keys)`;
+- `pretrained=True`: timm's hub weights for `name`.
+Files are read with `torch.load(weights_only=True)` or safetensors, never unpickled.
+
+Numerics: bf16 autocast on CUDA, float32 on CPU; every output is float32.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import warnings
+from pathlib import Path
+from typing import Any, Dict, Mapping, Optional
+
+import torch
+from torch import nn
+
+from raptor.config import ConfigError
+
+# cfg.teacher keys passed to timm.create_model when set (override the defaults of `name`)
+ARCH_KEYS = (
+    "img_size",
+    "patch_size",
+    "in_chans",
+    "embed_dim",
+    "depth",
+    "num_heads",
+    "mlp_ratio",
+    "reg_tokens",
+    "num_classes",
+    "drop_path_rate",
+    "init_values",
+)
+# keys that change the computation of a built model (and so must match a stored file)
+_SHAPE_KEYS = (
+    "img_size",
+    "patch_size",
+    "in_chans",
+    "embed_dim",
+    "depth",
+    "num_heads",
+    "mlp_ratio",
+    "reg_tokens",
+    "num_classes",
+)
+FILE_FORMAT = "raptor-teacher"
+
+
+class TeacherLoadError(ConfigError):
+    """A teacher weights/head file is missing, unreadable or does not fit the model."""
+
+
+def _few(items, n: int = 5) -> str:
+    items = sorted(items)
+    more = f", ... ({len(items)} in all)" if len(items) > n else ""
+    return "[" + ", ".join(items[:n]) + more + "]"
+
+
+def _jsonable(value: Any) -> Any:
+    """Tuples -> lists, a square (s, s) size -> s, so an arch dict round-trips through JSON."""
+    if isinstance(value, (tuple, list)):
+        value = [_jsonable(v) for v in value]
+        return value[0] if len(value) == 2 and value[0] == value[1] else value
+    return value
+
+
+class Teacher(nn.Module):
+    """A frozen timm VisionTransformer exposing its depth trajectory.
+
+    `Teacher(vit, arch=None, head=None, data_config=None)`: `arch` is the plain
+    dict `{"name": timm name, "kwargs": create_model kwargs}` that rebuilds `vit`
+    (default: read from the timm model); `head` an optional linear classifier on
+    the pooled (B, 2D) features that replaces the model's own head; `data_config`
+    timm's preprocessing dict (default: resolved from the model, at its image size).
+    The module stays in eval mode and holds no trainable parameter.
+    """
+
+    def __init__(
+        self,
+        vit: nn.Module,
+        arch: Optional[Dict[str, Any]] = None,
+        head: Optional[nn.Linear] = None,
+        data_config: Optional[Dict[str, Any]] = None,
+    ):
+        super().__init__()
+        from timm.models.vision_transformer import VisionTransformer
+
+        if not isinstance(vit, VisionTransformer):
+            raise TypeError(f"Teacher expects a timm VisionTransformer, got {type(vit).__name__}")
+        if not vit.has_class_token:
+            raise ValueError("Teacher needs a ViT with a class token (class_token=True)")
+        self.vit = vit
+        self.head = head
+        self.num_layers = len(vit.blocks)
+        self.embed_dim = int(vit.embed_dim)
+        self.num_heads = int(vit.blocks[0].attn.num_heads)
+        self.num_reg_tokens = int(vit.num_reg_tokens)
+        self.num_prefix_tokens = int(vit.num_prefix_tokens)
+        self.num_tokens = int(vit.patch_embed.num_patches) + self.num_prefix_tokens
+        self.num_classes = int(head.out_features) if head is not None else int(vit.num_classes)
+        self.arch = arch if arch is not None else arch_of(vit)
+        self.data_config = dict(data_config) if data_config else default_data_config(vit)
+        self.requires_grad_(False)
+        self.eval()
+
+    # ------------------------------------------------------------------ structure
+
+    @property
+    def groups(self) -> Dict[str, slice]:
+        """Token-group slices along T: cls, reg (only when R > 0), patch."""
+        r = self.num_reg_tokens
+        groups = {"cls": slice(0, 1)}
+        if r:
+            groups["reg"] = slice(1, 1 + r)
+        groups["patch"] = slice(1 + r, None)
+        return groups
+
+    def train(self, mode: bool = True) -> Teacher:
+        """The teacher is frozen: always eval (no dropout, no stochastic depth)."""
+        return super().train(False)
+
+    @staticmethod
+    def autocast(device: torch.device | str):
+        """bf16 autocast on CUDA; float32 elsewhere (also inside an outer CPU autocast)."""
+        device = torch.device(device)
+        if device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        if device.type == "cpu":
+            return torch.autocast("cpu", enabled=False)
+        return contextlib.nullcontext()
+
+    # ------------------------------------------------------------------ forward
+
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) normalized images -> a_0 (B, T, D)."""
+        v = self.vit
+        with self.autocast(images.device):
+            x = v.patch_embed(images)
+            x = v._pos_embed(x)
+            x = v.patch_drop(x)
+            x = v.norm_pre(x)
+        return x.float()
+
+    def step(self, a: torch.Tensor, layer: int) -> torch.Tensor:
+        """a_{l-1} (B, T, D) -> a_l = block l (1-based) applied to it."""
+        if not 1 <= layer <= self.num_layers:
+            raise IndexError(f"layer must be in 1..{self.num_layers}, got {layer}")
+        with self.autocast(a.device):
+            out = self.vit.blocks[layer - 1](a)
+        return out.float()
+
+    @torch.no_grad()
+    def trajectory(self, images: torch.Tensor, upto: Optional[int] = None) -> torch.Tensor:
+        """(B, C, H, W) -> (B, upto+1, T, D): a_0 .. a_upto (default upto = L), no grad."""
+        upto = self.num_layers if upto is None else int(upto)
+        if not 0 <= upto <= self.num_layers:
+            raise IndexError(f"upto must be in 0..{self.num_layers}, got {upto}")
+        a = self.embed(images)
+        out = a.new_empty((a.shape[0], upto + 1) + tuple(a.shape[1:]))
+        out[:, 0] = a
+        for layer in range(1, upto + 1):
+            a = self.step(a, layer)
+            out[:, layer] = a
+        return out
+
+    def final_norm(self, x: torch.Tensor) -> torch.Tensor:
+        """The ViT's final norm on a_L (B, T, D) (identity for fc_norm models)."""
+        with self.autocast(x.device):
+            out = self.vit.norm(x)
+        return out.float()
+
+    def pooled(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(B, T, D) normed tokens -> [cls ; mean(patch)] (B, 2D), registers excluded."""
+        patch = tokens[:, self.num_prefix_tokens :]
+        return torch.cat([tokens[:, 0], patch.mean(dim=1)], dim=-1)
+
+    def logits_from_tokens(self, tokens: torch.Tensor) -> Optional[torch.Tensor]:
+        """Class logits (B, C) from final-normed tokens, or None without a head.
+
+        The separate linear head (if any) reads the pooled features; otherwise the
+        ViT's own head (timm `forward_head`: its global_pool and fc_norm)."""
+        if self.head is None and self.vit.num_classes == 0:
+            return None
+        with self.autocast(tokens.device):
+            if self.head is not None:
+                out = self.head(self.pooled(tokens))
+            else:
+                out = self.vit.forward_head(tokens)
+        return out.float()
+
+    def finish(self, a: torch.Tensor, from_layer: int) -> Dict[str, Optional[torch.Tensor]]:
+        """Blocks from_layer+1..L on a = a_{from_layer}, then the final norm.
+
+        Returns {"tokens": (B, T, D) normed, "pooled": (B, 2D), "logits": (B, C) or None}."""
+        if not 0 <= from_layer <= self.num_layers:
+            raise IndexError(f"from_layer must be in 0..{self.num_layers}, got {from_layer}")
+        for layer in range(from_layer + 1, self.num_layers + 1):
+            a = self.step(a, layer)
+        tokens = self.final_norm(a)
+        return {
+            "tokens": tokens,
+            "pooled": self.pooled(tokens),
+            "logits": self.logits_from_tokens(tokens),
+        }
+
+    # ------------------------------------------------------------------ files
+
+    def save(self, path: str | Path) -> Path:
+        """Write the ViT as a `raptor teacher` safetensors file (arch + data config in
+        its metadata). A separate `head` is not included (it has its own file)."""
+        return save_teacher_file(path, self.vit, self.arch, self.data_config)
+
+    @classmethod
+    def from_config(cls, cfg: Any) -> Teacher:
+        """Build from a `teacher` config section (see the module docstring)."""
+        overrides = {k: _plain(cfg[k]) for k in ARCH_KEYS if cfg.get(k) is not None}
+        data_config = None
+        if cfg.weights:
+            path = Path(str(cfg.weights)).expanduser()
+            if not path.is_file():
+                raise TeacherLoadError(f"teacher.weights: file not found: {path}")
+            stored = read_teacher_file(path)
+            if stored is not None:
+                arch, state, data_config = stored
+                vit = _create(arch["name"], arch["kwargs"])
+                _check_arch(vit, overrides, path)
+                _load_checked(vit, state, path, arch["name"], arch["kwargs"])
+            else:
+                arch = {"name": str(cfg.name), "kwargs": overrides}
+                vit = _create(arch["name"], overrides)
+                state = _convert(read_state_dict(path), vit, path)
+                _load_checked(vit, state, path, arch["name"], overrides)
+        else:
+            arch = {"name": str(cfg.name), "kwargs": overrides}
+            vit = _create(arch["name"], overrides, pretrained=bool(cfg.pretrained))
+            if not cfg.pretrained:
+                warnings.warn(
+                    f"teacher '{cfg.name}' has random weights (no teacher.weights, pretrained=false)",
+                    stacklevel=2,
+                )
+        head = load_linear_head(cfg.head, 2 * int(vit.embed_dim)) if cfg.get("head") else None
+        return cls(vit, arch=arch, head=head, data_config=data_config)
+
+
+# ---------------------------------------------------------------------- helpers
+
+
+def _plain(value: Any) -> Any:
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(value) if OmegaConf.is_config(value) else value
+
+
+def arch_of(vit: nn.Module) -> Dict[str, Any]:
+    """`{"name", "kwargs"}` that rebuilds a timm ViT made by `timm.create_model`."""
+    name = (getattr(vit, "pretrained_cfg", None) or {}).get("architecture", "vit_base_patch16_224")
+    kwargs = {k: _jsonable(v) for k, v in getattr(vit, "_model_args", {}).items()}
+    return {"name": name, "kwargs": kwargs}
+
+
+def arch_values(vit: nn.Module) -> Dict[str, Any]:
+    """The computation-relevant architecture of a built ViT, read from its modules."""
+    blk = vit.blocks[0]
+    return {
+        "img_size": _jsonable(tuple(vit.patch_embed.img_size)),
+        "patch_size": _jsonable(tuple(vit.patch_embed.patch_size)),
+        "in_chans": int(vit.patch_embed.proj.in_channels),
+        "embed_dim": int(vit.embed_dim),
+        "depth": len(vit.blocks),
+        "num_heads": int(blk.attn.num_heads),
+        "mlp_ratio": blk.mlp.fc1.out_features / vit.embed_dim,
+        "reg_tokens": int(vit.num_reg_tokens),
+        "num_classes": int(vit.num_classes),
+    }
+
+
+def default_data_config(vit: nn.Module) -> Dict[str, Any]:
+    """timm's data config for the model, with input_size set to the model's image size."""
+    from timm.data import resolve_model_data_config
+
+    dc = dict(resolve_model_data_config(vit))
+    dc["input_size"] = (int(vit.patch_embed.proj.in_channels),) + tuple(vit.patch_embed.img_size)
+    return dc
+
+
+def _create(name: str, kwargs: Mapping[str, Any], pretrained: bool = False) -> nn.Module:
+    import timm
+    from timm.models.vision_transformer import VisionTransformer
+
+    try:
+        vit = timm.create_model(name, pretrained=pretrained, **dict(kwargs))
+    except RuntimeError as exc:
+        if "Unknown model" in str(exc):
+            raise TeacherLoadError(f"teacher.name: '{name}' is not a timm model name") from None
+        raise
+    except Exception as exc:
+        if pretrained:
+            raise TeacherLoadError(
+                f"teacher: could not get the pretrained weights of '{name}' from the hub "
+                f"({type(exc).__name__}: {exc}); set teacher.weights=PATH to a local file"
+            ) from None
+        raise
+    if not isinstance(vit, VisionTransformer):
+        raise TeacherLoadError(
+            f"teacher.name: '{name}' builds a {type(vit).__name__}, expected a timm VisionTransformer"
+        )
+    return vit
+
+
+def read_state_dict(path: Path) -> Dict[str, torch.Tensor]:
+    """A tensor dict from a .safetensors file or a torch file (weights_only=True)."""
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return load_file(str(path))
+        state = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise TeacherLoadError(
+            f"{path}: cannot read it as a state dict of tensors (safetensors, or a torch file "
+            f"loadable with weights_only=True): {type(exc).__name__}: {str(exc).splitlines()[0]}"
+        ) from None
+    if not isinstance(state, Mapping):
+        raise TeacherLoadError(
+            f"{path}: expected a dict of tensors, found a {type(state).__name__}"
+        )
+    return dict(state)
+
+
+def _convert(state: Dict[str, Any], vit: nn.Module, path: Path) -> Dict[str, Any]:
+    """timm's own checkpoint conversion (DINOv2 hub keys, pos-embed resampling, ...)."""
+    from timm.models.vision_transformer import checkpoint_filter_fn
+
+    try:
+        return checkpoint_filter_fn(state, vit)
+    except Exception as exc:
+        raise TeacherLoadError(
+            f"{path}: timm could not convert this checkpoint for the model "
+            f"({type(exc).__name__}: {exc}); check the teacher's architecture keys"
+        ) from None
+
+
+def _load_checked(
+    vit: nn.Module, state: Mapping[str, Any], path: Path, name: str, kwargs: Mapping
+) -> None:
+    """load_state_dict with missing, unexpected and wrongly-shaped keys in one message."""
+    own = vit.state_dict()
+    missing = set(own) - set(state)
+    unexpected = set(state) - set(own)
+    shapes = [
+        f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+        for k in sorted(set(own) & set(state))
+        if tuple(state[k].shape) != tuple(own[k].shape)
+    ]
+    if missing or unexpected or shapes:
+        parts = []
+        if missing:
+            parts.append(f"missing keys {_few(missing)}")
+        if unexpected:
+            parts.append(f"unexpected keys {_few(unexpected)}")
+        if shapes:
+            parts.append(
+                f"wrong shapes [{'; '.join(shapes[:5])}{' ...' if len(shapes) > 5 else ''}]"
+            )
+        raise TeacherLoadError(
+            f"teacher.weights {path} does not fit timm model '{name}' with {dict(kwargs)}: "
+            + "; ".join(parts)
+            + ". Set the teacher's architecture keys (teacher.embed_dim, depth, num_heads, "
+            "patch_size, img_size, reg_tokens, num_classes, ...) to those of the checkpoint."
+        )
+    vit.load_state_dict(state, strict=True)
+
+
+def _check_arch(vit: nn.Module, overrides: Mapping[str, Any], path: Path) -> None:
+    """Architecture keys set in the config must agree with a stored teacher file."""
+    actual = arch_values(vit)
+    bad = [
+        f"teacher.{k}={overrides[k]} but the file has {actual[k]}"
+        for k in _SHAPE_KEYS
+        if k in overrides
+        and _jsonable(overrides[k]) != actual[k]
+        and not (k == "mlp_ratio" and abs(float(overrides[k]) - actual[k]) < 1e-6)
+    ]
+    if bad:
+        raise TeacherLoadError(
+            f"teacher.weights {path}: the config disagrees with the architecture stored in the file: "
+            + "; ".join(bad)
+            + ". Remove these keys or make them match."
+        )
+
+
+# ---------------------------------------------------------------------- teacher files
+
+
+def save_teacher_file(
+    path: str | Path, vit: nn.Module, arch: Mapping[str, Any], data_config: Optional[Mapping] = None
+) -> Path:
+    """`teacher.safetensors`: the ViT's state dict, with `arch` (and the data config) as
+    JSON in the safetensors metadata, so the file alone rebuilds the model."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in vit.state_dict().items()}
+    meta = {
+        "format": FILE_FORMAT,
+        "arch": json.dumps({"name": arch["name"], "kwargs": _jsonable_kwargs(arch)}),
+    }
+    if data_config:
+        meta["data_config"] = json.dumps(dict(data_config))
+    save_file(state, str(path), metadata=meta)
+    return path
+
+
+def _jsonable_kwargs(arch: Mapping[str, Any]) -> Dict[str, Any]:
+    return {k: _jsonable(v) for k, v in dict(arch.get("kwargs", {})).items()}
+
+
+def read_teacher_file(path: Path):
+    """(arch, state dict, data_config) of a file written by `save_teacher_file`, or None
+    when `path` is not such a file (any other safetensors or torch file)."""
+    if path.suffix != ".safetensors":
+        return None
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            meta = fh.metadata() or {}
+            if meta.get("format") != FILE_FORMAT or "arch" not in meta:
+                return None
+            state = {k: fh.get_tensor(k) for k in fh.keys()}
+        arch = json.loads(meta["arch"])
+        data_config = json.loads(meta["data_config"]) if "data_config" in meta else None
+    except Exception as exc:
+        raise TeacherLoadError(
+            f"{path}: unreadable teacher file: {type(exc).__name__}: {exc}"
+        ) from None
+    if data_config:
+        data_config = {k: tuple(v) if isinstance(v, list) else v for k, v in data_config.items()}
+    return arch, state, data_config
+
+
+def load_linear_head(path: str | Path, in_features: int) -> nn.Linear:
+    """A linear classifier on [cls ; mean(patch)] from a safetensors or torch file
+    holding one weight (C, in_features) and optionally one bias (C,) (e.g. DINOv2's
+    published `*_linear_head.pth`)."""
+    path = Path(str(path)).expanduser()
+    if not path.is_file():
+        raise TeacherLoadError(f"teacher.head: file not found: {path}")
+    state = read_state_dict(path)
+    weights = [k for k, v in state.items() if torch.is_tensor(v) and v.ndim == 2]
+    biases = [k for k, v in state.items() if torch.is_tensor(v) and v.ndim == 1]
+    if len(weights) != 1 or len(biases) > 1:
+        raise TeacherLoadError(
+            f"teacher.head {path}: expected one 2-D weight and at most one 1-D bias, found "
+            f"{ {k: tuple(v.shape) for k, v in state.items() if torch.is_tensor(v)} }"
+        )
+    w = state[weights[0]]
+    b = state[biases[0]] if biases else None
+    if w.shape[1] != in_features or (b is not None and b.shape[0] != w.shape[0]):
+        raise TeacherLoadError(
+            f"teacher.head {path}: weight {tuple(w.shape)}"
+            + (f", bias {tuple(b.shape)}" if b is not None else "")
+            + f"; expected weight (num_classes, {in_features}) reading [cls ; mean(patch)] "
+            f"(2 x embed_dim) and bias (num_classes,)"
+        )
+    head = nn.Linear(w.shape[1], w.shape[0], bias=b is not None)
+    with torch.no_grad():
+        head.weight.copy_(w)
+        if b is not None:
+            head.bias.copy_(b)
+    return head
