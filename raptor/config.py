@@ -142,7 +142,7 @@ class PhasesConfig:
     token_mode: str = "cls+patchmean"  # all | cls+patchmean
     num_images: int = 512
     min_length: int = 1
-    random_partitions: int = 0  # random contiguous baselines per k
+    random_partitions: int = 8  # random contiguous baselines per k (seeded by seed + k)
     seed: int = 0
     boundaries: Optional[List[int]] = None
     file: str = ""
