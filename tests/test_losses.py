@@ -1,0 +1,115 @@
+"""Distillation losses against direct float64 computations."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from raptor import losses
+from raptor.distill import lr_at, peak_lr
+from raptor.surrogate import Raptor, RecurrentBlock
+
+GROUPS = {"cls": slice(0, 1), "reg": slice(1, 3), "patch": slice(3, None)}
+WEIGHTS = {"cls": 0.45, "reg": 0.10, "patch": 0.45}
+
+
+def _block(dim=8, seed=0):
+    """A float64 block whose depth conditioning and branches matter (not near identity)."""
+    torch.manual_seed(seed)
+    return RecurrentBlock(dim, 2, layerscale_init=0.5, depth_init_std=0.2).double()
+
+
+def test_group_weighted_mse_matches_per_group_means():
+    torch.manual_seed(0)
+    p, t = torch.randn(3, 4, 7, 5, dtype=torch.float64), torch.randn(3, 4, 7, 5, dtype=torch.float64)
+    got = losses.group_weighted_mse(p, t, GROUPS, WEIGHTS)
+    assert got.shape == (3, 4)
+    for i in range(3):
+        for j in range(4):
+            e = (p[i, j] - t[i, j]) ** 2
+            want = 0.45 * e[0].mean() + 0.10 * e[1:3].mean() + 0.45 * e[3:].mean()
+            assert got[i, j].item() == pytest.approx(want.item(), rel=1e-12)
+    # no registers: the reg weight drops out, nothing renormalised
+    no_reg = {"cls": slice(0, 1), "patch": slice(1, None)}
+    fn = losses.make_loss("weighted", no_reg, WEIGHTS)
+    e = (p - t) ** 2
+    want = 0.45 * e[..., :1, :].mean() + 0.45 * e[..., 1:, :].mean()
+    assert fn(p, t).mean().item() == pytest.approx(want.item(), rel=1e-12)
+    assert losses.make_loss("mse", GROUPS, WEIGHTS)(p, t).mean().item() == pytest.approx(
+        e.mean().item(), rel=1e-12
+    )
+    with pytest.raises(ValueError, match="'weighted' or 'mse'"):
+        losses.make_loss("cosine", GROUPS, WEIGHTS)
+
+
+def test_teacher_forcing_loss_equals_loop_over_layers():
+    block = _block()
+    torch.manual_seed(1)
+    traj = torch.randn(3, 5, 7, 8, dtype=torch.float64)  # a_{f-1} .. a_{f+3}, f = 4
+    fn = losses.make_loss("weighted", GROUPS, WEIGHTS)
+    got = losses.teacher_forcing_loss(block, traj[:, :-1], traj[:, 1:], 4, fn)
+    want = sum(fn(block(traj[:, i], 4 + i), traj[:, i + 1]).mean() for i in range(4)) / 4
+    assert got.item() == pytest.approx(want.item(), rel=1e-10)
+    # the layer index matters (so the batched call must pass the right one per row)
+    wrong = sum(fn(block(traj[:, i], 1), traj[:, i + 1]).mean() for i in range(4)) / 4
+    assert abs(wrong.item() - want.item()) > 1e-6
+    # noise: the same draws as adding them by hand, in the (B*n) row order
+    g1, g2 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    got = losses.teacher_forcing_loss(block, traj[:, :-1], traj[:, 1:], 4, fn, 0.3, g1)
+    x = traj[:, :-1].flatten(0, 1)
+    x = x + 0.3 * torch.randn(x.shape, generator=g2, dtype=x.dtype)
+    layers = torch.arange(4, 8).repeat(3)
+    want = fn(block(x, layers), traj[:, 1:].flatten(0, 1)).mean()
+    assert got.item() == pytest.approx(want.item(), rel=1e-10)
+
+
+def test_autoregressive_loss_equals_explicit_rollout_with_full_backprop():
+    torch.manual_seed(2)
+    raptor = Raptor(6, [2, 4], 8, 2, layerscale_init=0.5, depth_init_std=0.2).double()
+    traj = torch.randn(2, 7, 5, 8, dtype=torch.float64)
+    fn = losses.make_loss("weighted", {"cls": slice(0, 1), "patch": slice(1, None)}, WEIGHTS)
+    # phase 2 (layers 3-4) of the Raptor, with block 2 alone
+    block = raptor.blocks[1]
+    got, preds = losses.autoregressive_loss(block, traj[:, 2], traj[:, 3:5], 3, fn)
+    ref = raptor.rollout(traj[:, 2], 2, 4)
+    assert torch.allclose(preds, ref, rtol=0, atol=1e-12)
+    want = (fn(ref[:, 0], traj[:, 3]).mean() + fn(ref[:, 1], traj[:, 4]).mean()) / 2
+    assert got.item() == pytest.approx(want.item(), rel=1e-12)
+    # gradients flow through the whole rollout: equal to autograd of the explicit loop,
+    # and different from a rollout truncated after its first step
+    params = list(block.parameters())
+    g_got = torch.autograd.grad(got, params)
+    g_want = torch.autograd.grad(want, params)
+    x1 = block(traj[:, 2], 3)
+    trunc = (fn(x1, traj[:, 3]).mean() + fn(block(x1.detach(), 4), traj[:, 4]).mean()) / 2
+    g_trunc = torch.autograd.grad(trunc, params)
+    for a, b in zip(g_got, g_want):
+        assert torch.allclose(a, b, rtol=1e-10, atol=1e-14)
+    assert max((a - b).abs().max().item() for a, b in zip(g_got, g_trunc)) > 1e-8
+    # stage 2 form: the whole Raptor from a_0 over all layers
+    loss, preds = losses.autoregressive_loss(raptor.step, traj[:, 0], traj[:, 1:], 1, fn)
+    assert torch.allclose(preds, raptor(traj[:, 0]), rtol=0, atol=1e-12)
+    want = sum(fn(preds[:, i], traj[:, i + 1]).mean() for i in range(6)) / 6
+    assert loss.item() == pytest.approx(want.item(), rel=1e-12)
+
+
+def test_tf_ratio_and_lr_schedule():
+    assert [losses.tf_ratio(s, 8) for s in (0, 2, 4, 8, 12)] == [1.0, 0.75, 0.5, 0.0, 0.0]
+    assert losses.tf_ratio(0, 0) == 0.0
+    peak, floor = 1e-3, 1e-6
+    assert lr_at(0, peak, floor, 4, 20) == pytest.approx(peak / 4)
+    assert lr_at(3, peak, floor, 4, 20) == pytest.approx(peak)
+    assert lr_at(4, peak, floor, 4, 20) == pytest.approx(peak)
+    assert lr_at(12, peak, floor, 4, 20) == pytest.approx(floor + (peak - floor) * 0.5)
+    assert lr_at(20, peak, floor, 4, 20) == pytest.approx(floor)
+    mid = lr_at(8, peak, floor, 4, 20)
+    assert mid == pytest.approx(floor + (peak - floor) * 0.5 * (1 + math.cos(math.pi / 4)))
+
+    class Stage:
+        lr, lr_reference_batch, scale_lr = 3e-4, 256, True
+
+    assert peak_lr(Stage, 1024) == pytest.approx(1.2e-3)
+    Stage.scale_lr = False
+    assert peak_lr(Stage, 1024) == pytest.approx(3e-4)
