@@ -66,6 +66,7 @@ class DataConfig:
     val_samples: Optional[int] = None  # default: manifest, else count by reading
     allow_pipe: bool = False  # `pipe:` URLs run shell commands: opt in explicitly
     max_bad_fraction: float = 0.01  # stop when more than this fraction of samples fail
+    require_labels: bool = False  # a sample without a valid .cls label is skipped as bad
     # writing shards (`raptor shards`, pipeline)
     shard_size: int = 1000  # samples per shard
     val_fraction: float = 0.2  # digits only
