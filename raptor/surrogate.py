@@ -122,7 +122,14 @@ class RecurrentBlock(nn.Module):
     forward(x (B, T, D), t) -> (B, T, D); t is an int (same layer for the whole
     batch) or a LongTensor (B,) (one layer per row, so teacher forcing can
     batch several layers in one call). t is ignored without depth conditioning.
+
+    `checkpoint_activations` (a run-time switch, not part of the architecture):
+    when True and gradients are on, the block keeps only its input and recomputes
+    its activations in the backward pass (`torch.utils.checkpoint`), trading about
+    one more forward for memory.
     """
+
+    checkpoint_activations: bool = False
 
     def __init__(
         self,
@@ -167,6 +174,13 @@ class RecurrentBlock(nn.Module):
         return tuple(s[:, None, :].chunk(3, dim=-1))  # type: ignore[return-value]
 
     def forward(self, x: Tensor, t: LayerIndex | None = None) -> Tensor:
+        if self.checkpoint_activations and torch.is_grad_enabled():
+            from torch.utils.checkpoint import checkpoint
+
+            return checkpoint(self._forward, x, t, use_reentrant=False)
+        return self._forward(x, t)
+
+    def _forward(self, x: Tensor, t: LayerIndex | None) -> Tensor:
         if not self.depth_conditioning:
             x = x + self.ls1(self.attn(self.norm1(x)))
             return x + self.ls2(self.mlp(self.norm2(x)))
