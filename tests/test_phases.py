@@ -280,3 +280,64 @@ def test_load_boundaries(tmp_path):
         load_boundaries(one, 2)
     with pytest.raises(ConfigError, match="not found"):
         load_boundaries(tmp_path / "nope.json", 2)
+
+
+def test_discover_phases_end_to_end(tmp_path, digits_shards, capsys):
+    """`raptor phases CONFIG` on digits shards with a tiny saved teacher: the matrix
+    equals a float64 computation on the same images, the files are written, and a
+    second run is skipped."""
+    import timm
+
+    from raptor.config import load_config
+    from raptor.data import ShardDataModule
+    from raptor.phases import discover_phases
+    from raptor.teacher import Teacher
+
+    torch.manual_seed(0)
+    vit = timm.create_model(
+        "vit_tiny_patch16_224",
+        img_size=8,
+        patch_size=2,
+        embed_dim=16,
+        depth=6,
+        num_heads=2,
+        reg_tokens=2,
+        num_classes=10,
+        init_values=0.3,
+    )
+    weights = Teacher(vit).save(tmp_path / "teacher.safetensors")
+    run_dir = tmp_path / "run"
+    config = tmp_path / "phases.yaml"
+    config.write_text(
+        f"run_dir: {run_dir}\n"
+        f"teacher: {{weights: {weights}}}\n"
+        f"data: {{source: shards, shards_dir: {digits_shards}, num_workers: 0, batch_size: 16,"
+        " transform: {input_size: 8, crop_pct: 1.0}}\n"
+        "phases: {ks: [2, 3], num_images: 40, method: dp, token_mode: all, random_partitions: 3}\n"
+        "logging: {wandb: disabled}\n"
+    )
+    assert cli_main(["phases", str(config), "phases.min_length=2"]) == 0
+    printed = capsys.readouterr().out
+    assert "k=3: boundaries" in printed
+
+    result = json.loads((run_dir / "phases.json").read_text())
+    sim = np.load(run_dir / "similarity.npy")
+    assert (run_dir / "phases.png").stat().st_size > 0
+    assert result["num_layers"] == 6 and result["num_images"] == 40 and sim.shape == (6, 6)
+
+    cfg = load_config(config, ["phases.min_length=2"])
+    teacher = Teacher.from_config(cfg.teacher)
+    data = ShardDataModule(cfg.data, teacher.data_config)
+    images = torch.cat([b["image"][b["valid"]] for b in data.val_dataloader()])[:40]
+    np.testing.assert_allclose(
+        sim, _reference_similarity(teacher.trajectory(images), "all", None), atol=1e-6
+    )
+    for k in ("2", "3"):
+        assert result["partitions"][k] == _brute_force(sim, int(k), 2)[1]
+        assert len(result["random"][k]) == 3
+        assert all(min(len(s) for s in _segments(b, 6)) >= 2 for b in result["random"][k])
+    assert result["cut"]["3"] >= max(result["random_cut"]["3"]) - 1e-12
+
+    stamp = (run_dir / "phases.json").stat().st_mtime_ns
+    assert discover_phases(cfg, run_dir) == result  # skipped: phases.json exists
+    assert (run_dir / "phases.json").stat().st_mtime_ns == stamp
