@@ -20,6 +20,7 @@ trajectory (B, L+1, T, D) holding a_0..a_L (a_0 enters block 1).
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any, Dict, Optional
 
@@ -237,6 +238,7 @@ class RaptorBackbone(nn.Module):
             metadata={"format": FORMAT, "format_version": str(FORMAT_VERSION)},
         )
         (out / CONFIG_NAME).write_text(json.dumps(self.config, indent=2) + "\n")
+        _default_permissions(out / WEIGHTS_NAME)
         return out
 
     @classmethod
@@ -258,6 +260,13 @@ class RaptorBackbone(nn.Module):
             raise BackboneFormatError(f"{folder}: {exc}") from None
         model.load_state_dict(state, strict=True)
         return model.to(map_location).eval()
+
+
+def _default_permissions(path: Path) -> None:
+    """safetensors writes owner-only files; give the file the user's usual permissions."""
+    mask = os.umask(0)
+    os.umask(mask)
+    path.chmod(0o666 & ~mask)
 
 
 # ---------------------------------------------------------------------- reading and checking

@@ -162,27 +162,17 @@ def stem_config(vit: nn.Module) -> Dict[str, Any]:
 
 
 def preprocessing(data_config: Dict[str, Any], transform: Any) -> Dict[str, Any]:
-    """The evaluation transform the run used: the teacher's timm data config with
-    `data.transform` overrides (resize to input_size / crop_pct, center crop, normalize)."""
-    out = {
-        "input_size": list(data_config["input_size"]),
-        "interpolation": data_config.get("interpolation", "bicubic"),
-        "mean": list(data_config["mean"]),
-        "std": list(data_config["std"]),
-        "crop_pct": data_config.get("crop_pct", 1.0),
-        "crop_mode": data_config.get("crop_mode", "center"),
+    """The evaluation transform the run used (`raptor.data.resolve_transform_config`: the
+    teacher's timm data config with the `data.transform` overrides), as JSON."""
+    from raptor.data import resolve_transform_config
+
+    resolved = resolve_transform_config(data_config, transform)
+    keys = ("input_size", "interpolation", "mean", "std", "crop_pct", "crop_mode")
+    return {
+        k: list(resolved[k]) if isinstance(resolved[k], tuple) else resolved[k]
+        for k in keys
+        if k in resolved
     }
-    for key in ("interpolation", "crop_pct", "mean", "std"):
-        if transform.get(key) is not None:
-            value = transform[key]
-            out[key] = list(value) if key in ("mean", "std") else value
-    if transform.get("input_size") is not None:
-        out["input_size"] = [
-            out["input_size"][0],
-            int(transform.input_size),
-            int(transform.input_size),
-        ]
-    return out
 
 
 def backbone_config(teacher: Any, model: Any, cfg: Any, source: Dict[str, Any]) -> Dict[str, Any]:

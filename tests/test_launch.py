@@ -1,0 +1,231 @@
+"""launch/: the scripts parse and pass shellcheck, the SLURM scripts hand `raptor fit` the
+overrides the allocation implies, and the torchrun wrapper runs a real 2-process CPU DDP
+job (gloo) to completion, whose checkpoint then exports to a backbone equal to the
+in-training model."""
+
+from __future__ import annotations
+
+import os
+import shlex
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from raptor.config import load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPTS = [ROOT / "launch" / "torchrun.sh", *sorted((ROOT / "launch" / "slurm").glob("*.sbatch"))]
+
+
+def test_scripts_exist_and_parse():
+    names = sorted(p.relative_to(ROOT).as_posix() for p in SCRIPTS)
+    assert names == [
+        "launch/slurm/fit.sbatch",
+        "launch/slurm/stage1_array.sbatch",
+        "launch/torchrun.sh",
+    ]
+    for script in SCRIPTS:
+        proc = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
+        assert proc.returncode == 0, f"{script}: {proc.stderr}"
+    assert os.access(ROOT / "launch" / "torchrun.sh", os.X_OK)
+
+
+@pytest.mark.skipif(
+    shutil.which("shellcheck") is None,
+    reason="shellcheck is not installed (apt-get install shellcheck); bash -n still runs above",
+)
+def test_shellcheck():
+    proc = subprocess.run(["shellcheck", *map(str, SCRIPTS)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_sbatch_requeue_settings():
+    for name in ("fit.sbatch", "stage1_array.sbatch"):
+        text = (ROOT / "launch" / "slurm" / name).read_text()
+        for line in (
+            "#SBATCH --signal=USR1@",
+            "#SBATCH --requeue",
+            "#SBATCH --ntasks-per-node=",
+            "srun ",
+        ):
+            assert line in text, f"{name} lacks {line!r}"
+
+
+def run_sbatch(tmp_path: Path, script: str, args, **env) -> list:
+    """Run an sbatch script as SLURM would, with `srun` replaced by a stub that records its
+    command line (SLURM cannot run here); returns the `raptor` argument list srun got."""
+    stub = tmp_path / "bin" / "srun"
+    stub.parent.mkdir(exist_ok=True)
+    record = tmp_path / "srun_args"
+    stub.write_text(f'#!/bin/bash\nprintf "%s\\n" "$@" > {shlex.quote(str(record))}\n')
+    stub.chmod(0o755)
+    full_env = {
+        **os.environ,
+        "PATH": f"{stub.parent}:{os.environ['PATH']}",
+        "SLURM_SUBMIT_DIR": str(ROOT),
+        "SLURM_JOB_ID": "123",
+        **env,
+    }
+    proc = subprocess.run(
+        ["bash", str(ROOT / "launch" / "slurm" / script), *args],
+        env=full_env,
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 0, proc.stderr
+    got = record.read_text().splitlines()
+    assert got[0] == "--kill-on-bad-exit=1" and got[1:3] == ["raptor", "fit"]
+    return got[3:]
+
+
+def test_fit_sbatch_passes_the_allocation(tmp_path):
+    args = run_sbatch(
+        tmp_path,
+        "fit.sbatch",
+        ["configs/dinov2_vitb14_reg_k3.yaml", "stage=2", "train.init_from=runs/x/stage1"],
+        SLURM_JOB_NUM_NODES="2",
+        SLURM_NTASKS_PER_NODE="4",
+    )
+    assert args == [
+        "configs/dinov2_vitb14_reg_k3.yaml",
+        "trainer.accelerator=gpu",
+        "stage=2",
+        "train.init_from=runs/x/stage1",
+        "trainer.devices=4",
+        "trainer.num_nodes=2",
+    ]
+    overrides = ["train." + a if a.startswith("stage=") else a for a in args[1:]]
+    cfg = load_config(ROOT / args[0], overrides)
+    assert (cfg.trainer.devices, cfg.trainer.num_nodes, cfg.train.stage) == (4, 2, 2)
+    assert cfg.run_dir == "runs/dinov2_vitb14_reg_k3/stage2"  # the same folder after a requeue
+
+
+def test_stage1_array_trains_one_block_per_task(tmp_path):
+    args = run_sbatch(
+        tmp_path,
+        "stage1_array.sbatch",
+        ["configs/dinov2_vitb14_reg_k3.yaml", "data.batch_size=32"],
+        SLURM_ARRAY_TASK_ID="2",
+        SLURM_JOB_NUM_NODES="1",
+        SLURM_NTASKS_PER_NODE="8",
+    )
+    overrides = ["train." + a if a.startswith("stage=") else a for a in args[1:]]
+    cfg = load_config(ROOT / args[0], overrides)
+    assert list(cfg.train.blocks) == [2] and cfg.train.stage == 1
+    assert cfg.run_dir == "runs/dinov2_vitb14_reg_k3/stage1/block2"
+    assert (cfg.data.batch_size, cfg.trainer.devices, cfg.trainer.accelerator) == (32, 8, "gpu")
+
+
+def test_sbatch_without_config_fails_with_usage(tmp_path):
+    proc = subprocess.run(
+        ["bash", str(ROOT / "launch" / "slurm" / "fit.sbatch")], capture_output=True, text=True
+    )
+    assert proc.returncode == 2 and "usage:" in proc.stderr
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def tiny_run_config(tmp_path, digits_shards):
+    """A random 4-layer ViT teacher file on the digits shards and a k=2 stage-1 config."""
+    import timm
+
+    from raptor.teacher import Teacher
+
+    torch.manual_seed(0)
+    vit = timm.create_model(
+        "vit_tiny_patch16_224",
+        img_size=8,
+        patch_size=2,
+        embed_dim=32,
+        depth=4,
+        num_heads=2,
+        reg_tokens=2,
+        num_classes=10,
+        init_values=0.1,
+    )
+    data_config = {
+        "input_size": (3, 8, 8),
+        "interpolation": "bilinear",
+        "mean": (0.3, 0.3, 0.3),
+        "std": (0.38, 0.38, 0.38),
+        "crop_pct": 1.0,
+        "crop_mode": "center",
+    }
+    teacher_file = Teacher(vit, data_config=data_config).save(tmp_path / "teacher.safetensors")
+    config = tmp_path / "tiny.yaml"
+    config.write_text(
+        f"""
+name: tiny
+run_dir: {tmp_path}/runs/tiny
+data: {{train_urls: {digits_shards}, val_urls: {digits_shards}, batch_size: 16, num_workers: 0,
+       shuffle_buffer: 100}}
+teacher: {{name: vit_tiny_patch16_224, weights: {teacher_file}}}
+model: {{k: 2, mlp_ratio: 2.0}}
+phases: {{boundaries: [2]}}
+train:
+  stage: 1
+  stage1: {{steps: 3, warmup_steps: 1}}
+  ckpt_every_n_steps: 2
+  val_every_n_steps: 1000
+  val_batches: 1
+dmd: {{enabled: false}}
+logging: {{wandb: disabled, progress_bar: false}}
+"""
+    )
+    return config, teacher_file
+
+
+@pytest.mark.slow
+def test_torchrun_wrapper_runs_two_process_cpu_job(tiny_run_config, tmp_path):
+    config, teacher_file = tiny_run_config
+    env = {
+        **os.environ,
+        "NPROC_PER_NODE": "2",
+        "MASTER_PORT": str(_free_port()),
+        "PYTHON": sys.executable,
+    }
+    env.pop("SLURM_NTASKS", None)
+    proc = subprocess.run(
+        [str(ROOT / "launch" / "torchrun.sh"), "fit", str(config), "trainer.accelerator=cpu"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-4000:]
+    assert "1 node(s) x 2 process(es)" in log
+    assert "MEMBER: 1/2" in log and "MEMBER: 2/2" in log  # two DDP ranks, started by torchrun
+    run = tmp_path / "runs" / "tiny"
+    ckpt = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert ckpt["global_step"] == 3
+    assert ckpt["hyper_parameters"]["config"]["trainer"]["devices"] == 2
+
+    # the real checkpoint exports to a backbone equal to the in-training model
+    from raptor.backbone import RaptorBackbone
+    from raptor.export import export_backbone
+    from raptor.surrogate import Raptor
+    from raptor.teacher import Teacher
+
+    out = export_backbone(run, tmp_path / "export")
+    raptor = Raptor.from_arch(ckpt["hyper_parameters"]["arch"])
+    raptor.load_state_dict(
+        {k[len("raptor.") :]: v for k, v in ckpt["state_dict"].items() if k.startswith("raptor.")}
+    )
+    teacher = Teacher.from_config(load_config(None, [f"teacher.weights={teacher_file}"]).teacher)
+    images = torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        expected = teacher.final_norm(raptor(teacher.embed(images))[:, -1])
+        got = RaptorBackbone.from_pretrained(out).forward_features(images)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
