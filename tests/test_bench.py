@@ -3,12 +3,17 @@ three `raptor bench` commands at tiny sizes on CPU (output format, finite number
 
 from __future__ import annotations
 
+import json
+import math
+import subprocess
+import sys
+
 import pytest
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from raptor import flops
+from raptor import cli, flops
 
 
 def counted(fn) -> int:
@@ -119,3 +124,217 @@ def test_peak_table_lookup():
     assert flops.peak_flops("cpu", "fp32", override_tflops=2.5) == 2.5e12
     with pytest.raises(ValueError, match="dtype"):
         flops.peak_flops("NVIDIA H100", "int8")
+
+
+def test_checkpointed_block_gives_the_same_gradients():
+    from raptor.surrogate import RecurrentBlock
+
+    torch.manual_seed(0)
+    block = RecurrentBlock(16, num_heads=2, layerscale_init=0.5)
+    x = torch.randn(2, 5, 16)
+    grads = []
+    for on in (False, True):
+        block.zero_grad()
+        block.checkpoint_activations = on
+        block(x, 3).square().sum().backward()
+        grads.append([p.grad.clone() for p in block.parameters()])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+# --------------------------------------------------------------------------- commands
+
+TINY = """
+name: tiny
+data: {batch_size: 4}
+teacher:
+  name: vit_tiny_patch16_224
+  img_size: 8
+  patch_size: 4
+  embed_dim: 32
+  depth: 4
+  num_heads: 2
+  mlp_ratio: 2.0
+  reg_tokens: 1
+  num_classes: 0
+model: {k: 2, mlp_ratio: 2.0}
+phases: {boundaries: [3]}
+train:
+  stage1: {steps: 100, warmup_steps: 2}
+  stage2: {steps: 100, warmup_steps: 2}
+"""
+
+
+def finite_numbers(obj) -> list:
+    """Every number in a JSON value (bools excluded); asserts they are finite."""
+    if isinstance(obj, dict):
+        return [x for v in obj.values() for x in finite_numbers(v)]
+    if isinstance(obj, list):
+        return [x for v in obj for x in finite_numbers(v)]
+    if isinstance(obj, (int, float)) and not isinstance(obj, bool):
+        assert math.isfinite(obj), obj
+        return [obj]
+    return []
+
+
+def run_cli(argv, capsys):
+    assert cli.main(argv) == 0
+    return capsys.readouterr().out
+
+
+def test_bench_train_stage1_and_stage2(tmp_path, capsys):
+    config = tmp_path / "tiny.yaml"
+    config.write_text(TINY)
+    out1 = tmp_path / "s1.json"
+    common = [
+        "--steps",
+        "3",
+        "--warmup",
+        "1",
+        "--device",
+        "cpu",
+        "--threads",
+        "1",
+        "--dmd-repeats",
+        "2",
+    ]
+    text = run_cli(
+        ["bench", "train", str(config), "--stage", "1", "--json", str(out1), *common], capsys
+    )
+    for line in (
+        "images_per_s",
+        "step_time_median_s",
+        "peak_memory_mib",
+        "gflop_per_image_teacher_fwd",
+        "gflop_per_image_surrogate_fwd_bwd",
+        "achieved_tflop_per_s",
+        "fraction_of_peak",
+        "measured_ratio_separate_over_joint",
+        "moments_pass_s",
+    ):
+        assert line in text
+    r1 = json.loads(out1.read_text())
+    finite_numbers(r1)
+    res = r1["result"]
+    assert res["images_per_s"] > 0 and res["step_time_median_s"] > 0
+    assert res["teacher_forcing_pass"] is True  # r = 1 - step/25 > 0 in these steps
+    # FLOPs from the shapes: T = 1 + 1 + 4 = 6 tokens, phases (1-3), (4); TF + AR -> 8 applications
+    block = flops.BlockShape(32, 64, "swiglu", depth_hidden=16)
+    teacher = flops.ViTShape(4, 16, 3, 2, 4, flops.BlockShape(32, 64, "gelu"))
+    expect = flops.stage1_flops(teacher, block, [(1, 3), (4, 4)])
+    assert res["surrogate_block_applications"] == 8
+    assert res["gflop_per_image_total"] == pytest.approx(expect.total / 1e9)
+    assert res["fraction_of_peak"] is None  # no peak known for a CPU
+    assert len(r1["stage1_separate"]["per_image_s_separate"]) == 2
+    assert r1["stage1_separate"]["analytic_ratio_separate_over_joint"] == pytest.approx(
+        flops.stage1_separate_ratio(teacher, block, [(1, 3), (4, 4)])
+    )
+    assert r1["dmd_pass"]["ratio"] > 0
+
+    out2 = tmp_path / "s2.json"
+    run_cli(
+        [
+            "bench",
+            "train",
+            str(config),
+            "stage=2",
+            "--activation-checkpointing",
+            "--skip-dmd-pass",
+            "--peak-tflops",
+            "1.0",
+            "--json",
+            str(out2),
+            *common,
+        ],
+        capsys,
+    )
+    r2 = json.loads(out2.read_text())
+    finite_numbers(r2)
+    assert r2["params"]["stage"] == 2 and r2["params"]["activation_checkpointing"] is True
+    s2 = flops.stage2_flops(teacher, block)
+    assert r2["result"]["gflop_per_image_total"] == pytest.approx(s2.total / 1e9)
+    achieved = r2["result"]["achieved_tflop_per_s"]
+    assert r2["result"]["fraction_of_peak"] == pytest.approx(achieved / 1.0)
+    assert "stage1_separate" not in r2 and "dmd_pass" not in r2
+
+
+def test_bench_dmd_runs_from_the_command_line(tmp_path):
+    out = tmp_path / "dmd.json"
+    cmd = [
+        sys.executable,
+        "-m",
+        "raptor.cli",
+        "bench",
+        "dmd",
+        "--dim",
+        "16",
+        "--layers",
+        "3",
+        "--tokens",
+        "5",
+        "--budgets",
+        "20",
+        "200",
+        "--batch-size",
+        "10",
+        "--rank",
+        "4",
+        "--device",
+        "cpu",
+        "--threads",
+        "1",
+        "--json",
+        str(out),
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    for word in ("accumulate_s", "ridge_s", "pcr_s", "rrr_s", "accumulate_peak_ratio"):
+        assert word in proc.stdout
+    result = json.loads(out.read_text())
+    finite_numbers(result)
+    rows = result["budgets"]
+    assert [r["images"] for r in rows] == [20, 200]
+    assert all(r["accumulate_peak_mib"] is not None and 0 < r["accumulate_share"] < 1 for r in rows)
+    assert result["summary"]["moments_mib (analytic, float64)"] == pytest.approx(
+        7 * 16 * 16 * 8 / 2**20
+    )
+
+
+def test_bench_data_full_images_vs_crops(tmp_path, capsys):
+    out = tmp_path / "data.json"
+    text = run_cli(
+        [
+            "bench",
+            "data",
+            "--images",
+            "24",
+            "--image-size",
+            "64x48",
+            "--classes",
+            "2",
+            "--input-size",
+            "32",
+            "--batch-size",
+            "4",
+            "--workers",
+            "0",
+            "1",
+            "--threads",
+            "1",
+            "--json",
+            str(out),
+        ],
+        capsys,
+    )
+    assert "images_per_s_per_worker" in text
+    result = json.loads(out.read_text())
+    finite_numbers(result)
+    rows = result["loaders"]
+    assert [(r["shards"], r["workers"]) for r in rows] == [
+        ("full images", 0),
+        ("full images", 1),
+        ("center crops 32px", 0),
+        ("center crops 32px", 1),
+    ]
+    assert all(r["images_per_s"] > 0 for r in rows)
+    assert rows[2]["kib_per_image"] < rows[0]["kib_per_image"]  # 32x32 crops vs 64x48 images
