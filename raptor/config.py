@@ -244,6 +244,10 @@ class TrainerConfig:
 
 @dataclass
 class ExportConfig:
+    """Backbone export (`raptor.export.export_backbone`, used by the pipeline): `out`
+    folder, an ONNX graph at the exported resolution with its opset, and whether to
+    replace the export files in a non-empty folder."""
+
     out: str = ""
     onnx: bool = False
     onnx_opset: int = 18
