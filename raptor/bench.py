@@ -37,9 +37,10 @@ import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Sequence
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
 
 import torch
+from lightning.pytorch.callbacks import Callback
 
 MiB = 2**20
 
@@ -94,12 +95,14 @@ def _reset_rss_peak() -> bool:
 
 
 class PeakMemory:
-    """Context manager: `.bytes` = peak memory of the enclosed work (module docstring),
-    None where it cannot be measured (CPU without /proc)."""
+    """Context manager: `.bytes` = peak memory of the enclosed work above what was in use
+    at its start (module docstring), `.total` = the peak itself (CUDA allocator or
+    process RSS); None where it cannot be measured (CPU without /proc)."""
 
     def __init__(self, device: torch.device):
         self.device = device
         self.bytes: Optional[int] = None
+        self.total: Optional[int] = None
         self.what = (
             "CUDA max_memory_allocated above start"
             if device.type == "cuda"
@@ -119,14 +122,16 @@ class PeakMemory:
     def __exit__(self, *exc) -> None:
         if self.device.type == "cuda":
             synchronize(self.device)
-            self.bytes = torch.cuda.max_memory_allocated(self.device) - self._start
+            self.total = torch.cuda.max_memory_allocated(self.device)
+            self.bytes = self.total - self._start
         elif self._ok and self._start is not None:
             peak = _proc_status_kib("VmHWM")
-            self.bytes = None if peak is None else max(0, peak - self._start) * 1024
+            if peak is not None:
+                self.total, self.bytes = peak * 1024, max(0, peak - self._start) * 1024
 
 
 class Stopwatch:
-    """Accumulates wall time of `with sw:` sections, synchronizing CUDA at both ends."""
+    """Accumulates the wall time of `with sw():` sections, synchronizing CUDA at both ends."""
 
     def __init__(self, device: torch.device):
         self.device = device
@@ -165,14 +170,17 @@ def environment(device: torch.device) -> Dict[str, Any]:
         "lightning": lightning.__version__,
         "timm": timm.__version__,
         "device": device.type,
-        "device_name": torch.cuda.get_device_name(device)
-        if device.type == "cuda"
-        else _cpu_model(),
+        "device_name": result_device_name(device),
         "torch_threads": torch.get_num_threads(),
     }
     if device.type == "cuda":
         env["cuda"] = torch.version.cuda
     return env
+
+
+def result_device_name(device: torch.device) -> str:
+    """The GPU's name, or the CPU model."""
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_model()
 
 
 def _cpu_model() -> str:
@@ -266,7 +274,7 @@ def dmd_budget(
     solvers: Sequence[str],
     rank: Optional[int],
     alpha: float,
-    device: str,
+    device: torch.device,
     compute_dtype: str,
     seed: int = 0,
 ) -> Dict[str, Any]:
@@ -276,7 +284,7 @@ def dmd_budget(
     from dmd.fit import fit
     from dmd.moments import MomentAccumulator
 
-    dev = torch.device(device)
+    dev = device
     gen = torch.Generator(dev).manual_seed(seed)
     acc = MomentAccumulator(
         num_layers, dim, device=dev, compute_dtype=getattr(torch, compute_dtype)
@@ -317,26 +325,29 @@ def bench_dmd(args: argparse.Namespace) -> Dict[str, Any]:
     if device.type == "cpu":
         release_freed_memory()
     budgets = sorted(set(args.budgets))
-    rows = []
-    for images in [args.batch_size] + budgets:  # the first run warms up kernels and workspaces
-        kwargs = dict(
-            images=images,
-            dim=args.dim,
-            num_layers=args.layers,
-            tokens=args.tokens,
-            batch=args.batch_size,
-            solvers=args.solvers,
-            rank=args.rank,
-            alpha=args.alpha,
-            device=str(device),
-            compute_dtype=args.compute_dtype,
+    rows = [
+        dmd_budget(
+            images,
+            args.dim,
+            args.layers,
+            args.tokens,
+            args.batch_size,
+            args.solvers,
+            args.rank,
+            args.alpha,
+            device,
+            args.compute_dtype,
         )
-        rows.append(dmd_budget(**kwargs))
-    rows = rows[1:]
+        for images in [args.batch_size] + budgets  # the first run warms up kernels and workspaces
+    ][1:]
     moment_bytes = flops.dmd_moment_bytes(args.layers, args.dim)
     per_image = flops.dmd_moments_flops(args.layers, args.tokens, args.dim)
+    dtype = "fp64" if args.compute_dtype == "float64" else peak_dtype("32-true")
+    peak = flops.peak_flops(result_device_name(device), dtype) if device.type == "cuda" else None
     for row in rows:
         row["accumulate_gflop_per_s"] = per_image * row["accumulate_images_per_s"] / 1e9
+        if peak:
+            row[f"accumulate_fraction_of_{dtype}_peak"] = row["accumulate_gflop_per_s"] * 1e9 / peak
     first, last = rows[0], rows[-1]
     summary = {
         "moments_mib (analytic, float64)": moment_bytes / MiB,
@@ -404,29 +415,14 @@ def peak_dtype(precision: str) -> str:
     return "fp32" if torch.get_float32_matmul_precision() == "highest" else "tf32"
 
 
-class StepTimer:
-    """A Lightning callback timing the steps after `warmup`: per-step times (CUDA events
-    on GPU), wall time of the whole timed stretch, and its peak memory."""
+class StepTimer(Callback):
+    """Times the training steps after `warmup` (batch start to batch end, optimizer step
+    included; CUDA events on GPU), the wall time of the whole timed stretch and its
+    peak memory."""
 
     def __init__(self, warmup: int, device: torch.device):
-        from lightning.pytorch.callbacks import Callback
-
-        timer = self
-
-        class _Hooks(Callback):
-            def on_train_batch_start(self, trainer, module, batch, batch_idx):
-                timer.batch_start(batch_idx)
-
-            def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
-                timer.batch_end(batch_idx)
-
-            def on_train_end(self, trainer, module):
-                timer.finish()
-
-        self.callback = _Hooks()
-        self.warmup, self.device = warmup, device
-        self.cuda = device.type == "cuda"
-        self.marks: List[Any] = []
+        self.warmup, self.cuda = warmup, device.type == "cuda"
+        self.marks: List[List[Any]] = []
         self.memory = PeakMemory(device)
         self.wall = 0.0
 
@@ -437,22 +433,21 @@ class StepTimer:
             return event
         return time.perf_counter()
 
-    def batch_start(self, index: int) -> None:
-        if index == self.warmup:
+    def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
+        if batch_idx == self.warmup:
             self.memory.__enter__()  # synchronizes CUDA
             self._wall0 = time.perf_counter()
-        if index >= self.warmup:
+        if batch_idx >= self.warmup:
             self.marks.append([self._mark(), None])
 
-    def batch_end(self, index: int) -> None:
-        if index >= self.warmup:
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        if batch_idx >= self.warmup:
             self.marks[-1][1] = self._mark()
 
-    def finish(self) -> None:
-        if not self.marks:
-            return
-        self.memory.__exit__(None, None, None)  # synchronizes CUDA
-        self.wall = time.perf_counter() - self._wall0
+    def on_train_end(self, trainer, module) -> None:
+        if self.marks:
+            self.memory.__exit__(None, None, None)  # synchronizes CUDA
+            self.wall = time.perf_counter() - self._wall0
 
     @property
     def step_seconds(self) -> List[float]:
@@ -558,6 +553,7 @@ def timed_run(
     """warmup + steps optimizer steps of the real `Distiller` in a Lightning Trainer."""
     import warnings
 
+    from raptor import losses
     from raptor.distill import Distiller, stage_config
     from raptor.runs import make_trainer
 
@@ -569,14 +565,13 @@ def timed_run(
             cfg,
             Path(tmp),
             max_steps=total,
-            callbacks=[timer.callback],
+            callbacks=[timer],
             loggers=[],
             accelerator="gpu" if device.type == "cuda" else "cpu",
             devices=1,
             num_nodes=1,
             strategy="auto",
             precision=args.precision,
-            logger=False,
             enable_checkpointing=False,
             enable_progress_bar=False,
             limit_val_batches=0,
@@ -588,29 +583,95 @@ def timed_run(
             trainer.fit(module, train_dataloaders=synthetic_loader(batch, total))
     B = batch["image"].shape[0]
     times = timer.step_seconds
+    timed = range(args.warmup, total)
+    tf_steps = (
+        sum(losses.tf_ratio(s, module.anneal_steps) > 0 for s in timed) if module.stage == 1 else 0
+    )
     return {
         "images_per_s": len(times) * B / timer.wall,
         "step_s": spread(times),
-        "peak_memory_mib": _mib(timer.memory.bytes),
-        "teacher_forcing": module.stage == 1 and _tf_on(module, total),
+        "peak_memory_mib": _mib(timer.memory.total),
+        "tf_fraction": tf_steps / len(timed),
     }
 
 
-def _tf_on(module: Any, total_steps: int) -> bool:
-    """Whether stage 1's teacher-forcing pass ran in the timed steps (r > 0 at the last one)."""
-    from raptor import losses
-
-    return losses.tf_ratio(total_steps - 1, module.anneal_steps) > 0
-
-
-def step_flops(cfg, teacher, raptor, blocks: Optional[List[int]], teacher_forcing: bool):
+def step_flops(
+    cfg, teacher, raptor, blocks: Optional[List[int]], tf_fraction: float
+) -> Dict[str, float]:
+    """Model FLOPs per image of one step (`raptor.flops`), averaged over the timed steps;
+    in stage 1 a fraction `tf_fraction` of them ran the teacher-forcing pass."""
     from raptor import flops
 
-    tshape = flops.vit_shape(teacher.vit)
-    bshape = flops.block_shape(raptor.blocks[0])
+    tshape, bshape = flops.vit_shape(teacher.vit), flops.block_shape(raptor.blocks[0])
     if int(cfg.train.stage) == 2:
-        return flops.stage2_flops(tshape, bshape, raptor.num_layers)
-    return flops.stage1_flops(tshape, bshape, raptor.phases, blocks, teacher_forcing)
+        on = off = flops.stage2_flops(tshape, bshape, raptor.num_layers)
+    else:
+        on = flops.stage1_flops(tshape, bshape, raptor.phases, blocks, True)
+        off = flops.stage1_flops(tshape, bshape, raptor.phases, blocks, False)
+    out = {
+        key: tf_fraction * getattr(on, key) + (1 - tf_fraction) * getattr(off, key)
+        for key in ("teacher", "surrogate", "applications")
+    }
+    out["total"] = out["teacher"] + out["surrogate"]
+    return out
+
+
+def largest_fitting(fits: Callable[[int], bool], start: int, multiple: int = 8) -> int:
+    """The largest batch b (a multiple of `multiple`, or `start`) with fits(b), assuming
+    fits is monotone: doubling from `start`, then bisection. 0 if not even `start` fits."""
+    if not fits(start):
+        return 0
+    lo, hi = start, 2 * start
+    while fits(hi):
+        lo, hi = hi, 2 * hi
+    while hi - lo > multiple:
+        mid = (lo + hi) // 2 // multiple * multiple
+        if mid <= lo:
+            break
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    return lo
+
+
+def max_batch(cfg, teacher, raptor, blocks, device: torch.device, args: argparse.Namespace) -> int:
+    """The largest batch whose training step runs without a CUDA out-of-memory error."""
+    import gc
+
+    probe = argparse.Namespace(**{**vars(args), "steps": 1, "warmup": 1})
+
+    def fits(b: int) -> bool:
+        try:
+            timed_run(
+                cfg, teacher, raptor, blocks, synthetic_batch(teacher, b, device), device, probe
+            )
+            return True
+        except torch.cuda.OutOfMemoryError:
+            return False
+        finally:
+            gc.collect()
+            torch.cuda.empty_cache()
+
+    found = largest_fitting(fits, int(cfg.data.batch_size))
+    if not found:
+        raise SystemExit(f"--max-batch: even batch {cfg.data.batch_size} runs out of memory")
+    return found
+
+
+def separate_runs(
+    cfg, teacher, raptor, batch, device, args, joint: Dict[str, Any], joint_flops
+) -> Dict[str, Any]:
+    """Stage 1 trained as k single-block runs (`train.blocks=[j]`, each with its own teacher
+    forward) vs the joint run: per-image times and their ratio, measured and by FLOPs."""
+    per_image, separate_flops = [], 0.0
+    for j in range(raptor.k):
+        run = timed_run(cfg, teacher, raptor, [j], batch, device, args)
+        per_image.append(1.0 / run["images_per_s"])
+        separate_flops += step_flops(cfg, teacher, raptor, [j], run["tf_fraction"])["total"]
+    return {
+        "per_image_s_joint": 1.0 / joint["images_per_s"],
+        "per_image_s_separate": per_image,
+        "measured_ratio_separate_over_joint": sum(per_image) * joint["images_per_s"],
+        "analytic_ratio_separate_over_joint": separate_flops / joint_flops["total"],
+    }
 
 
 def dmd_pass_ratio(
@@ -640,15 +701,21 @@ def dmd_pass_ratio(
                 teacher.trajectory(images)
             with with_moments():
                 acc.update(teacher.trajectory(images))
+    from raptor import flops
+
+    moments = flops.dmd_moments_flops(teacher.num_layers, teacher.num_tokens, teacher.embed_dim)
     return {
         "teacher_forward_s": forward.seconds / repeats,
         "moments_pass_s": with_moments.seconds / repeats,
         "ratio": with_moments.seconds / forward.seconds,
+        "compute_dtype": compute_dtype,
+        "gflop_per_image_moments": moments / 1e9,
+        "analytic_flop_ratio_moments_over_forward": moments
+        / flops.teacher_forward_flops(flops.vit_shape(teacher.vit)),
     }
 
 
 def bench_train(args: argparse.Namespace) -> Dict[str, Any]:
-    from raptor import flops
     from raptor.distill import selected_blocks
     from raptor.runs import default_precision
 
@@ -663,8 +730,6 @@ def bench_train(args: argparse.Namespace) -> Dict[str, Any]:
         raise SystemExit(
             f"--attn-backend {args.attn_backend} needs CUDA; on CPU use auto, math or flash"
         )
-    if args.matmul_precision:
-        torch.set_float32_matmul_precision(args.matmul_precision)
     cfg = bench_config(args)
     cfg.trainer.accelerator = "gpu" if device.type == "cuda" else "cpu"
     args.precision = args.precision or default_precision(cfg)
@@ -672,14 +737,20 @@ def bench_train(args: argparse.Namespace) -> Dict[str, Any]:
     teacher, raptor = build_models(cfg, device, args)
     stage = int(cfg.train.stage)
     blocks = selected_blocks(cfg, raptor.k)
+    if args.max_batch:
+        if device.type != "cuda":
+            raise SystemExit(
+                "--max-batch searches the largest batch that fits in GPU memory: needs CUDA"
+            )
+        cfg.data.batch_size = max_batch(cfg, teacher, raptor, blocks, device, args)
     batch = synthetic_batch(teacher, int(cfg.data.batch_size), device)
 
     main_run = timed_run(cfg, teacher, raptor, blocks, batch, device, args)
-    counts = step_flops(cfg, teacher, raptor, blocks, main_run["teacher_forcing"])
-    device_name = environment(device)["device_name"]
+    counts = step_flops(cfg, teacher, raptor, blocks, main_run["tf_fraction"])
+    device_name = result_device_name(device)
     dtype = peak_dtype(args.precision)
     peak = peak_flops_or_none(device_name, dtype, args.peak_tflops, device)
-    achieved = counts.total * main_run["images_per_s"]
+    achieved = counts["total"] * main_run["images_per_s"]
     result: Dict[str, Any] = {
         "bench": "train",
         "params": {
@@ -698,7 +769,9 @@ def bench_train(args: argparse.Namespace) -> Dict[str, Any]:
             "activation_checkpointing": bool(args.activation_checkpointing),
             "matmul_precision": torch.get_float32_matmul_precision(),
             "teacher": f"{cfg.teacher.name} (random weights), T={teacher.num_tokens}, D={teacher.embed_dim}, L={teacher.num_layers}",
-            "memory": PeakMemory(device).what,
+            "memory": "peak CUDA memory allocated (torch.cuda.max_memory_allocated)"
+            if device.type == "cuda"
+            else "peak resident set of the process (VmHWM) during the timed steps",
         },
         "env": environment(device),
         "result": {
@@ -708,41 +781,24 @@ def bench_train(args: argparse.Namespace) -> Dict[str, Any]:
             "step_time_q1_s": main_run["step_s"]["q1"],
             "step_time_q3_s": main_run["step_s"]["q3"],
             "peak_memory_mib": main_run["peak_memory_mib"],
-            "teacher_forcing_pass": main_run["teacher_forcing"],
-            "gflop_per_image_teacher_fwd": counts.teacher / 1e9,
-            "gflop_per_image_surrogate_fwd_bwd": counts.surrogate / 1e9,
-            "gflop_per_image_total": counts.total / 1e9,
-            "surrogate_block_applications": counts.applications,
+            "steps_with_teacher_forcing": main_run["tf_fraction"],
+            "gflop_per_image_teacher_fwd": counts["teacher"] / 1e9,
+            "gflop_per_image_surrogate_fwd_bwd": counts["surrogate"] / 1e9,
+            "gflop_per_image_total": counts["total"] / 1e9,
+            "surrogate_block_applications": counts["applications"],
             "achieved_tflop_per_s": achieved / 1e12,
             f"peak_tflop_per_s_{dtype}": None if peak is None else peak / 1e12,
             "fraction_of_peak": None if peak is None else achieved / peak,
         },
     }
     if stage == 1 and not args.skip_separate and raptor.k > 1 and cfg.train.blocks is None:
-        per_image = []
-        for j in range(raptor.k):
-            run = timed_run(cfg, teacher, raptor, [j], batch, device, args)
-            per_image.append(1.0 / run["images_per_s"])
-        tshape, bshape = flops.vit_shape(teacher.vit), flops.block_shape(raptor.blocks[0])
-        result["stage1_separate"] = {
-            "per_image_s_joint": 1.0 / main_run["images_per_s"],
-            "per_image_s_separate": per_image,
-            "measured_ratio_separate_over_joint": sum(per_image) * main_run["images_per_s"],
-            "analytic_ratio_separate_over_joint": flops.stage1_separate_ratio(
-                tshape, bshape, raptor.phases, main_run["teacher_forcing"]
-            ),
-        }
+        result["stage1_separate"] = separate_runs(
+            cfg, teacher, raptor, batch, device, args, main_run, counts
+        )
     if not args.skip_dmd_pass:
-        measured = dmd_pass_ratio(teacher, batch, device, args.dmd_repeats, args.dmd_compute_dtype)
-        tshape = flops.vit_shape(teacher.vit)
-        moments = flops.dmd_moments_flops(teacher.num_layers, teacher.num_tokens, teacher.embed_dim)
-        result["dmd_pass"] = {
-            **measured,
-            "compute_dtype": args.dmd_compute_dtype,
-            "gflop_per_image_moments": moments / 1e9,
-            "analytic_flop_ratio_moments_over_forward": moments
-            / flops.teacher_forward_flops(tshape),
-        }
+        result["dmd_pass"] = dmd_pass_ratio(
+            teacher, batch, device, args.dmd_repeats, args.dmd_compute_dtype
+        )
     print_pairs("raptor bench train", {**result["params"], "device": device_name})
     print_pairs(
         "result (per optimizer step; FLOPs per image, model FLOPs: fwd+bwd = 3 x fwd)",
@@ -934,9 +990,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="recompute surrogate block activations in the backward pass",
     )
     t.add_argument(
-        "--matmul-precision",
-        choices=["highest", "high", "medium"],
-        help="torch.set_float32_matmul_precision (high/medium allow TF32 for float32 runs)",
+        "--max-batch",
+        action="store_true",
+        help="CUDA: first find the largest batch that fits (doubling from the batch size, "
+        "then bisection to a multiple of 8) and bench that",
     )
     t.add_argument(
         "--peak-tflops", type=float, help="device peak to compare with (overrides the table)"
@@ -1010,6 +1067,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def _add_common(p: argparse.ArgumentParser, device: bool = True) -> None:
     if device:
         p.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
+        p.add_argument(
+            "--matmul-precision",
+            choices=["highest", "high", "medium"],
+            help="torch.set_float32_matmul_precision (high/medium let float32 matmuls use TF32)",
+        )
     p.add_argument(
         "--threads",
         type=int,
@@ -1023,6 +1085,8 @@ def main(args: argparse.Namespace) -> int:
     bench = {"train": bench_train, "dmd": bench_dmd, "data": bench_data}[args.action]
     if args.threads:
         torch.set_num_threads(args.threads)
+    if getattr(args, "matmul_precision", None):
+        torch.set_float32_matmul_precision(args.matmul_precision)
     result = bench(args)
     write_json(args.json, result)
     return 0

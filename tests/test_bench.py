@@ -126,6 +126,23 @@ def test_peak_table_lookup():
         flops.peak_flops("NVIDIA H100", "int8")
 
 
+def test_largest_fitting_batch_search():
+    from raptor.bench import largest_fitting
+
+    for limit in (8, 63, 64, 100, 1000, 1024):
+        tried = []
+
+        def fits(b, limit=limit, tried=tried):
+            tried.append(b)
+            return b <= limit
+
+        found = largest_fitting(fits, 8)
+        # brute force: the largest multiple of 8 (or 8 itself) not above the limit
+        assert found == max(b for b in range(8, limit + 1) if b % 8 == 0)
+        assert len(tried) < 25
+    assert largest_fitting(lambda b: False, 64) == 0
+
+
 def test_checkpointed_block_gives_the_same_gradients():
     from raptor.surrogate import RecurrentBlock
 
@@ -217,7 +234,7 @@ def test_bench_train_stage1_and_stage2(tmp_path, capsys):
     finite_numbers(r1)
     res = r1["result"]
     assert res["images_per_s"] > 0 and res["step_time_median_s"] > 0
-    assert res["teacher_forcing_pass"] is True  # r = 1 - step/25 > 0 in these steps
+    assert res["steps_with_teacher_forcing"] == 1.0  # r = 1 - step/25 > 0 in these steps
     # FLOPs from the shapes: T = 1 + 1 + 4 = 6 tokens, phases (1-3), (4); TF + AR -> 8 applications
     block = flops.BlockShape(32, 64, "swiglu", depth_hidden=16)
     teacher = flops.ViTShape(4, 16, 3, 2, 4, flops.BlockShape(32, 64, "gelu"))
