@@ -85,6 +85,9 @@ class TeacherTrainConfig:
     warmup_epochs: int = 2
     label_smoothing: float = 0.1
     batch_size: Optional[int] = None  # default data.batch_size
+    # torch CPU threads while training (default: torch's); tiny models train fastest on 1,
+    # and a shared CPU makes several threads per process spin against each other
+    num_threads: Optional[int] = None
 
 
 @dataclass

@@ -229,7 +229,7 @@ class Teacher(nn.Module):
     @classmethod
     def from_config(cls, cfg: Any) -> Teacher:
         """Build from a `teacher` config section (see the module docstring)."""
-        overrides = {k: _plain(cfg[k]) for k in ARCH_KEYS if cfg.get(k) is not None}
+        overrides = arch_overrides(cfg)
         data_config = None
         if cfg.weights:
             path = Path(str(cfg.weights)).expanduser()
@@ -242,13 +242,11 @@ class Teacher(nn.Module):
                 _check_arch(vit, overrides, path)
                 _load_checked(vit, state, path, arch["name"], arch["kwargs"])
             else:
-                arch = {"name": str(cfg.name), "kwargs": overrides}
-                vit = _create(arch["name"], overrides)
+                vit, arch = create_vit(cfg)
                 state = _convert(read_state_dict(path), vit, path)
                 _load_checked(vit, state, path, arch["name"], overrides)
         else:
-            arch = {"name": str(cfg.name), "kwargs": overrides}
-            vit = _create(arch["name"], overrides, pretrained=bool(cfg.pretrained))
+            vit, arch = create_vit(cfg, pretrained=bool(cfg.pretrained))
             if not cfg.pretrained:
                 warnings.warn(
                     f"teacher '{cfg.name}' has random weights (no teacher.weights, pretrained=false)",
@@ -265,6 +263,18 @@ def _plain(value: Any) -> Any:
     from omegaconf import OmegaConf
 
     return OmegaConf.to_container(value) if OmegaConf.is_config(value) else value
+
+
+def arch_overrides(cfg: Any) -> Dict[str, Any]:
+    """The architecture keys set in a `teacher` config section (timm create_model kwargs)."""
+    return {k: _plain(cfg[k]) for k in ARCH_KEYS if cfg.get(k) is not None}
+
+
+def create_vit(cfg: Any, pretrained: bool = False):
+    """(vit, arch): `timm.create_model(cfg.name, **architecture keys)` and the plain
+    `{"name", "kwargs"}` dict that rebuilds it."""
+    arch = {"name": str(cfg.name), "kwargs": arch_overrides(cfg)}
+    return _create(arch["name"], arch["kwargs"], pretrained=pretrained), arch
 
 
 def arch_of(vit: nn.Module) -> Dict[str, Any]:
