@@ -560,7 +560,7 @@ def timed_run(
     module = Distiller(cfg, teacher, raptor, blocks)
     timer = StepTimer(args.warmup, device)
     total = args.warmup + args.steps
-    with tempfile.TemporaryDirectory(prefix="raptor-bench-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="raptor-bench-") as tmp, quiet_lightning():
         trainer = make_trainer(
             cfg,
             Path(tmp),
@@ -578,7 +578,7 @@ def timed_run(
             num_sanity_val_steps=0,
             gradient_clip_val=float(stage_config(cfg).grad_clip) or None,
         )
-        with warnings.catch_warnings(), quiet_lightning(), attention_backend(args.attn_backend):
+        with warnings.catch_warnings(), attention_backend(args.attn_backend):
             warnings.simplefilter("ignore")  # Lightning's advice on workers, eval-mode modules, ...
             trainer.fit(module, train_dataloaders=synthetic_loader(batch, total))
     B = batch["image"].shape[0]
@@ -730,6 +730,10 @@ def bench_train(args: argparse.Namespace) -> Dict[str, Any]:
         raise SystemExit(
             f"--attn-backend {args.attn_backend} needs CUDA; on CPU use auto, math or flash"
         )
+    if args.max_batch and device.type != "cuda":
+        raise SystemExit(
+            "--max-batch searches the largest batch that fits in GPU memory: needs CUDA"
+        )
     cfg = bench_config(args)
     cfg.trainer.accelerator = "gpu" if device.type == "cuda" else "cpu"
     args.precision = args.precision or default_precision(cfg)
@@ -738,10 +742,6 @@ def bench_train(args: argparse.Namespace) -> Dict[str, Any]:
     stage = int(cfg.train.stage)
     blocks = selected_blocks(cfg, raptor.k)
     if args.max_batch:
-        if device.type != "cuda":
-            raise SystemExit(
-                "--max-batch searches the largest batch that fits in GPU memory: needs CUDA"
-            )
         cfg.data.batch_size = max_batch(cfg, teacher, raptor, blocks, device, args)
     batch = synthetic_batch(teacher, int(cfg.data.batch_size), device)
 
