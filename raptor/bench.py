@@ -647,6 +647,7 @@ def max_batch(cfg, teacher, raptor, blocks, device: torch.device, args: argparse
         except torch.cuda.OutOfMemoryError:
             return False
         finally:
+            raptor.zero_grad(set_to_none=True)  # gradients of a failed try
             gc.collect()
             torch.cuda.empty_cache()
 
@@ -684,6 +685,7 @@ def dmd_pass_ratio(
     """Time of (teacher trajectory + MomentAccumulator.update) over the teacher trajectory
     alone, on the same images, interleaved `repeats` times (after one warm-up of each)."""
     from dmd.moments import MomentAccumulator
+    from raptor import flops
 
     acc = MomentAccumulator(
         teacher.num_layers,
@@ -701,8 +703,6 @@ def dmd_pass_ratio(
                 teacher.trajectory(images)
             with with_moments():
                 acc.update(teacher.trajectory(images))
-    from raptor import flops
-
     moments = flops.dmd_moments_flops(teacher.num_layers, teacher.num_tokens, teacher.embed_dim)
     return {
         "teacher_forward_s": forward.seconds / repeats,
