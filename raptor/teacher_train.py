@@ -183,10 +183,9 @@ def train_teacher(
             old.unlink(missing_ok=True)
         shutil.rmtree(ckpt_dir, ignore_errors=True)
     prepare_run_dir(cfg, run_dir)
-    cfg = ensure_shards(cfg, run_dir)
     L.seed_everything(cfg.train.seed, workers=True, verbose=False)
-
     module = TeacherTraining(cfg)
+    cfg = ensure_shards(cfg, run_dir)
     data = ShardDataModule(_data_cfg(cfg), default_data_config(module.vit))
     epochs = int(cfg.teacher.train.epochs)
     checkpoint = ModelCheckpoint(
