@@ -278,10 +278,17 @@ def create_vit(cfg: Any, pretrained: bool = False):
 
 
 def arch_of(vit: nn.Module) -> Dict[str, Any]:
-    """`{"name", "kwargs"}` that rebuilds a timm ViT made by `timm.create_model`."""
-    name = (getattr(vit, "pretrained_cfg", None) or {}).get("architecture", "vit_base_patch16_224")
-    kwargs = {k: _jsonable(v) for k, v in getattr(vit, "_model_args", {}).items()}
-    return {"name": name, "kwargs": kwargs}
+    """`{"name", "kwargs"}` that rebuilds a timm ViT: the name and kwargs timm recorded
+    in `timm.create_model`; for a ViT constructed directly, timm's generic ViT entry
+    point with the shapes read from its modules (pass `arch` for anything more exotic)."""
+    name = (getattr(vit, "pretrained_cfg", None) or {}).get("architecture")
+    recorded = getattr(vit, "_model_args", None)
+    if name and recorded is not None:
+        return {"name": name, "kwargs": {k: _jsonable(v) for k, v in recorded.items()}}
+    kwargs = arch_values(vit)
+    if not isinstance(vit.blocks[0].ls1, nn.Identity):
+        kwargs["init_values"] = float(vit.blocks[0].ls1.gamma.detach().abs().mean())
+    return {"name": "vit_base_patch16_224", "kwargs": kwargs}
 
 
 def arch_values(vit: nn.Module) -> Dict[str, Any]:

@@ -117,6 +117,17 @@ def test_float32_on_cpu_inside_outer_autocast(images):
     torch.testing.assert_close(traj, ref)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_bf16_autocast_on_cuda(images):
+    t = Teacher(make_vit(2))
+    ref = t.trajectory(images)
+    t.cuda()
+    traj = t.trajectory(images.cuda()).cpu()
+    assert traj.dtype == torch.float32
+    err = (traj - ref).norm() / ref.norm()
+    assert 0 < err < 5e-2  # bf16 matmuls: close to float32, not identical
+
+
 # ------------------------------------------------------------------------ loading
 
 
@@ -193,6 +204,16 @@ def test_raptor_teacher_file_rebuilds_from_the_file_alone(tmp_path, images):
     Teacher.from_config(teacher_cfg(weights=str(path), depth=3, embed_dim=32))
     with pytest.raises(TeacherLoadError, match=r"teacher\.depth=4 but the file has 3"):
         Teacher.from_config(teacher_cfg(weights=str(path), depth=4))
+
+
+def test_directly_built_vit_saves_and_rebuilds(tmp_path, images):
+    from timm.models.vision_transformer import VisionTransformer
+
+    torch.manual_seed(4)
+    vit = VisionTransformer(num_classes=5, reg_tokens=2, **TINY).eval()
+    t = Teacher(vit)
+    loaded = Teacher.from_config(teacher_cfg(weights=str(t.save(tmp_path / "t.safetensors"))))
+    assert_same_outputs(t, loaded, images)
 
 
 def test_separate_linear_head(tmp_path, images):
