@@ -7,6 +7,7 @@ requeued job continues the same W&B run), `checkpoints/` and PNG plots.
 
 from __future__ import annotations
 
+import csv
 import os
 import uuid
 from pathlib import Path
@@ -48,11 +49,39 @@ def wandb_run_id(run_dir: Path) -> str:
     return path.read_text().strip()
 
 
+class _AppendingCSVWriter:
+    """Mixin for Lightning's CSV writer: keep the interrupted run's `metrics.csv` and
+    append to it (Lightning deletes it when the folder is reused, losing a resumed
+    run's history)."""
+
+    def _check_log_dir_exists(self) -> None:
+        if self._fs.isfile(self.metrics_file_path):
+            with self._fs.open(self.metrics_file_path, "r", newline="") as fh:
+                self.metrics_keys = next(csv.reader(fh), [])
+
+
+def _csv_logger(run_dir: Path):
+    """CSVLogger writing `run_dir/metrics.csv`, appending across resumes."""
+    from lightning.pytorch.loggers import CSVLogger
+    from lightning.pytorch.loggers.csv_logs import ExperimentWriter
+
+    class Writer(_AppendingCSVWriter, ExperimentWriter):
+        pass
+
+    class Logger(CSVLogger):
+        @property
+        def experiment(self):
+            if self._experiment is None:
+                Path(self.log_dir).mkdir(parents=True, exist_ok=True)
+                self._experiment = Writer(log_dir=self.log_dir)
+            return self._experiment
+
+    return Logger(save_dir=str(run_dir), name="", version="")
+
+
 def make_loggers(cfg: DictConfig, run_dir: Path) -> List[Any]:
     """CSV always (`run_dir/metrics.csv`); W&B when `logging.wandb` is online/offline."""
-    from lightning.pytorch.loggers import CSVLogger
-
-    loggers: List[Any] = [CSVLogger(save_dir=str(run_dir), name="", version="")]
+    loggers: List[Any] = [_csv_logger(run_dir)]
     mode = cfg.logging.wandb
     if mode not in ("online", "offline", "disabled"):
         raise ValueError(f"logging.wandb must be online, offline or disabled, got '{mode}'")

@@ -1,0 +1,25 @@
+"""Run folders: metrics.csv survives a resume; the W&B id is made once and reused."""
+
+import csv
+
+from raptor.config import load_config
+from raptor.runs import make_loggers, wandb_run_id
+
+
+def test_csv_metrics_append_across_resumes(tmp_path):
+    cfg = load_config(None, [])
+    for run in range(2):  # the second logger is what a resumed run creates
+        logger = make_loggers(cfg, tmp_path)[0]
+        logger.log_metrics({"a": 1.0 + run}, step=run)
+        if run == 1:
+            logger.log_metrics({"b": 5.0}, step=2)  # a new column rewrites the header
+        logger.save()
+    rows = list(csv.DictReader(open(tmp_path / "metrics.csv")))
+    assert [r["a"] for r in rows] == ["1.0", "2.0", ""]
+    assert [r["step"] for r in rows] == ["0", "1", "2"]
+    assert rows[2]["b"] == "5.0"
+
+
+def test_wandb_id_is_stable(tmp_path):
+    first = wandb_run_id(tmp_path)
+    assert len(first) == 12 and wandb_run_id(tmp_path) == first
