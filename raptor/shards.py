@@ -44,7 +44,7 @@ import sys
 import tarfile
 from multiprocessing import Pool
 from pathlib import Path
-from typing import Callable, Dict, Iterable, List, Optional, Tuple
+from typing import Dict, Iterable, List, Optional, Tuple, Union
 
 import numpy as np
 from PIL import Image
@@ -55,9 +55,10 @@ FORMAT = "raptor-shards/1"
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm"}
 JPEG_QUALITY = 95
 
-# One sample to encode: (key, label, source, loader); loader() returns a PIL image or
-# the raw bytes of an image file; `source` names it in the skipped list.
-Item = Tuple[str, int, str, Callable[[], object]]
+# One sample to encode: (key, label, source, payload); payload is uint8 pixels (an
+# ndarray) or the image file's Path (picklable, for the encoding pool); `source` names
+# it in the skipped list.
+Item = Tuple[str, int, str, Union[np.ndarray, Path]]
 
 
 def shard_name(split: str, index: int) -> str:
@@ -93,14 +94,9 @@ def digits_source(val_fraction: float, seed: int) -> Tuple[List[str], Dict[str, 
     for split, idx in (("train", train), ("val", val)):
         if len(idx):
             splits[split] = [
-                (f"digits_{i:04d}", int(labels[i]), f"digits[{i}]", _array_loader(images[i]))
-                for i in idx
+                (f"digits_{i:04d}", int(labels[i]), f"digits[{i}]", images[i]) for i in idx
             ]
     return [str(c) for c in range(10)], splits
-
-
-def _array_loader(pixels: np.ndarray) -> Callable[[], Image.Image]:
-    return lambda: Image.fromarray(pixels)  # uint8 (8, 8) -> mode L
 
 
 def imagefolder_source(root: Path, seed: int) -> Tuple[List[str], Dict[str, List[Item]]]:
@@ -127,14 +123,10 @@ def imagefolder_source(root: Path, seed: int) -> Tuple[List[str], Dict[str, List
         ]
         order = rng.permutation(len(files))
         splits[split] = [
-            (f"{split}_{n:08d}", files[i][1], str(files[i][0]), _file_loader(files[i][0]))
+            (f"{split}_{n:08d}", files[i][1], str(files[i][0]), files[i][0])
             for n, i in enumerate(order)
         ]
     return classes, splits
-
-
-def _file_loader(path: Path) -> Callable[[], bytes]:
-    return lambda: path.read_bytes()
 
 
 # --------------------------------------------------------------------------- encoding
@@ -152,16 +144,16 @@ def center_crop(img: Image.Image, side: int) -> Image.Image:
 
 def encode(item: Item, crop: Optional[int]) -> Tuple[str, int, str, Optional[str], Optional[bytes]]:
     """(key, label, source, ext, data); ext/data are None when the image cannot be read."""
-    key, label, source, load = item
+    key, label, source, payload = item
     try:
-        raw = load()
-        img = raw if isinstance(raw, Image.Image) else Image.open(io.BytesIO(raw))
+        raw = payload.read_bytes() if isinstance(payload, Path) else None
+        img = Image.fromarray(payload) if raw is None else Image.open(io.BytesIO(raw))
         img.load()  # full decode: truncated or corrupt files fail here
         if crop is not None:
             buf = io.BytesIO()
             center_crop(img.convert("RGB"), crop).save(buf, format="JPEG", quality=JPEG_QUALITY)
             return key, label, source, "jpg", buf.getvalue()
-        if isinstance(raw, bytes) and img.format in ("JPEG", "PNG"):
+        if raw is not None and img.format in ("JPEG", "PNG"):
             return key, label, source, "jpg" if img.format == "JPEG" else "png", raw
         buf = io.BytesIO()
         img.save(buf, format="PNG")
@@ -287,7 +279,12 @@ def write_shards(
     manifest = {
         "format": FORMAT,
         "source": source,
-        "options": {"shard_size": shard_size, "val_fraction": val_fraction, "seed": seed, "crop": crop},
+        "options": {
+            "shard_size": shard_size,
+            "val_fraction": val_fraction,
+            "seed": seed,
+            "crop": crop,
+        },
         "classes": classes,
         "splits": manifest_splits,
         "skipped": {"count": len(skipped), "paths": skipped},
@@ -320,23 +317,40 @@ def read_manifest(folder: str | Path) -> dict:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--source", required=True, help="digits | imagefolder:PATH")
-    parser.add_argument("--out", required=True, help="output folder (must be empty unless --overwrite)")
-    parser.add_argument("--shard-size", type=int, default=1000, help="samples per shard (default 1000)")
-    parser.add_argument("--val-fraction", type=float, default=0.2, help="digits: validation fraction")
+    parser.add_argument(
+        "--out", required=True, help="output folder (must be empty unless --overwrite)"
+    )
+    parser.add_argument(
+        "--shard-size", type=int, default=1000, help="samples per shard (default 1000)"
+    )
+    parser.add_argument(
+        "--val-fraction", type=float, default=0.2, help="digits: validation fraction"
+    )
     parser.add_argument("--seed", type=int, default=0, help="split and shuffle seed")
     parser.add_argument(
-        "--crop", type=int, default=None, metavar="SIDE",
+        "--crop",
+        type=int,
+        default=None,
+        metavar="SIDE",
         help="store resize(shorter side=SIDE, bicubic) + center crop SIDE x SIDE as JPEG q95",
     )
     parser.add_argument("--workers", type=int, default=1, help="encoding processes")
-    parser.add_argument("--overwrite", action="store_true", help="replace shards in a non-empty --out")
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace shards in a non-empty --out"
+    )
 
 
 def main(args: argparse.Namespace) -> int:
     try:
         manifest = write_shards(
-            args.source, args.out, shard_size=args.shard_size, val_fraction=args.val_fraction,
-            seed=args.seed, crop=args.crop, overwrite=args.overwrite, workers=args.workers,
+            args.source,
+            args.out,
+            shard_size=args.shard_size,
+            val_fraction=args.val_fraction,
+            seed=args.seed,
+            crop=args.crop,
+            overwrite=args.overwrite,
+            workers=args.workers,
         )
     except (FileExistsError, FileNotFoundError, ValueError) as exc:
         print(f"raptor shards: {exc}", file=sys.stderr)

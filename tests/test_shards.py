@@ -45,7 +45,10 @@ def test_digits_round_trip(digits_shards):
 
     digits = load_digits()
     expected = np.round(digits.images / 16.0 * 255.0).astype(np.uint8)
-    train, val = read_split(digits_shards, manifest, "train"), read_split(digits_shards, manifest, "val")
+    train, val = (
+        read_split(digits_shards, manifest, "train"),
+        read_split(digits_shards, manifest, "val"),
+    )
     assert len(train) == 1438 and len(val) == 359 and not set(train) & set(val)
     for key, (ext, data, label) in {**train, **val}.items():
         i = int(key.split("_")[1])
@@ -76,7 +79,9 @@ def test_imagefolder_round_trip_and_skips(tmp_path):
     broken = root / "train" / "cat" / "broken.jpg"
     broken.write_bytes(b"\xff\xd8\xff not a jpeg")
 
-    manifest = write_shards(f"imagefolder:{root}", tmp_path / "out", shard_size=3, progress=False)
+    manifest = write_shards(
+        f"imagefolder:{root}", tmp_path / "out", shard_size=3, workers=2, progress=False
+    )
     assert manifest["classes"] == ["cat", "dog"]
     assert manifest["skipped"] == {"count": 1, "paths": [str(broken)]}
     assert {s: v["num_samples"] for s, v in manifest["splits"].items()} == {"train": 9, "val": 4}
@@ -103,7 +108,9 @@ def test_crop_stores_center_crop_jpeg(tmp_path):
     tall = np.full((50, 17, 3), 128, np.uint8)
     (root / "tall.png").write_bytes(_png(tall))
 
-    manifest = write_shards(f"imagefolder:{tmp_path / 'images'}", tmp_path / "out", crop=16, progress=False)
+    manifest = write_shards(
+        f"imagefolder:{tmp_path / 'images'}", tmp_path / "out", crop=16, progress=False
+    )
     assert list(manifest["splits"]) == ["train"]
     samples = read_split(tmp_path / "out", manifest, "train")
     assert len(samples) == 2
@@ -120,7 +127,9 @@ def test_crop_stores_center_crop_jpeg(tmp_path):
 
 def test_cli_writes_digits_and_refuses_non_empty_out(tmp_path, capsys):
     out = tmp_path / "shards"
-    assert cli_main(["shards", "--source", "digits", "--out", str(out), "--shard-size", "1000"]) == 0
+    assert (
+        cli_main(["shards", "--source", "digits", "--out", str(out), "--shard-size", "1000"]) == 0
+    )
     manifest = json.loads((out / MANIFEST).read_text())
     assert sum(v["num_samples"] for v in manifest["splits"].values()) == 1797
     capsys.readouterr()
@@ -136,7 +145,12 @@ def test_cli_writes_digits_and_refuses_non_empty_out(tmp_path, capsys):
         write_shards("digits", out, progress=False)
 
     manifest = write_shards("digits", out, shard_size=2000, overwrite=True, progress=False)
-    assert sorted(p.name for p in out.iterdir()) == [MANIFEST, "notes.txt", "train-000000.tar", "val-000000.tar"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        MANIFEST,
+        "notes.txt",
+        "train-000000.tar",
+        "val-000000.tar",
+    ]
     assert mine.read_text() == "keep me" and manifest["splits"]["train"]["num_samples"] == 1438
 
 
