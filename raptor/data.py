@@ -1,0 +1,806 @@
+"""Streaming webdataset shards to every rank: `ShardDataModule` and its loaders.
+
+Batches are dicts::
+
+    {"image": float (B, 3, H, W) normalized, "label": long (B,) (-1: no label),
+     "valid": bool (B,) (False only for validation padding rows)}
+
+Shards come from a URL pattern with brace expansion (`/data/train-{000000..000127}.tar`,
+several patterns joined by `::`), or from a local folder with a `manifest.json` written by
+`raptor shards`. Local paths are opened directly, other URLs through fsspec (`s3://`,
+`gs://`, `https://` with the matching fsspec backend); `pipe:` URLs run a shell command and
+are refused unless `data.allow_pipe`. A `manifest.json` next to the shards supplies the
+sample count of every shard.
+
+Splitting, with R ranks and W dataloader workers per rank (G = R x W readers):
+
+- training: every epoch all ranks shuffle the shard list with the same seed (`data.seed`,
+  epoch); reader g of G reads the shards `split_shards` gives it (readers share a shard and
+  take every m-th sample of it when shards < G), repeats them endlessly, shuffles samples
+  in a buffer and yields exactly its share of `num_train_batches` batches; so every rank
+  yields the same number of batches, whatever the shard sizes.
+- validation: `plan_validation` gives every sample to exactly one reader (whole shards
+  balanced by the manifest's counts, or every G-th sample without a manifest); each rank
+  pads its last batches with valid=False rows and adds all-padding batches up to the
+  largest rank's count, so all ranks run the same number of batches.
+
+A sample whose image cannot be decoded or whose label is missing/bad (when
+`data.require_labels`) is skipped, counted (`skip_stats()`) and reported by a
+rate-limited warning; when more than `data.max_bad_fraction` of a worker's samples fail
+(after at least 50 read and 3 bad) the run stops with `BadDataError` naming the shard.
+
+The training loader is resumable mid-epoch: `state_dict()` holds (epoch, batches consumed)
+and Lightning stores it in checkpoints; after `load_state_dict` the next iteration replays
+the epoch's stream and starts at the next batch (workers re-read and drop the consumed
+batches; no training compute). Its epoch follows `trainer.current_epoch` when attached
+to a Trainer (set `loader.epoch` otherwise), so each epoch reshuffles.
+"""
+
+from __future__ import annotations
+
+import io
+import itertools
+import json
+import math
+import multiprocessing
+import os
+import posixpath
+import random
+import tarfile
+import time
+import warnings
+from collections import Counter
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+from urllib.parse import urlparse
+
+import lightning as L
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from raptor.shards import MANIFEST, read_manifest
+
+IMAGE_KEYS = ("jpg", "jpeg", "png", "webp", "bmp", "ppm", "tif", "tiff")
+MIN_SEEN, MIN_BAD = 50, 3  # the bad-fraction limit applies after this many read / bad
+WARN_FIRST, WARN_EVERY_S = 5, 60.0  # warn for the first bad samples, then once a minute
+
+
+class BadDataError(RuntimeError):
+    """Too many unreadable samples: the data (or a shard) is broken."""
+
+
+class BadSampleWarning(UserWarning):
+    """A sample was skipped."""
+
+
+# --------------------------------------------------------------------------- URLs
+
+
+@dataclass
+class ShardSet:
+    """Shard URLs of one split; `counts` (samples per shard) when a manifest lists them."""
+
+    urls: List[str]
+    counts: Optional[List[int]] = None
+    classes: Optional[List[str]] = None
+
+    @property
+    def total(self) -> Optional[int]:
+        return None if self.counts is None else sum(self.counts)
+
+
+def check_url(url: str, allow_pipe: bool) -> None:
+    if url.startswith("pipe:") and not allow_pipe:
+        raise ValueError(
+            f"shard URL '{url}' is a pipe: URL, which runs a shell command; "
+            "set data.allow_pipe=true to allow it"
+        )
+
+
+def _is_local(url: str) -> bool:
+    return urlparse(url).scheme in ("", "file") and not url.startswith("pipe:")
+
+
+def resolve_shards(spec: str, split: str, allow_pipe: bool = False) -> ShardSet:
+    """The shards named by `spec`: a local folder holding manifest.json (its `split`), or a
+    URL pattern (brace expansion, `::` between patterns)."""
+    import webdataset as wds
+
+    if _is_local(spec) and Path(spec).is_dir():
+        manifest = read_manifest(spec)
+        if split not in manifest["splits"]:
+            raise ValueError(
+                f"{Path(spec) / MANIFEST} has no '{split}' split (it has {sorted(manifest['splits'])})"
+            )
+        shards = manifest["splits"][split]["shards"]
+        return ShardSet(
+            [str(Path(spec) / s["name"]) for s in shards],
+            [int(s["num_samples"]) for s in shards],
+            manifest.get("classes"),
+        )
+    urls = wds.shardlists.expand_urls(spec)
+    if not urls:
+        raise ValueError(f"shard pattern '{spec}' names no shards")
+    for url in urls:
+        check_url(url, allow_pipe)
+    return ShardSet(urls, *_manifest_counts(urls))
+
+
+def _manifest_counts(urls: List[str]) -> Tuple[Optional[List[int]], Optional[List[str]]]:
+    """Per-shard counts from a manifest.json in the shards' common folder, if it lists them all."""
+    folders = {posixpath.dirname(u) for u in urls}
+    if len(folders) != 1 or urls[0].startswith("pipe:"):
+        return None, None
+    import fsspec
+
+    try:
+        with fsspec.open(posixpath.join(folders.pop(), MANIFEST), "rt") as fh:
+            manifest = json.load(fh)
+        counts = {
+            s["name"]: int(s["num_samples"])
+            for sp in manifest["splits"].values()
+            for s in sp["shards"]
+        }
+    except (OSError, ImportError, ValueError, KeyError):  # no (readable) manifest: count later
+        return None, None
+    names = [posixpath.basename(u) for u in urls]
+    if not all(n in counts for n in names):
+        return None, None
+    return [counts[n] for n in names], manifest.get("classes")
+
+
+def open_url(url: str):
+    """A binary stream for a shard URL (local file, `pipe:` command, or fsspec URL)."""
+    if url.startswith("pipe:"):
+        from webdataset.gopen import gopen
+
+        return gopen(url, "rb")
+    if _is_local(url):
+        return open(urlparse(url).path if url.startswith("file:") else url, "rb")
+    import fsspec
+
+    return fsspec.open(url, "rb").open()
+
+
+def iter_shard(url: str) -> Iterator[Dict[str, Any]]:
+    """Raw samples of one tar shard: dicts {"__key__", "__url__", ext: bytes, ...}."""
+    from webdataset.tariterators import group_by_keys, tar_file_iterator
+
+    stream = open_url(url)
+    try:
+        files = ({**f, "__url__": url} for f in tar_file_iterator(stream))
+        yield from group_by_keys(files)
+    finally:
+        stream.close()
+
+
+def count_samples(urls: Sequence[str]) -> int:
+    """Samples in the shards, by reading them (used only when no manifest lists them)."""
+    return sum(1 for url in urls for _ in iter_shard(url))
+
+
+# --------------------------------------------------------------------------- splitting
+
+
+@dataclass(frozen=True)
+class ShardSlice:
+    """Samples i of shard `index` with i % stride == offset."""
+
+    index: int
+    stride: int = 1
+    offset: int = 0
+
+
+def epoch_shard_order(num_shards: int, seed: int, epoch: int) -> List[int]:
+    """A permutation of the shards, the same on every rank for (seed, epoch)."""
+    order = list(range(num_shards))
+    random.Random(f"shards-{seed}-{epoch}").shuffle(order)
+    return order
+
+
+def split_shards(num_shards: int, num_parts: int) -> List[List[ShardSlice]]:
+    """Split shards over `num_parts` readers so that no sample is read twice per pass.
+
+    With at least as many shards as readers, reader g reads shards g, g+P, g+2P, ...
+    With fewer, reader g reads shard g % S and shares it with the other readers of that
+    shard, taking every m-th sample (m = number of readers of the shard).
+    """
+    if num_shards >= num_parts:
+        return [[ShardSlice(i) for i in range(g, num_shards, num_parts)] for g in range(num_parts)]
+    parts = []
+    for g in range(num_parts):
+        shard = g % num_shards
+        sharers = len(range(shard, num_parts, num_shards))
+        parts.append([ShardSlice(shard, sharers, g // num_shards)])
+    return parts
+
+
+def worker_batch_plan(
+    worker: int, num_workers: int, start: int, total: int
+) -> Tuple[int, int, int]:
+    """(role, skip, count) for one dataloader worker of an epoch of `total` batches that
+    resumes at batch `start`.
+
+    A DataLoader takes batches round-robin from its workers, so in an uninterrupted epoch
+    batch i comes from worker i % W. Resuming at `start`, worker w plays the role
+    r = (start + w) % W (so the round-robin continues with batch start, start+1, ...),
+    first drops its role's `skip` batches before `start`, then yields `count` batches.
+    """
+    role = (start + worker) % num_workers
+    skip = len(range(role, start, num_workers))
+    count = len(range(role, total, num_workers)) - skip
+    return role, skip, count
+
+
+def balance(sizes: Sequence[int], num_bins: int) -> List[List[int]]:
+    """Greedy balanced partition of items (largest first, into the least-loaded bin, ties
+    to the lowest bin); deterministic, every rank computes the same. Returns item indices."""
+    bins: List[List[int]] = [[] for _ in range(num_bins)]
+    load = [0] * num_bins
+    for i in sorted(range(len(sizes)), key=lambda i: (-sizes[i], i)):
+        b = min(range(num_bins), key=lambda b: (load[b], b))
+        bins[b].append(i)
+        load[b] += sizes[i]
+    return [sorted(b) for b in bins]
+
+
+@dataclass(frozen=True)
+class ValPart:
+    """What one validation reader reads: shards `shards` concatenated, keeping samples
+    j % stride == offset of that stream; `num_samples` expected."""
+
+    shards: Tuple[int, ...]
+    stride: int
+    offset: int
+    num_samples: int
+
+
+def plan_validation(
+    num_shards: int, counts: Optional[Sequence[int]], total: int, num_ranks: int, num_workers: int
+) -> List[List[ValPart]]:
+    """parts[rank][worker]: every sample to exactly one reader.
+
+    With per-shard counts (manifest), whole shards are balanced over ranks, then over the
+    rank's workers. Without, reader g = rank * W + worker takes every G-th sample of all
+    shards (each reader reads every shard: fine for validation-sized sets).
+    """
+    if counts is not None:
+        plan = []
+        for rank_shards in balance(counts, num_ranks):
+            local = balance([counts[i] for i in rank_shards], num_workers)
+            plan.append(
+                [
+                    ValPart(
+                        tuple(rank_shards[j] for j in ws),
+                        1,
+                        0,
+                        sum(counts[rank_shards[j]] for j in ws),
+                    )
+                    for ws in local
+                ]
+            )
+        return plan
+    g_all = num_ranks * num_workers
+    return [
+        [
+            ValPart(
+                tuple(range(num_shards)),
+                g_all,
+                r * num_workers + w,
+                len(range(r * num_workers + w, total, g_all)),
+            )
+            for w in range(num_workers)
+        ]
+        for r in range(num_ranks)
+    ]
+
+
+def val_batches_per_rank(plan: List[List[ValPart]], batch_size: int) -> List[int]:
+    """Batches each rank yields before padding (each worker batches its own samples)."""
+    return [sum(math.ceil(p.num_samples / batch_size) for p in parts) for parts in plan]
+
+
+# --------------------------------------------------------------------------- samples
+
+
+class _Bad(Exception):
+    """A sample that cannot be used; the message says why."""
+
+
+def decode_sample(
+    sample: Dict[str, Any], transform: Callable, require_labels: bool
+) -> Tuple[torch.Tensor, int]:
+    """(transformed image, label) of a raw sample; raises _Bad for a corrupt one."""
+    ext = next((k for k in IMAGE_KEYS if k in sample), None)
+    if ext is None:
+        found = sorted(k for k in sample if not k.startswith("__"))
+        raise _Bad(f"no image (expected one of .{'/.'.join(IMAGE_KEYS)}, found {found})")
+    try:
+        with Image.open(io.BytesIO(sample[ext])) as img:
+            img.load()  # full decode: a truncated file fails here
+            rgb = img.convert("RGB")
+    except Exception as exc:  # noqa: BLE001 - PIL raises many types for corrupt files
+        raise _Bad(f"undecodable .{ext}: {exc}") from None
+    label = -1
+    raw = sample.get("cls")
+    try:
+        label = int(raw.decode("ascii").strip()) if raw is not None else -1
+    except (ValueError, UnicodeDecodeError, AttributeError):
+        if require_labels:
+            raise _Bad(f"bad label .cls={raw[:20]!r}") from None
+    if require_labels and label < 0:
+        raise _Bad("missing label (.cls)")
+    try:
+        return transform(rgb), label
+    except Exception as exc:  # noqa: BLE001
+        raise _Bad(f"transform failed: {exc}") from None
+
+
+class BadSampleCounter:
+    """Counts one worker's samples read and skipped, warns (rate-limited) about skipped
+    ones, and raises BadDataError past `max_fraction`. Totals go to `stats[2*slot:2*slot+2]`
+    (shared memory read by the main process), added to what the slot held."""
+
+    def __init__(self, max_fraction: float, stats=None, slot: int = 0):
+        self.max_fraction, self.stats, self.slot = max_fraction, stats, slot
+        self.seen = self.bad = self._suppressed = 0
+        self.by_shard: Counter = Counter()
+        self._last_warn = -math.inf
+        self._base = (stats[2 * slot], stats[2 * slot + 1]) if stats is not None else (0, 0)
+
+    def record(self, url: str, key: Optional[str] = None, reason: Optional[str] = None) -> None:
+        """One sample read from `url`; `reason` set when it was skipped."""
+        self.seen += 1
+        if reason is not None:
+            self.bad += 1
+            self.by_shard[url] += 1
+            self._warn(url, key, reason)
+        if self.stats is not None:
+            self.stats[2 * self.slot] = self._base[0] + self.seen
+            self.stats[2 * self.slot + 1] = self._base[1] + self.bad
+        if (
+            self.seen >= MIN_SEEN
+            and self.bad >= MIN_BAD
+            and self.bad > self.max_fraction * self.seen
+        ):
+            worst = ", ".join(f"{u} ({n})" for u, n in self.by_shard.most_common(5))
+            raise BadDataError(
+                f"{self.bad} of {self.seen} samples read by this worker are unreadable "
+                f"({self.bad / self.seen:.1%} > data.max_bad_fraction={self.max_fraction}); "
+                f"stopped in shard {url}. Shards with bad samples: {worst}"
+            )
+
+    def _warn(self, url: str, key: Optional[str], reason: str) -> None:
+        now = time.monotonic()
+        if self.bad > WARN_FIRST and now - self._last_warn < WARN_EVERY_S:
+            self._suppressed += 1
+            return
+        more = (
+            f"; {self._suppressed} more skipped since the last warning" if self._suppressed else ""
+        )
+        warnings.warn(
+            f"skipped sample {key} of {url}: {reason} ({self.bad} skipped of {self.seen} read by this worker{more})",
+            BadSampleWarning,
+            stacklevel=3,
+        )
+        self._last_warn, self._suppressed = now, 0
+
+
+def _shard_samples(url: str, counter: BadSampleCounter) -> Iterator[Dict[str, Any]]:
+    """Samples of a shard; a shard that breaks off mid-way (truncated tar) counts as one bad
+    sample and ends early. A shard that cannot be opened raises, naming it."""
+    try:
+        yield from iter_shard(url)
+    except FileNotFoundError:
+        raise
+    except (tarfile.TarError, OSError, EOFError, ValueError) as exc:
+        counter.record(url, "<rest of shard>", f"unreadable tar: {exc}")
+
+
+def _collate(
+    images: List[torch.Tensor], labels: List[int], size: int, shape: Tuple[int, ...]
+) -> Dict[str, torch.Tensor]:
+    """A batch of `size` rows: the samples, then padding rows (zeros, label -1, valid False)."""
+    pad = size - len(images)
+    return {
+        "image": torch.stack(images + [torch.zeros(shape)] * pad),
+        "label": torch.tensor(labels + [-1] * pad, dtype=torch.long),
+        "valid": torch.tensor([True] * len(images) + [False] * pad),
+    }
+
+
+def _worker() -> Tuple[int, int]:
+    info = get_worker_info()
+    return (0, 1) if info is None else (info.id, info.num_workers)
+
+
+# --------------------------------------------------------------------------- datasets
+
+
+class _ShardStream(IterableDataset):
+    """Common state of the train and validation streams (set in the main process, copied
+    into each worker when an epoch starts)."""
+
+    def __init__(
+        self,
+        shards: ShardSet,
+        transform: Callable,
+        image_shape: Tuple[int, ...],
+        batch_size: int,
+        rank: int,
+        world_size: int,
+        num_workers: int,
+        require_labels: bool,
+        max_bad_fraction: float,
+        stats=None,
+    ):
+        self.shards, self.transform, self.image_shape = shards, transform, tuple(image_shape)
+        self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
+        self.num_workers = max(1, num_workers)
+        self.require_labels, self.max_bad_fraction, self.stats = (
+            require_labels,
+            max_bad_fraction,
+            stats,
+        )
+
+    def _counter(self, slot: int) -> BadSampleCounter:
+        return BadSampleCounter(self.max_bad_fraction, self.stats, slot)
+
+    def _decoded(self, samples: Iterator[Dict[str, Any]], counter: BadSampleCounter):
+        """(image, label) of every good sample; bad ones are counted and dropped."""
+        for s in samples:
+            try:
+                image, label = decode_sample(s, self.transform, self.require_labels)
+            except _Bad as exc:
+                counter.record(s.get("__url__", "?"), s.get("__key__"), str(exc))
+                continue
+            counter.record(s["__url__"])
+            yield image, label
+
+
+class TrainStream(_ShardStream):
+    """Endless shuffled training samples, batched; each worker yields exactly its share of
+    `num_batches` for the epoch (`epoch` and resume point `start` set before iterating)."""
+
+    def __init__(self, *args, num_batches: int, seed: int, shuffle_buffer: int, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.num_batches, self.seed, self.shuffle_buffer = num_batches, seed, shuffle_buffer
+        self.epoch, self.start = 0, 0
+
+    def __iter__(self):
+        worker, num_workers = _worker()
+        role, skip, count = worker_batch_plan(worker, num_workers, self.start, self.num_batches)
+        part, num_parts = self.rank * num_workers + role, self.world_size * num_workers
+        order = epoch_shard_order(len(self.shards.urls), self.seed, self.epoch)
+        slices = [
+            replace(s, index=order[s.index]) for s in split_shards(len(order), num_parts)[part]
+        ]
+        rng = random.Random(f"samples-{self.seed}-{self.epoch}-{part}")
+        if get_worker_info() is not None:  # augmentation randomness, reproducible on resume
+            s = rng.getrandbits(63)
+            torch.manual_seed(s)
+            random.seed(s)
+            np.random.seed(s % 2**32)
+        counter = self._counter(role)
+        samples = shuffled(self._repeat(slices, counter), self.shuffle_buffer, rng)
+        return itertools.islice(self._batches(self._decoded(samples, counter)), skip, skip + count)
+
+    def _repeat(self, slices: List[ShardSlice], counter: BadSampleCounter):
+        """The reader's slices, read again and again."""
+        while True:
+            n = 0
+            for sl in slices:
+                url = self.shards.urls[sl.index]
+                for i, sample in enumerate(_shard_samples(url, counter)):
+                    if i % sl.stride == sl.offset:
+                        n += 1
+                        yield sample
+            if n == 0:
+                names = [self.shards.urls[sl.index] for sl in slices]
+                raise ValueError(f"training reader got no samples from its shards {names}")
+
+    def _batches(self, decoded):
+        while True:
+            rows = list(itertools.islice(decoded, self.batch_size))
+            images, labels = zip(*rows)
+            yield _collate(list(images), list(labels), len(rows), self.image_shape)
+
+
+def shuffled(samples: Iterator, buffer_size: int, rng: random.Random) -> Iterator:
+    """Shuffle a stream through a buffer of `buffer_size` items (yield a random one, put the
+    next in its place; drain at the end). A size below 2 does not shuffle."""
+    if buffer_size < 2:
+        yield from samples
+        return
+    buf: List[Any] = []
+    for s in samples:
+        if len(buf) < buffer_size:
+            buf.append(s)
+            continue
+        i = rng.randrange(buffer_size)
+        buf[i], s = s, buf[i]
+        yield s
+    rng.shuffle(buf)
+    yield from buf
+
+
+class ValStream(_ShardStream):
+    """Validation batches: every sample once across ranks, `num_batches` on every rank
+    (padding rows/batches have valid=False)."""
+
+    def __init__(self, *args, plan: List[List[ValPart]], **kwargs):
+        super().__init__(*args, **kwargs)
+        self.parts = plan[self.rank]
+        per_rank = val_batches_per_rank(plan, self.batch_size)
+        self.num_batches = max(per_rank)
+        self.extra = self.num_batches - per_rank[self.rank]  # all-padding batches, from worker 0
+
+    def __iter__(self):
+        worker, _ = _worker()
+        part = self.parts[worker]
+        counter = self._counter(worker)
+        planned = math.ceil(part.num_samples / self.batch_size) + (self.extra if worker == 0 else 0)
+        stream = itertools.islice(self._read(part, counter), part.offset, None, part.stride)
+        emitted, images, labels = 0, [], []
+        for image, label in self._decoded(self._checked(stream, part), counter):
+            images.append(image)
+            labels.append(label)
+            if len(images) == self.batch_size:
+                yield _collate(images, labels, self.batch_size, self.image_shape)
+                emitted, images, labels = emitted + 1, [], []
+        if images:
+            yield _collate(images, labels, self.batch_size, self.image_shape)
+            emitted += 1
+        for _ in range(planned - emitted):
+            yield _collate([], [], self.batch_size, self.image_shape)
+
+    def _read(self, part: ValPart, counter: BadSampleCounter):
+        for i in part.shards:
+            yield from _shard_samples(self.shards.urls[i], counter)
+
+    def _checked(self, stream, part: ValPart):
+        for n, sample in enumerate(stream, 1):
+            if n > part.num_samples:
+                names = [self.shards.urls[i] for i in part.shards]
+                raise ValueError(
+                    f"validation shards {names} hold more samples than expected ({part.num_samples}): "
+                    f"the {MANIFEST} (or data.val_samples) does not match the shards"
+                )
+            yield sample
+
+
+# --------------------------------------------------------------------------- loaders
+
+
+class ShardLoader(DataLoader):
+    """DataLoader over a Train/ValStream: len() is the batches per rank per epoch.
+
+    `epoch` (set directly, or read from `epoch_source()` at each iteration, e.g. the
+    trainer's current epoch) selects the shuffle; when no source gives it, it advances
+    after each complete pass. `state_dict()` = {"epoch", "batches" consumed, ...}; after
+    `load_state_dict` the next iteration of that epoch starts at the next batch.
+    """
+
+    def __init__(
+        self,
+        stream: _ShardStream,
+        num_workers: int,
+        epoch_source: Optional[Callable[[], Optional[int]]] = None,
+    ):
+        super().__init__(
+            stream, batch_size=None, num_workers=num_workers, pin_memory=torch.cuda.is_available()
+        )
+        # Lightning warns that an IterableDataset's len() may be wrong; ours is exact by
+        # construction (every worker yields its planned share).
+        warnings.filterwarnings("ignore", message="Your `IterableDataset` has `__len__` defined")
+        self.stream, self.epoch_source = stream, epoch_source
+        self.epoch, self.batches_consumed = 0, 0
+        self._resume: Optional[Dict[str, int]] = None
+
+    def __len__(self) -> int:
+        return self.stream.num_batches
+
+    def __iter__(self):
+        source = self.epoch_source() if self.epoch_source is not None else None
+        epoch = self.epoch if source is None else int(source)
+        start = 0
+        if self._resume is not None and self._resume["epoch"] == epoch:
+            start = min(int(self._resume["batches"]), len(self))
+        self._resume = None
+        self.epoch, self.batches_consumed = epoch, start
+        if isinstance(self.stream, TrainStream):
+            self.stream.epoch, self.stream.start = epoch, start
+        for batch in super().__iter__():
+            self.batches_consumed += 1
+            yield batch
+        if source is None:  # not driven by a trainer: the next pass is the next epoch
+            self.epoch, self.batches_consumed = epoch + 1, 0
+
+    def _signature(self) -> Dict[str, int]:
+        s = self.stream
+        return {
+            "world_size": s.world_size,
+            "num_workers": s.num_workers,
+            "batch_size": s.batch_size,
+            "num_batches": s.num_batches,
+            "seed": getattr(s, "seed", 0),
+        }
+
+    def state_dict(self) -> Dict[str, int]:
+        return {"epoch": self.epoch, "batches": self.batches_consumed, **self._signature()}
+
+    def load_state_dict(self, state: Dict[str, int]) -> None:
+        changed = {
+            k: (state[k], v) for k, v in self._signature().items() if k in state and state[k] != v
+        }
+        if changed:
+            warnings.warn(
+                f"resuming the data stream with different settings {changed} (saved, now): "
+                "the remaining batches of the epoch are skipped by count, not replayed exactly",
+                stacklevel=2,
+            )
+        self._resume = {"epoch": int(state["epoch"]), "batches": int(state["batches"])}
+        self.epoch = int(state["epoch"])
+
+
+# --------------------------------------------------------------------------- transforms
+
+
+def resolve_transform_config(
+    data_config: Optional[Dict[str, Any]], overrides: Any = None
+) -> Dict[str, Any]:
+    """timm's data config (input_size (3,H,W), interpolation, mean, std, crop_pct, crop_mode)
+    with every key set in `overrides` (data.transform) replacing it; timm defaults without
+    a teacher."""
+    from timm.data import resolve_data_config
+
+    cfg = dict(data_config) if data_config else resolve_data_config(args={"input_size": None})
+    get = (lambda k: getattr(overrides, k, None)) if overrides is not None else (lambda k: None)
+    if get("input_size"):
+        cfg["input_size"] = (3, int(get("input_size")), int(get("input_size")))
+    for key in ("crop_pct", "interpolation"):
+        if get(key) is not None:
+            cfg[key] = get(key)
+    for key in ("mean", "std"):
+        if get(key) is not None:
+            cfg[key] = tuple(float(v) for v in get(key))
+    return cfg
+
+
+def build_transform(resolved: Dict[str, Any], training: bool = False) -> Callable:
+    """PIL RGB image -> normalized float (3, H, W); training=True uses timm's augmentation."""
+    from timm.data import create_transform
+
+    keys = ("input_size", "interpolation", "mean", "std") + (
+        () if training else ("crop_pct", "crop_mode")
+    )
+    return create_transform(**{k: resolved[k] for k in keys if k in resolved}, is_training=training)
+
+
+# --------------------------------------------------------------------------- module
+
+
+class ShardDataModule(L.LightningDataModule):
+    """Train/val loaders over webdataset shards (see the module docstring).
+
+    data_cfg: the `data` config section. data_config: timm's resolved data config of the
+    teacher (overridden key by key by data_cfg.transform).
+    """
+
+    def __init__(self, data_cfg: Any, data_config: Optional[Dict[str, Any]] = None):
+        super().__init__()
+        self.cfg = data_cfg
+        self.transform_config = resolve_transform_config(data_config, data_cfg.transform)
+        self._shards: Dict[str, ShardSet] = {}
+        self._counted: Dict[str, int] = {}
+        workers = max(1, int(data_cfg.num_workers))
+        self._stats = {
+            split: multiprocessing.RawArray("q", 2 * workers) for split in ("train", "val")
+        }
+
+    # -- shards and sizes
+
+    def shards(self, split: str) -> ShardSet:
+        """The split's shards, from data.{split}_urls or else data.shards_dir."""
+        if split not in self._shards:
+            spec = str(self.cfg.get(f"{split}_urls") or self.cfg.shards_dir or "")
+            if not spec:
+                raise ValueError(f"no {split} shards: set data.{split}_urls or data.shards_dir")
+            self._shards[split] = resolve_shards(spec, split, bool(self.cfg.allow_pipe))
+        return self._shards[split]
+
+    def _rank_world(self) -> Tuple[int, int]:
+        if self.trainer is not None:
+            return self.trainer.global_rank, self.trainer.world_size
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            return torch.distributed.get_rank(), torch.distributed.get_world_size()
+        return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+    def _total(self, split: str) -> int:
+        """Samples of the split: data.train_samples (the epoch length) if set, else the
+        manifest's count, else data.val_samples (validation), else counted by reading."""
+        shards = self.shards(split)
+        if split == "train" and self.cfg.train_samples:
+            return int(self.cfg.train_samples)
+        if shards.total is not None:
+            return shards.total
+        if split == "val" and self.cfg.val_samples:
+            return int(self.cfg.val_samples)
+        if split not in self._counted:
+            warnings.warn(
+                f"no {MANIFEST} lists the {split} shards: counting their samples by reading them "
+                f"(set data.{split}_samples to skip this)",
+                stacklevel=2,
+            )
+            self._counted[split] = count_samples(shards.urls)
+        return self._counted[split]
+
+    @property
+    def num_train_batches(self) -> int:
+        """Training batches per rank per epoch: samples // (world size x batch size), >= 1."""
+        return max(1, self._total("train") // (self._rank_world()[1] * int(self.cfg.batch_size)))
+
+    def _stream_kwargs(self, split: str, batch_size: int) -> Dict[str, Any]:
+        rank, world = self._rank_world()
+        return dict(
+            image_shape=tuple(self.transform_config["input_size"]),
+            batch_size=batch_size,
+            rank=rank,
+            world_size=world,
+            num_workers=int(self.cfg.num_workers),
+            require_labels=bool(self.cfg.require_labels),
+            max_bad_fraction=float(self.cfg.max_bad_fraction),
+            stats=self._stats[split],
+        )
+
+    # -- loaders
+
+    def train_dataloader(self) -> ShardLoader:
+        shards = self.shards("train")
+        kwargs = self._stream_kwargs("train", int(self.cfg.batch_size))
+        readers = kwargs["world_size"] * max(1, kwargs["num_workers"])
+        if len(shards.urls) < readers and kwargs["rank"] == 0:
+            warnings.warn(
+                f"{len(shards.urls)} training shards for {kwargs['world_size']} ranks x "
+                f"{max(1, kwargs['num_workers'])} workers = {readers} readers: readers share shards "
+                "and each reads the whole shard to keep its share of samples. It works, but for "
+                "large runs write more, smaller shards (raptor shards --shard-size).",
+                stacklevel=2,
+            )
+        train_aug = bool(self.cfg.transform.train_augment)
+        stream = TrainStream(
+            shards,
+            build_transform(self.transform_config, training=train_aug),
+            **kwargs,
+            num_batches=self.num_train_batches,
+            seed=int(self.cfg.seed),
+            shuffle_buffer=int(self.cfg.shuffle_buffer),
+        )
+        return ShardLoader(stream, int(self.cfg.num_workers), epoch_source=self._trainer_epoch)
+
+    def val_dataloader(self) -> ShardLoader:
+        shards = self.shards("val")
+        kwargs = self._stream_kwargs("val", int(self.cfg.val_batch_size or self.cfg.batch_size))
+        plan = plan_validation(
+            len(shards.urls),
+            shards.counts,
+            self._total("val"),
+            kwargs["world_size"],
+            max(1, kwargs["num_workers"]),
+        )
+        stream = ValStream(shards, build_transform(self.transform_config), **kwargs, plan=plan)
+        return ShardLoader(stream, int(self.cfg.num_workers))
+
+    def _trainer_epoch(self) -> Optional[int]:
+        return self.trainer.current_epoch if self.trainer is not None else None
+
+    def skip_stats(self) -> Dict[str, Dict[str, int]]:
+        """{"train"|"val": {"read": n, "skipped": k}}: samples read and skipped on this rank
+        since the module was made (all epochs and evaluations, all workers)."""
+        return {
+            split: {"read": int(sum(a[0::2])), "skipped": int(sum(a[1::2]))}
+            for split, a in self._stats.items()
+        }

@@ -1,0 +1,409 @@
+"""ShardDataModule: splitting, transforms, bad samples, resume, and a real 2-rank DDP run."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import tarfile
+import textwrap
+from collections import Counter
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from raptor.config import load_config
+from raptor.data import (
+    BadDataError,
+    BadSampleWarning,
+    ShardDataModule,
+    plan_validation,
+    split_shards,
+    val_batches_per_rank,
+    worker_batch_plan,
+)
+from raptor.shards import _split_indices, digits_pixels
+
+SMALL = ["data.transform.input_size=8", "data.transform.crop_pct=1.0", "data.shuffle_buffer=64"]
+
+
+def data_cfg(*overrides):
+    return load_config(None, SMALL + list(overrides)).data
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def read_tar(path: Path) -> list:
+    """Samples of a tar as dicts {"__key__": key, ext: bytes}, in order."""
+    samples = {}
+    with tarfile.open(path) as tar:
+        for m in tar.getmembers():
+            key, ext = m.name.split(".", 1)
+            samples.setdefault(key, {"__key__": key})[ext] = tar.extractfile(m).read()
+    return list(samples.values())
+
+
+def write_set(folder: Path, splits: dict, manifest: bool = True) -> Path:
+    """Write {split: [shard samples, ...]} as {split}-NNNNNN.tar (+ manifest.json)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    info = {}
+    for split, shards in splits.items():
+        entries = []
+        for j, samples in enumerate(shards):
+            name = f"{split}-{j:06d}.tar"
+            with tarfile.open(folder / name, "w") as tar:
+                for s in samples:
+                    for ext, data in s.items():
+                        if ext != "__key__":
+                            ti = tarfile.TarInfo(f"{s['__key__']}.{ext}")
+                            ti.size = len(data)
+                            tar.addfile(ti, io.BytesIO(data))
+            entries.append({"name": name, "num_samples": len(samples)})
+        info[split] = {"num_samples": sum(e["num_samples"] for e in entries), "shards": entries}
+    if manifest:
+        (folder / "manifest.json").write_text(json.dumps({"splits": info, "classes": []}))
+    return folder
+
+
+def encoded(arr: np.ndarray, fmt: str) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def labelled(start: int, n: int) -> list:
+    """n random 8x8 PNG samples whose labels start, start+1, ... identify them."""
+    rng = np.random.default_rng(start)
+    return [
+        {
+            "__key__": f"s{start + i:05d}",
+            "png": encoded(rng.integers(0, 256, (8, 8), dtype=np.uint8), "PNG"),
+            "cls": str(start + i).encode(),
+        }
+        for i in range(n)
+    ]
+
+
+def fingerprints(batches) -> list:
+    return [
+        (tuple(b["label"].tolist()), round(float(b["image"].double().sum()), 3)) for b in batches
+    ]
+
+
+# --------------------------------------------------------------------------- splitting
+
+
+@pytest.mark.parametrize("num_shards,num_parts", [(7, 3), (3, 3), (2, 5), (3, 8), (1, 4)])
+def test_split_shards_reads_every_sample_once(num_shards, num_parts):
+    sizes = [5 + 3 * i for i in range(num_shards)]
+    read = Counter()
+    for part in split_shards(num_shards, num_parts):
+        assert part, "every reader gets something to read"
+        for sl in part:
+            read.update((sl.index, i) for i in range(sizes[sl.index]) if i % sl.stride == sl.offset)
+    assert read == Counter((s, i) for s in range(num_shards) for i in range(sizes[s]))
+
+
+@pytest.mark.parametrize("workers", [1, 2, 3])
+def test_worker_batch_plan_continues_round_robin(workers):
+    total = 10
+    for start in range(total + 1):
+        queues = []
+        for w in range(workers):  # batch i of an uninterrupted epoch comes from role i % W
+            role, skip, count = worker_batch_plan(w, workers, start, total)
+            queues.append(list(range(role, total, workers))[skip : skip + count])
+        order = []
+        while any(queues):  # what a DataLoader yields: round-robin over live workers
+            order += [q.pop(0) for q in queues if q]
+        assert order == list(range(start, total))
+
+
+@pytest.mark.parametrize("counts", [[13, 2, 30, 5], [40], None])
+def test_plan_validation_covers_each_sample_once(counts):
+    total = 50 if counts is None else sum(counts)
+    plan = plan_validation(
+        4 if counts is None else len(counts), counts, total, num_ranks=3, num_workers=2
+    )
+    n = Counter()
+    for rank_parts in plan:
+        for p in rank_parts:
+            sizes = counts or [total]  # no manifest: one stream of `total` samples
+            stream = [(s, i) for s in (p.shards if counts else [0]) for i in range(sizes[s])]
+            kept = stream[p.offset :: p.stride]
+            assert len(kept) == p.num_samples
+            n.update(kept)
+    assert sum(n.values()) == total and set(n.values()) == {1}
+    assert len(val_batches_per_rank(plan, 4)) == 3
+
+
+# --------------------------------------------------------------------------- transforms, labels
+
+
+def test_val_stream_pixels_labels_and_overrides(digits_shards):
+    cfg = data_cfg(
+        f"data.shards_dir={digits_shards}",
+        "data.batch_size=64",
+        "data.num_workers=2",
+        "data.transform.mean=[0.5,0.25,0.0]",
+        "data.transform.std=[0.5,0.5,0.25]",
+    )
+    timm_cfg = {
+        "input_size": (3, 224, 224),
+        "interpolation": "bilinear",
+        "mean": (0.1, 0.1, 0.1),
+        "std": (0.2, 0.2, 0.2),
+        "crop_pct": 0.9,
+        "crop_mode": "center",
+    }
+    dm = ShardDataModule(cfg, timm_cfg)
+    assert (
+        dm.transform_config["input_size"] == (3, 8, 8)
+        and dm.transform_config["interpolation"] == "bilinear"
+    )
+    batches = list(dm.val_dataloader())
+    assert len(batches) == len(dm.val_dataloader()) == 6  # a worker per shard: 256 -> 4, 103 -> 2
+    valid = torch.cat([b["valid"] for b in batches])
+    images = torch.cat([b["image"] for b in batches])[valid]
+    labels = torch.cat([b["label"] for b in batches])[valid]
+    assert len(labels) == 359
+
+    images_u8, targets = digits_pixels()
+    _, val_idx = _split_indices(1797, 0.2, 0)
+    assert Counter(labels.tolist()) == Counter(targets[val_idx].tolist())
+    # every image is (pixel / 255 - mean) / std of exactly one val digit, in each channel
+    mean, std = torch.tensor([0.5, 0.25, 0.0]), torch.tensor([0.5, 0.5, 0.25])
+    raw = (images.double() * std.view(1, 3, 1, 1) + mean.view(1, 3, 1, 1)) * 255.0
+    assert torch.allclose(raw, raw.round(), atol=1e-3) and torch.allclose(
+        raw[:, 0], raw[:, 2], atol=1e-3
+    )
+    got = sorted(
+        raw[:, 1].round().to(torch.uint8).numpy().tobytes()[i * 64 : (i + 1) * 64]
+        for i in range(359)
+    )
+    want = sorted(images_u8[i].tobytes() for i in val_idx)
+    assert got == want
+
+
+def test_train_loader_resumes_at_the_next_batch(digits_shards):
+    cfg = data_cfg(
+        f"data.shards_dir={digits_shards}",
+        "data.batch_size=64",
+        "data.num_workers=2",
+        "data.transform.train_augment=true",
+    )
+    dm = ShardDataModule(cfg)
+    loader = dm.train_dataloader()
+    assert len(loader) == dm.num_train_batches == 1438 // 64
+    epoch0, epoch1 = fingerprints(loader), fingerprints(loader)  # no trainer: epoch advances
+    assert len(epoch0) == len(epoch1) == 22 and epoch0 != epoch1
+    for n in (0, 5, 21):
+        resumed = ShardDataModule(cfg).train_dataloader()
+        resumed.load_state_dict({**loader.state_dict(), "epoch": 0, "batches": n})
+        assert fingerprints(resumed) == epoch0[n:]
+
+
+def test_pipe_urls_need_opt_in(digits_shards):
+    url = f"pipe:cat {digits_shards}/val-{{000000..000001}}.tar"
+    with pytest.raises(ValueError, match="data.allow_pipe=true"):
+        ShardDataModule(data_cfg(f"data.val_urls={url}")).val_dataloader()
+    dm = ShardDataModule(
+        data_cfg(f"data.val_urls={url}", "data.allow_pipe=true", "data.num_workers=0")
+    )
+    with pytest.warns(UserWarning, match="counting their samples"):
+        batches = list(dm.val_dataloader())
+    assert sum(int(b["valid"].sum()) for b in batches) == 359
+
+
+# --------------------------------------------------------------------------- bad samples
+
+
+def corrupted_val(digits_shards: Path, folder: Path) -> int:
+    """Val shards of the digits with a truncated JPEG and a label-less sample injected."""
+    shards = [read_tar(digits_shards / f"val-00000{j}.tar") for j in range(2)]
+    jpg = encoded(np.asarray(Image.open(io.BytesIO(shards[0][0]["png"]))), "JPEG")
+    shards[0].insert(10, {"__key__": "truncated", "jpg": jpg[: len(jpg) // 2], "cls": b"3"})
+    shards[1].insert(50, {"__key__": "unlabelled", "png": shards[1][0]["png"]})
+    write_set(folder, {"val": shards})
+    return sum(len(s) for s in shards)
+
+
+class Recorder(L.LightningModule):
+    """Tiny classifier that records what its steps see."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(192, 10)
+        self.train_seen, self.val_labels, self.val_batches = [], [], 0
+
+    def training_step(self, batch, i):
+        self.train_seen += fingerprints([batch])
+        return torch.nn.functional.cross_entropy(
+            self.lin(batch["image"].flatten(1)), batch["label"].clamp(min=0) % 10
+        )
+
+    def validation_step(self, batch, i):
+        self.val_batches += 1
+        self.val_labels += batch["label"][batch["valid"]].tolist()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.01)
+
+
+def trainer(tmp_path, **kw):
+    kw = {
+        "max_epochs": 1,
+        "accelerator": "cpu",
+        "logger": False,
+        "enable_checkpointing": False,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+        "num_sanity_val_steps": 0,
+        "use_distributed_sampler": False,
+        "default_root_dir": str(tmp_path),
+        **kw,
+    }
+    return L.Trainer(**kw)
+
+
+def test_corrupt_samples_are_skipped_and_counted(digits_shards, tmp_path):
+    n_val = corrupted_val(digits_shards, tmp_path / "bad")
+    cfg = data_cfg(
+        f"data.train_urls={digits_shards}",
+        f"data.val_urls={tmp_path / 'bad'}",
+        "data.batch_size=64",
+        "data.num_workers=0",
+        "data.require_labels=true",
+        "data.train_samples=256",
+    )
+    dm, model = ShardDataModule(cfg), Recorder()
+    with pytest.warns(BadSampleWarning) as caught:
+        trainer(tmp_path).fit(model, dm)
+    messages = " ".join(str(w.message) for w in caught)
+    assert "truncated" in messages and "unlabelled" in messages and "missing label" in messages
+    assert dm.skip_stats()["val"] == {"read": n_val, "skipped": 2}
+    assert dm.skip_stats()["train"]["skipped"] == 0
+    assert len(model.val_labels) == n_val - 2 == 359 and len(model.train_seen) == 256 // 64
+
+
+def test_too_many_bad_samples_stop_naming_the_shard(digits_shards, tmp_path):
+    samples = read_tar(digits_shards / "val-000001.tar")[:60]
+    for s in samples[::3]:  # 20 of 60 truncated
+        s["png"] = s["png"][:20]
+    write_set(
+        tmp_path / "worse", {"val": [read_tar(digits_shards / "val-000001.tar")[60:], samples]}
+    )
+    cfg = data_cfg(
+        f"data.val_urls={tmp_path / 'worse'}", "data.num_workers=1", "data.max_bad_fraction=0.05"
+    )
+    with pytest.raises(BadDataError, match=r"stopped in shard \S*val-000001\.tar"):
+        list(ShardDataModule(cfg).val_dataloader())
+
+
+# --------------------------------------------------------------------------- resume in a Trainer
+
+
+def test_trainer_resume_mid_epoch_replays_the_same_batches(digits_shards, tmp_path):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    cfg = data_cfg(f"data.shards_dir={digits_shards}", "data.batch_size=128", "data.num_workers=2")
+    ckpts = ModelCheckpoint(
+        dirpath=tmp_path / "ckpt", every_n_train_steps=4, save_top_k=-1, filename="{step}"
+    )
+    full = Recorder()
+    trainer(
+        tmp_path, max_epochs=2, limit_val_batches=0, callbacks=[ckpts], enable_checkpointing=True
+    ).fit(full, ShardDataModule(cfg))
+    per_epoch = 1438 // 128
+    assert (
+        len(full.train_seen) == 2 * per_epoch
+        and full.train_seen[:per_epoch] != full.train_seen[per_epoch:]
+    )
+
+    saved = torch.load(tmp_path / "ckpt" / "step=12.ckpt", weights_only=True)["loops"]["fit_loop"]
+    assert [
+        {k: s[k] for k in ("epoch", "batches")} for s in saved["state_dict"]["combined_loader"]
+    ] == [{"epoch": 1, "batches": 1}]
+    for step in (4, 12):  # 11 batches per epoch: batch 4 of epoch 0, batch 1 of epoch 1
+        resumed = Recorder()
+        trainer(tmp_path, max_epochs=2, limit_val_batches=0).fit(
+            resumed, ShardDataModule(cfg), ckpt_path=str(tmp_path / "ckpt" / f"step={step}.ckpt")
+        )
+        assert resumed.train_seen == full.train_seen[step:]
+
+
+# --------------------------------------------------------------------------- 2-rank DDP
+
+
+DDP_SCRIPT = textwrap.dedent("""
+    import json, sys
+    from datetime import timedelta
+    import lightning as L, torch
+    from lightning.pytorch.strategies import DDPStrategy
+    sys.path.insert(0, sys.argv[2])
+    from test_data import Recorder, data_cfg
+    from raptor.data import ShardDataModule
+
+    root = sys.argv[1]
+    cfg = data_cfg(f"data.shards_dir={root}/set", "data.batch_size=4", "data.num_workers=2")
+    model, dm = Recorder(), ShardDataModule(cfg)
+    trainer = L.Trainer(accelerator="cpu", devices=2, max_epochs=2, logger=False, enable_checkpointing=False,
+                        strategy=DDPStrategy(process_group_backend="gloo", timeout=timedelta(seconds=60)),
+                        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                        use_distributed_sampler=False)
+    trainer.fit(model, dm)
+    fit = {"train": model.train_seen, "val": model.val_labels, "val_batches": model.val_batches,
+           "num_train_batches": dm.num_train_batches}
+    other = Recorder()  # validation without a manifest: every 4th sample per reader
+    cfg2 = data_cfg(f"data.val_urls={root}/plain/val-{{000000..000003}}.tar", "data.batch_size=4",
+                    "data.num_workers=2")
+    trainer.validate(other, ShardDataModule(cfg2), verbose=False)
+    fit.update(plain=other.val_labels, plain_batches=other.val_batches)
+    with open(f"{root}/rank{trainer.global_rank}.json", "w") as fh:
+        json.dump(fit, fh)
+""")
+
+
+def test_ddp_two_ranks_uneven_shards(tmp_path):
+    train = [labelled(0, 23), labelled(23, 7), labelled(30, 41)]  # 3 shards < 2 ranks x 2 workers
+    val = [labelled(1000, 13), labelled(1013, 2), labelled(1015, 30), labelled(1045, 5)]
+    write_set(tmp_path / "set", {"train": train, "val": val})
+    write_set(tmp_path / "plain", {"val": val}, manifest=False)
+    script = tmp_path / "ddp_run.py"
+    script.write_text(DDP_SCRIPT)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
+    proc = subprocess.Popen(
+        [sys.executable, str(script), str(tmp_path), str(Path(__file__).parent)],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+        text=True,
+    )
+    try:
+        out, _ = proc.communicate(timeout=240)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        pytest.fail(f"DDP run hung:\n{proc.communicate()[0][-3000:]}")
+    assert proc.returncode == 0, out[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+
+    per_rank = 71 // (2 * 4)
+    train_labels = set(range(71))
+    for r in ranks:
+        assert r["num_train_batches"] == per_rank and len(r["train"]) == 2 * per_rank  # two epochs
+        assert {label for labels, _ in r["train"] for label in labels} <= train_labels
+    # validation ran after each epoch: every val sample exactly once per evaluation
+    assert ranks[0]["val_batches"] == ranks[1]["val_batches"]
+    assert sorted(ranks[0]["val"] + ranks[1]["val"]) == sorted(list(range(1000, 1050)) * 2)
+    assert ranks[0]["plain_batches"] == ranks[1]["plain_batches"]
+    assert sorted(ranks[0]["plain"] + ranks[1]["plain"]) == list(range(1000, 1050))
+    assert "3 training shards for 2 ranks x 2 workers" in out
