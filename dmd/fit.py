@@ -75,3 +75,8 @@ def fit(
     info.update(train_mse=float(mse), train_rel_mse=float(mse / pm.cyy.trace()))
     stride = p if selection == "endpoint" else 1
     return LinearOperator(K=K, b=b, stride=stride, basis=basis, info=info)
+
+
+def endpoint_pairs(spans: Sequence[Sequence[int]]) -> list[tuple[int, int]]:
+    """The non-consecutive (i, i + p) pairs an endpoint fit of these spans needs."""
+    return sorted({(int(i), int(i) + int(p)) for i, p in spans if int(p) > 1})

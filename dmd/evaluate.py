@@ -1,0 +1,247 @@
+"""Evaluate fitted operators on held-out trajectories, streamed batch by batch.
+
+An *entry* is a named predictor made of one or more parts (span (i, p),
+operator); each part predicts from the true x_i the layers i+1..i+p (stride-1
+operators) or the single layer i+p (an endpoint map, stride p). The layers of
+an entry's parts must be distinct; they are its metric steps, in part order.
+
+Per entry, `TrajectoryMetrics` over its layers and, with `finish` given,
+downstream numbers per part: the predicted x_{i+p} run through the teacher's
+remaining blocks (`finish(a, from_layer) -> {"tokens": (B, T, D) final-normed,
+"logits": (B, C) or None}`) and compared with the teacher's own final tokens
+(same metrics, one step per part), and top-1 of its logits against the labels
+(rows with label >= 0) and against the teacher's own top-1 (`agree`).
+Every state is a torchmetrics state, so results are synced over DDP ranks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+from torch import Tensor, nn
+from torchmetrics import Metric
+
+from dmd.fit import fit
+from dmd.metrics import TrajectoryMetrics
+from dmd.moments import MomentAccumulator
+from dmd.operator import LinearOperator
+
+Finish = Callable[[Tensor, int], Mapping[str, Optional[Tensor]]]
+
+
+@dataclass
+class Entry:
+    """A named predictor: parts [((i, p), operator), ...]; meta is copied to reports."""
+
+    name: str
+    parts: list[tuple[tuple[int, int], LinearOperator]]
+    downstream: bool = True
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def part_layers(self, part: int) -> list[int]:
+        (i, p), op = self.parts[part]
+        return list(range(i + op.stride, i + p + 1, op.stride))
+
+    @property
+    def layers(self) -> list[int]:
+        layers = [layer for j in range(len(self.parts)) for layer in self.part_layers(j)]
+        if len(set(layers)) != len(layers):
+            raise ValueError(
+                f"DMD entry '{self.name}': its spans predict layer(s) more than once: {layers}"
+            )
+        return layers
+
+    def predict(self, traj: Tensor) -> Tensor:
+        """traj (B, L+1, T, D) -> predictions (B, len(layers), T, D), float32 or wider."""
+        out = []
+        for (i, p), op in self.parts:
+            steps = p // op.stride
+            out.append(op.predict(traj[:, i], steps).transpose(1, 2))  # (B, steps, T, D)
+        return torch.cat(out, dim=1)
+
+
+class TopOne(Metric):
+    """Top-1 counts per part: correct vs labels, agreement with the teacher's top-1."""
+
+    full_state_update = False
+
+    def __init__(self, parts: int, **kwargs) -> None:
+        super().__init__(**kwargs)
+        for name in ("correct", "agree"):
+            self.add_state(
+                name, default=torch.zeros(parts, dtype=torch.float64), dist_reduce_fx="sum"
+            )
+        for name in ("labelled", "total"):
+            self.add_state(name, default=torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
+
+    def update(self, pred: Tensor, teacher: Tensor, labels: Tensor) -> None:
+        """pred (B, parts) and teacher (B,) class indices; labels (B,) (-1: none)."""
+        has = labels >= 0
+        self.correct += (pred[has] == labels[has, None]).sum(0)
+        self.agree += (pred == teacher[:, None]).sum(0)
+        self.labelled += has.sum()
+        self.total += pred.shape[0]
+
+    def compute(self) -> dict[str, Tensor]:
+        nan = torch.full_like(self.correct, float("nan"))
+        acc = self.correct / self.labelled if self.labelled > 0 else nan
+        agree = self.agree / self.total if self.total > 0 else nan
+        return {"top1": acc, "agree": agree}
+
+
+class Evaluator(nn.Module):
+    """Streams `update(traj, valid, labels)` for every entry; `compute()` -> results.
+
+    Args:
+        entries: the predictors.
+        groups: token-group slices (for TrajectoryMetrics; "all" is added).
+        finish: the teacher's tail, for downstream metrics of entries with
+            downstream=True; None skips them.
+        top1: whether `finish` returns logits (the teacher has a head).
+    """
+
+    def __init__(
+        self,
+        entries: Sequence[Entry],
+        groups: Mapping[str, slice],
+        finish: Optional[Finish] = None,
+        top1: bool = False,
+    ):
+        super().__init__()
+        names = [e.name for e in entries]
+        if not entries or len(set(names)) != len(names):
+            raise ValueError(f"DMD evaluation needs entries with distinct names, got {names}")
+        self.entries = list(entries)
+        self.finish = finish
+        D = entries[0].parts[0][1].dim
+        self.fidelity = nn.ModuleDict(
+            {e.name: TrajectoryMetrics(len(e.layers), groups, dim=D) for e in entries}
+        )
+        self.final = nn.ModuleDict()
+        self.top1 = nn.ModuleDict()
+        if finish is not None:
+            for e in entries:
+                if e.downstream:
+                    self.final[e.name] = TrajectoryMetrics(len(e.parts), groups, dim=D)
+                    if top1:
+                        self.top1[e.name] = TopOne(len(e.parts))
+
+    @torch.no_grad()
+    def update(
+        self, traj: Tensor, valid: Optional[Tensor] = None, labels: Optional[Tensor] = None
+    ) -> None:
+        """traj (B, L+1, T, D); valid bool (B,); labels long (B,) or None."""
+        if valid is not None:
+            keep = valid.to(device=traj.device, dtype=torch.bool)
+            traj = traj[keep]
+            labels = None if labels is None else labels.to(traj.device)[keep]
+        if traj.shape[0] == 0:
+            return
+        for e in self.entries:
+            layers = torch.tensor(e.layers, device=traj.device)
+            self.fidelity[e.name].update(e.predict(traj), traj[:, layers])
+        if self.finish is None or not len(self.final):
+            return
+        L = traj.shape[1] - 1
+        ref = self.finish(traj[:, L], L)
+        ref_tokens, ref_logits = ref["tokens"].float(), ref.get("logits")
+        if len(self.top1) and ref_logits is None:
+            raise ValueError("DMD evaluation: top1=True but finish() returned no logits")
+        for e in self.entries:
+            if e.name not in self.final:
+                continue
+            tokens, classes = [], []
+            for (i, p), op in e.parts:
+                end = op.predict(traj[:, i], p // op.stride)[..., -1, :]
+                out = self.finish(end.float(), i + p)
+                tokens.append(out["tokens"].float())
+                if e.name in self.top1:
+                    classes.append(out["logits"].argmax(-1))
+            self.final[e.name].update(
+                torch.stack(tokens, 1), ref_tokens[:, None].expand(-1, len(tokens), -1, -1)
+            )
+            if classes:
+                lab = labels if labels is not None else torch.full_like(classes[0], -1)
+                self.top1[e.name].update(torch.stack(classes, 1), ref_logits.argmax(-1), lab)
+
+    def compute(self) -> dict[str, dict[str, Any]]:
+        """{entry: {"layers": [...], "fidelity": {metric/group: [per layer]},
+        "spans": [[i, p], ...], "final": {metric/group: [per part]} or None,
+        "top1": [per part] or None, "agree": [per part] or None, "meta": ...}}."""
+        out = {}
+        for e in self.entries:
+            res: dict[str, Any] = {
+                "layers": e.layers,
+                "spans": [list(span) for span, _ in e.parts],
+                "fidelity": _lists(self.fidelity[e.name].compute()),
+                "final": None,
+                "top1": None,
+                "agree": None,
+                "meta": dict(e.meta),
+            }
+            if e.name in self.final:
+                res["final"] = _lists(self.final[e.name].compute())
+            if e.name in self.top1:
+                top = self.top1[e.name].compute()
+                res["top1"], res["agree"] = (
+                    [float(v) for v in top["top1"]],
+                    [float(v) for v in top["agree"]],
+                )
+            out[e.name] = res
+        return out
+
+    def reset(self) -> None:
+        for m in (
+            list(self.fidelity.values()) + list(self.final.values()) + list(self.top1.values())
+        ):
+            m.reset()
+
+
+def _lists(values: Mapping[str, Tensor]) -> dict[str, list[float]]:
+    return {k: [float(x) for x in v] for k, v in values.items()}
+
+
+def fit_entries(
+    moments: MomentAccumulator,
+    spans: Sequence[Sequence[int]],
+    solvers: Sequence[str],
+    selections: Sequence[str],
+    rank: Optional[int] = None,
+    alpha: float = 1e-4,
+    center: bool = False,
+    joint: bool = True,
+) -> list[Entry]:
+    """Fit every (selection, solver) variant on every span (identity once, no solver).
+
+    joint=True: one entry per variant holding all spans as parts, named by the
+    variant ("span_rrr", "endpoint_ridge", "identity"), e.g. one span per phase;
+    joint=False: one entry per (variant, span), named f"{variant}@{i},{p}"."""
+    variants = []
+    for sel in selections:
+        if sel == "identity":
+            variants.append(("identity", sel, "none"))
+        else:
+            variants += [(f"{sel}_{solver}", sel, solver) for solver in solvers]
+    entries = []
+    for name, sel, solver in variants:
+        parts = [
+            (
+                (int(i), int(p)),
+                fit(moments, (i, p), sel, solver, rank=rank, alpha=alpha, center=center),
+            )
+            for i, p in spans
+        ]
+        meta = dict(
+            variant=name, selection=sel, solver=solver, rank=rank, alpha=alpha, center=center
+        )
+        if joint:
+            entries.append(Entry(name, parts, meta=meta))
+        else:
+            for span, op in parts:
+                entries.append(
+                    Entry(f"{name}@{span[0]},{span[1]}", [(span, op)], meta=dict(meta, **op.info))
+                )
+    return entries
