@@ -195,11 +195,15 @@ class TrainConfig:
 
 @dataclass
 class DmdSweepConfig:
-    ranks: List[int] = field(default_factory=list)
-    alphas: List[float] = field(default_factory=list)
-    budgets: List[int] = field(default_factory=list)  # calibration images
-    cut_starts: List[int] = field(default_factory=list)
-    prune_lengths: List[int] = field(default_factory=list)
+    """One fitting choice varied at a time around the base fit (the first span, selection
+    `span`, the first of `solvers` (rrr when listed), `rank`, `alpha`); empty lists skip."""
+
+    ranks: List[int] = field(default_factory=list)  # for each of pcr/rrr in solvers
+    alphas: List[float] = field(default_factory=list)  # for each solver
+    budgets: List[int] = field(default_factory=list)  # calibration images; error(B) = C / B^gamma
+    cut_starts: List[int] = field(default_factory=list)  # span (i, p_base), every selection
+    prune_lengths: List[int] = field(default_factory=list)  # span (i_base, p), every selection
+    token_groups: List[str] = field(default_factory=list)  # fit on one group's tokens: cls|reg|patch|all
 
 
 @dataclass
@@ -213,11 +217,14 @@ class DmdConfig:
     selections: List[str] = field(
         default_factory=lambda: ["span", "anchor", "endpoint", "identity"]
     )
-    rank: Optional[int] = None
-    alpha: float = 1e-4  # ridge, relative to the mean eigenvalue of C_xx
-    center: bool = False
+    rank: Optional[int] = None  # pcr/rrr rank; None = full (ridge ignores it)
+    alpha: float = 1e-4  # ridge, relative to the mean eigenvalue of C_xx (alpha * tr(C_xx) / d)
+    center: bool = False  # fit y ~ K x + b on centred moments
     spans: List[List[int]] = field(default_factory=list)  # [[i, p], ...]; default: the phases
     refit_every_n_steps: int = 0
+    downstream: bool = True  # span-end predictions through the teacher's remaining blocks (+ top-1)
+    log_groups: bool = False  # callback: also log per-token-group metrics (the CSV table has them)
+    compute_dtype: str = "float64"  # per-batch moment products: float64 | float32 (sums stay float64)
     sweep: DmdSweepConfig = field(default_factory=DmdSweepConfig)
 
 
