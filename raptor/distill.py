@@ -1,0 +1,617 @@
+"""`raptor fit CONFIG stage=1|2 [key=value ...]`: two-stage Raptor distillation.
+
+The teacher runs frozen, on the fly, on the same devices: every training batch
+gets one teacher trajectory (B, L+1, T, D), shared by all the blocks trained.
+
+Stage 1 (`train.stage=1`) trains each selected block (`train.blocks`, 1-based;
+default all k) on its own phase (first..last), from the teacher's true phase
+input a_{first-1}:
+    loss_j = r * TF_j + (1 - r) * AR_j,   r = max(0, 1 - step / anneal_steps)
+TF_j predicts every layer of the phase in one step from the teacher's previous
+layer (all layers in one block call); AR_j rolls the block out over the whole
+phase with gradients through the rollout, mean over steps (`raptor.losses`).
+The TF pass is skipped once r = 0. The total loss is the sum over trained blocks
+(their parameters are disjoint) and the gradient norm is clipped per block, so a
+block trains the same alone (`train.blocks=[j]`, one job per block) or with the
+others.
+Stage 2 (`train.stage=2`) joins the blocks, initialised from stage-1 run folders
+or checkpoints (`train.init_from`, comma-separated when blocks were trained in
+separate jobs), and trains the AR loss from a_0 over all L layers with a fresh
+optimizer and schedule.
+
+Per stage (`train.stage1` / `train.stage2`): AdamW on every trained parameter,
+linear warmup over `warmup_steps` then cosine to `min_lr` at `steps`; the peak
+lr is `lr`, or `lr * global_batch / lr_reference_batch` when `scale_lr` (linear
+scaling rule; global batch = data.batch_size x devices x nodes; min_lr is not
+scaled). Gaussian input noise `noise_sigma` on every block input, drawn from a
+generator seeded by (train.seed, stage, step, rank), so a resumed run draws the
+same noise.
+
+Logged metrics (CSV, W&B), layers l 1-based:
+- train/loss (mean over ranks), train/r, train/lr, train/img_s (global images per
+  second), per trained block j train/loss_B{j}, train/ar_B{j}, train/tf_B{j} (NaN once
+  the TF pass is skipped);
+- at validation, on the same batches for teacher and student, rows with
+  valid=False ignored (`dmd.metrics.TrajectoryMetrics`, metrics r2, r2_ref, cos,
+  rel_l2, norm_ratio): val/{metric}/L{l} over all tokens and
+  val/{metric}_{group}/L{l} for group cls, reg, patch; val/{metric}/mean over
+  layers; the identity baseline (a_l predicted as a_0) under val_identity/...;
+  val/loss/L{l} (the training loss function per layer) and val/loss;
+  val/top1_teacher and, when labels and a head exist, the teacher's head on the
+  student's last layer: val/top1_student (stage 2: a_L rolled out from a_0) or,
+  in stage 1, val/top1_student_B{j} (block j rolled out over its phase from the
+  teacher's input, then the teacher's remaining blocks). Stage 1 validates the
+  layers of the trained phases, each block from the teacher's phase input;
+  stage 2 (and `raptor.evaluate`) rolls the whole student out from a_0.
+The latest validation is also written to RUN/val_metrics.json.
+
+Runs: RUN = cfg.run_dir; checkpoints in RUN/checkpoints/last.ckpt every
+`train.ckpt_every_n_steps` and at the end (written atomically). `train.resume`:
+`auto` continues from RUN's last.ckpt (or a newer `hpc_ckpt_*.ckpt` left by
+Lightning's SLURM requeue) when there is one (optimizer, schedule,
+step, RNG, data stream position), `never` refuses a run folder that already has
+one, a path resumes from that checkpoint. A non-finite loss stops the run
+(`NonFiniteLossError`, naming the step) before the optimizer step, so the last
+checkpoint stays good.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import lightning as L
+import torch
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+from omegaconf import DictConfig
+from torchmetrics import Metric
+
+from dmd.metrics import TrajectoryMetrics
+from raptor import losses
+from raptor.config import ConfigError, to_container
+from raptor.runs import make_trainer, prepare_run_dir
+
+CKPT_DIR = "checkpoints"
+LAST_CKPT = "last.ckpt"
+VAL_FILE = "val_metrics.json"
+
+
+class NonFiniteLossError(RuntimeError):
+    """The training loss became NaN or infinite; the run stops before the optimizer step."""
+
+
+# --------------------------------------------------------------------------- pure helpers
+
+
+def lr_at(step: int, peak: float, min_lr: float, warmup: int, total: int) -> float:
+    """Linear warmup from peak/warmup to peak over `warmup` steps, then cosine to min_lr at `total`."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_lr + (peak - min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def peak_lr(stage_cfg: Any, global_batch: int) -> float:
+    """`lr`, scaled by global_batch / lr_reference_batch when `scale_lr` (linear rule)."""
+    if stage_cfg.scale_lr:
+        return float(stage_cfg.lr) * global_batch / int(stage_cfg.lr_reference_batch)
+    return float(stage_cfg.lr)
+
+
+def stage_config(cfg: DictConfig) -> Any:
+    """The `train.stage1` or `train.stage2` section of the config's stage."""
+    stage = int(cfg.train.stage)
+    if stage not in (1, 2):
+        raise ConfigError(f"train.stage must be 1 or 2, got {stage}")
+    return cfg.train[f"stage{stage}"]
+
+
+def anneal_steps(stage_cfg: Any) -> int:
+    """Teacher-forcing anneal length: `anneal_steps`, default a quarter of the run."""
+    if stage_cfg.anneal_steps is not None:
+        return int(stage_cfg.anneal_steps)
+    return int(stage_cfg.steps) // 4
+
+
+def selected_blocks(cfg: DictConfig, k: int) -> List[int]:
+    """0-based indices of the blocks to train: `train.blocks` (1-based, stage 1 only) or all."""
+    blocks = cfg.train.blocks
+    if blocks is None:
+        return list(range(k))
+    if int(cfg.train.stage) != 1:
+        raise ConfigError("train.blocks selects stage-1 blocks; stage 2 trains all of them (unset it)")
+    out = [int(j) for j in blocks]
+    if not out or any(not 1 <= j <= k for j in out) or len(set(out)) != len(out):
+        raise ConfigError(f"train.blocks must be distinct block numbers in 1..{k} (model.k), got {out}")
+    return sorted(j - 1 for j in out)
+
+
+def phase_boundaries(cfg: DictConfig, num_layers: int) -> List[int]:
+    """`phases.boundaries`, else the model.k partition in `phases.file`."""
+    if cfg.phases.boundaries is not None:
+        return [int(b) for b in cfg.phases.boundaries]
+    if cfg.phases.file:
+        from raptor.phases import load_boundaries
+
+        return list(load_boundaries(cfg.phases.file, int(cfg.model.k)))
+    raise ConfigError(
+        f"no phase partition for model.k={cfg.model.k} ({num_layers} teacher layers): set "
+        "phases.boundaries=[...] or phases.file=PATH (a phases.json written by `raptor phases`)"
+    )
+
+
+def checkpoint_file(path: str | Path) -> Path:
+    """A checkpoint path, or a run folder -> its checkpoints/last.ckpt."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        path = path / CKPT_DIR / LAST_CKPT
+    if not path.is_file():
+        raise ConfigError(f"checkpoint not found: {path} (expected a run folder or a .ckpt file)")
+    return path
+
+
+def read_checkpoint(path: str | Path) -> Dict[str, Any]:
+    """torch.load(weights_only=True) of a Raptor checkpoint, with a clear error."""
+    path = checkpoint_file(path)
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as exc:
+        raise ConfigError(
+            f"{path}: not a readable checkpoint ({type(exc).__name__}: {str(exc).splitlines()[0]})"
+        ) from None
+    hp = ckpt.get("hyper_parameters") if isinstance(ckpt, dict) else None
+    if not isinstance(hp, dict) or "arch" not in hp or "state_dict" not in ckpt:
+        raise ConfigError(f"{path}: not a `raptor fit` checkpoint (no Raptor arch/state_dict)")
+    return ckpt
+
+
+def load_blocks(raptor: Any, init_from: str) -> List[int]:
+    """Initialise `raptor`'s blocks from stage-1 checkpoints (comma-separated run folders
+    or .ckpt files); each contributes the blocks it trained. Returns the 1-based blocks
+    loaded; every block must come from exactly one source with the same architecture."""
+    want = {k: v for k, v in raptor.arch_config().items() if k != "depth_formula"}
+    owner: Dict[int, str] = {}
+    for source in [s.strip() for s in init_from.split(",") if s.strip()]:
+        ckpt = read_checkpoint(source)
+        hp = ckpt["hyper_parameters"]
+        have = {k: v for k, v in hp["arch"].items() if k != "depth_formula"}
+        diff = {k: (have.get(k), v) for k, v in want.items() if have.get(k) != v}
+        if diff:
+            raise ConfigError(
+                f"train.init_from {source}: its Raptor differs from this config's "
+                f"(key: (checkpoint, config)) {diff}"
+            )
+        state = ckpt["state_dict"]
+        for j in hp.get("blocks") or range(1, raptor.k + 1):
+            if j in owner:
+                raise ConfigError(f"train.init_from: block {j} is in both {owner[j]} and {source}")
+            prefix = f"raptor.blocks.{j - 1}."
+            raptor.blocks[j - 1].load_state_dict(
+                {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+            )
+            owner[j] = source
+    missing = sorted(set(range(1, raptor.k + 1)) - set(owner))
+    if missing:
+        raise ConfigError(f"train.init_from: no stage-1 weights for block(s) {missing}")
+    return sorted(owner)
+
+
+def resume_path(cfg: DictConfig, run_dir: Path) -> Optional[Path]:
+    """The checkpoint `train.resume` asks to continue from, checked to be of this stage."""
+    mode = str(cfg.train.resume)
+    last = run_dir / CKPT_DIR / LAST_CKPT
+    if mode == "auto":  # newest of last.ckpt and Lightning's SLURM requeue checkpoints
+        found = [p for p in [last, *run_dir.glob("hpc_ckpt_*.ckpt")] if p.is_file()]
+        path = max(found, key=lambda p: p.stat().st_mtime) if found else None
+    elif mode == "never":
+        if last.exists():
+            raise ConfigError(
+                f"train.resume=never but {last} exists: use resume=auto to continue that run, "
+                "or another run_dir"
+            )
+        path = None
+    else:
+        path = checkpoint_file(mode)
+    if path is not None:
+        stored = read_checkpoint(path)["hyper_parameters"].get("stage")
+        if stored != int(cfg.train.stage):
+            raise ConfigError(
+                f"{path} is a stage-{stored} checkpoint but train.stage={cfg.train.stage}: "
+                "give each stage its own run_dir (stage 2 reads stage 1 through train.init_from)"
+            )
+    return path
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Writes a checkpoint to a temporary file and renames it, so a job killed while
+    saving keeps its previous checkpoint intact."""
+
+    def save_checkpoint(self, checkpoint, path, storage_options=None) -> None:
+        path = str(path)
+        if "://" in path:  # remote storage: no atomic rename
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        tmp = f"{path}.tmp"
+        super().save_checkpoint(checkpoint, tmp, storage_options)
+        os.replace(tmp, path)
+
+
+class MeanVector(Metric):
+    """Mean over rows of (N, n) values, summed across updates and DDP ranks; NaN if no rows."""
+
+    full_state_update = False
+
+    def __init__(self, n: int, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.add_state("total", default=torch.zeros(n, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("count", default=torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
+
+    def update(self, values: torch.Tensor) -> None:
+        self.total += values.to(torch.float64).sum(0)
+        self.count += values.shape[0]
+
+    def compute(self) -> torch.Tensor:
+        return self.total / self.count if self.count > 0 else torch.full_like(self.total, math.nan)
+
+
+# --------------------------------------------------------------------------- module
+
+
+class Distiller(L.LightningModule):
+    """One stage of Raptor distillation (see the module docstring).
+
+    teacher: a `raptor.teacher.Teacher` (frozen; its weights are left out of
+    checkpoints); raptor: a `raptor.surrogate.Raptor`; blocks: 0-based blocks to
+    train (stage 1; the others are frozen and not validated). `rollout` picks the
+    validation: "phase" (each trained block from the teacher's phase input; stage 1
+    default) or "full" (the whole student from a_0; stage 2 default).
+    """
+
+    def __init__(
+        self,
+        cfg: DictConfig,
+        teacher: Any,
+        raptor: Any,
+        blocks: Optional[List[int]] = None,
+        rollout: Optional[str] = None,
+    ) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.stage = int(cfg.train.stage)
+        self.hp = stage_config(cfg)
+        self.teacher = teacher
+        self.raptor = raptor
+        self.trained = list(range(raptor.k)) if blocks is None else sorted(blocks)
+        for j, block in enumerate(raptor.blocks):
+            block.requires_grad_(j in self.trained)
+        self.rollout_mode = rollout or ("phase" if self.stage == 1 else "full")
+        self.anneal_steps = anneal_steps(self.hp)
+        weights = {"cls": self.hp.w_cls, "reg": self.hp.w_reg, "patch": self.hp.w_patch}
+        self.loss_fn = losses.make_loss(str(self.hp.loss), teacher.groups, weights)
+        self.save_hyperparameters(
+            {
+                "config": to_container(cfg),
+                "arch": raptor.arch_config(),
+                "stage": self.stage,
+                "blocks": [j + 1 for j in self.trained],
+            },
+            logger=False,
+        )
+        # validated layers: all of them (full rollout) or those of the trained phases
+        if self.rollout_mode == "full":
+            self.val_layers = list(range(1, raptor.num_layers + 1))
+        else:
+            self.val_layers = [
+                layer
+                for j in self.trained
+                for layer in range(raptor.phases[j][0], raptor.phases[j][1] + 1)
+            ]
+        S, D = len(self.val_layers), teacher.embed_dim
+        self.val_student = TrajectoryMetrics(S, teacher.groups, dim=D)
+        self.val_identity = TrajectoryMetrics(S, teacher.groups, dim=D)
+        self.val_loss = MeanVector(S)
+        self.top1_names = ["teacher"] + (
+            ["student"] if self.rollout_mode == "full" else [f"student_B{j + 1}" for j in self.trained]
+        )
+        self.val_top1 = MeanVector(len(self.top1_names))
+        self.last_val: Dict[str, float] = {}
+        self.results: Dict[str, Any] = {}
+        self.val_file: Optional[Path] = None  # where to write the latest validation (JSON)
+        self.last_val_step: Optional[int] = None
+        self._tick: Optional[float] = None
+
+    # ---------------------------------------------------------------- optimisation
+
+    def configure_optimizers(self):
+        global_batch = int(self.cfg.data.batch_size) * self.trainer.world_size
+        peak = peak_lr(self.hp, global_batch)
+        params = [p for p in self.raptor.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=peak, weight_decay=float(self.hp.weight_decay))
+        min_lr, warmup, total = float(self.hp.min_lr), int(self.hp.warmup_steps), int(self.hp.steps)
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda s: lr_at(s, peak, min_lr, warmup, total) / peak
+        )
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
+        """Stage 1 clips each trained block's gradient norm on its own; stage 2 all together."""
+        if not gradient_clip_val:
+            return
+        groups = [self.raptor.blocks[j].parameters() for j in self.trained] if self.stage == 1 else [
+            self.raptor.parameters()
+        ]
+        for params in groups:
+            torch.nn.utils.clip_grad_norm_([p for p in params if p.grad is not None], gradient_clip_val)
+
+    def _noise(self) -> Optional[torch.Generator]:
+        """A generator seeded by (seed, stage, step, rank): reproducible noise across resumes."""
+        if not self.hp.noise_sigma:
+            return None
+        seed = hash((int(self.cfg.train.seed), self.stage, self.global_step, self.global_rank))
+        return torch.Generator(device=self.device).manual_seed(seed % (2**63))
+
+    # ---------------------------------------------------------------- training
+
+    def training_step(self, batch: Dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        images = batch["image"]
+        B, sigma, gen = images.shape[0], float(self.hp.noise_sigma), self._noise()
+        logs: Dict[str, torch.Tensor | float] = {}
+        if self.stage == 1:
+            r = losses.tf_ratio(self.global_step, self.anneal_steps)
+            upto = max(self.raptor.phases[j][1] for j in self.trained)
+            traj = self.teacher.trajectory(images, upto=upto)
+            loss = images.new_zeros(())
+            for j in self.trained:
+                first, last = self.raptor.phases[j]
+                block, targets = self.raptor.blocks[j], traj[:, first : last + 1]
+                ar, _ = losses.autoregressive_loss(
+                    block, traj[:, first - 1], targets, first, self.loss_fn, sigma, gen
+                )
+                loss_j = (1.0 - r) * ar
+                tf = math.nan  # logged as NaN once skipped (Lightning would repeat the last value)
+                if r > 0:
+                    tf = losses.teacher_forcing_loss(
+                        block, traj[:, first - 1 : last], targets, first, self.loss_fn, sigma, gen
+                    )
+                    loss_j = loss_j + r * tf
+                    tf = tf.detach()
+                logs[f"train/tf_B{j + 1}"] = tf
+                logs[f"train/ar_B{j + 1}"] = ar.detach()
+                logs[f"train/loss_B{j + 1}"] = loss_j.detach()
+                loss = loss + loss_j
+            self.log("train/r", r, prog_bar=True, batch_size=B)
+        else:
+            traj = self.teacher.trajectory(images)
+            loss, _ = losses.autoregressive_loss(
+                self.raptor.step, traj[:, 0], traj[:, 1:], 1, self.loss_fn, sigma, gen
+            )
+        bad = not bool(torch.isfinite(loss.detach()))
+        if self.trainer.strategy.reduce_boolean_decision(bad, all=False):
+            last = Path(self.trainer.default_root_dir) / CKPT_DIR / LAST_CKPT
+            raise NonFiniteLossError(
+                f"non-finite training loss at step {self.global_step} (stage {self.stage}); "
+                f"stopped before the optimizer step. Last good checkpoint: {last}"
+            )
+        self.log("train/loss", loss.detach(), prog_bar=True, sync_dist=True, batch_size=B)
+        self.log("train/lr", self.lr_schedulers().get_last_lr()[0], batch_size=B)
+        self.log_dict(logs, batch_size=B)
+        return loss
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        now = time.perf_counter()
+        if self._tick is not None:
+            global_batch = batch["image"].shape[0] * self.trainer.world_size
+            self.log("train/img_s", global_batch / max(now - self._tick, 1e-9), prog_bar=True)
+        self._tick = now
+
+    def on_train_end(self) -> None:
+        """Checkpoint the final state (the periodic checkpoint may predate the last step)."""
+        self.trainer.save_checkpoint(
+            Path(self.trainer.default_root_dir) / CKPT_DIR / LAST_CKPT, weights_only=False
+        )
+
+    # ---------------------------------------------------------------- checkpoints
+
+    def on_save_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
+        """Drop the teacher's weights (rebuilt from the config); keep the RNG states."""
+        checkpoint["state_dict"] = {
+            k: v for k, v in checkpoint["state_dict"].items() if not k.startswith("teacher.")
+        }
+        checkpoint["rng"] = {"torch": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            checkpoint["rng"]["cuda"] = torch.cuda.get_rng_state_all()
+
+    def on_load_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
+        checkpoint["state_dict"].update(
+            {f"teacher.{k}": v for k, v in self.teacher.state_dict().items()}
+        )
+        rng = checkpoint.get("rng") or {}
+        if "torch" in rng:
+            torch.set_rng_state(rng["torch"])
+        if "cuda" in rng and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+
+    # ---------------------------------------------------------------- validation
+
+    def student_predictions(self, traj: torch.Tensor) -> tuple[torch.Tensor, List[torch.Tensor]]:
+        """Student states for `val_layers` (B, S, T, D), and the state each top-1 reads."""
+        if self.rollout_mode == "full":
+            preds = self.raptor(traj[:, 0])
+            return preds, [preds[:, -1]]
+        parts = [self.raptor.rollout(traj[:, f - 1], f - 1, e) for f, e in
+                 (self.raptor.phases[j] for j in self.trained)]
+        return torch.cat(parts, dim=1), [p[:, -1] for p in parts]
+
+    def validation_step(self, batch: Dict[str, torch.Tensor], batch_idx: int) -> None:
+        images, labels, valid = batch["image"], batch["label"], batch["valid"].bool()
+        traj = self.teacher.trajectory(images)
+        layers = torch.tensor(self.val_layers, device=traj.device)
+        targets = traj[:, layers]
+        preds, finals = self.student_predictions(traj)
+        preds = preds.float()
+        self.val_student.update(preds, targets, valid)
+        self.val_identity.update(traj[:, :1].expand_as(targets), targets, valid)
+        self.val_loss.update(self.loss_fn(preds, targets)[valid])
+        if self.teacher.num_classes:
+            keep = valid & (labels >= 0)
+            L_ = self.raptor.num_layers
+            ends = [L_] if self.rollout_mode == "full" else [self.raptor.phases[j][1] for j in self.trained]
+            hits = [self.teacher.logits_from_tokens(self.teacher.final_norm(traj[:, L_])).argmax(-1)]
+            for a, end in zip(finals, ends):
+                hits.append(self.teacher.finish(a.float(), end)["logits"].argmax(-1))
+            correct = torch.stack([h == labels for h in hits], dim=1)[keep]
+            self.val_top1.update(correct)
+
+    def on_validation_epoch_end(self) -> None:
+        flat, self.results = self.compute_validation()
+        self.log_dict(flat)
+        self.last_val = {k: float(v) for k, v in flat.items()}
+        self.last_val_step = int(self.global_step)
+        if self.val_file is not None and self.trainer.is_global_zero:
+            self.val_file.write_text(json.dumps({"step": self.last_val_step, **self.results}, indent=1))
+
+    def compute_validation(self) -> tuple[Dict[str, float], Dict[str, Any]]:
+        """(flat logged metrics, structured results) of the validation so far; resets the metrics."""
+        student, identity = self.val_student.compute(), self.val_identity.compute()
+        loss, top1 = self.val_loss.compute(), self.val_top1.compute()
+        flat: Dict[str, float] = {}
+        results: Dict[str, Any] = {"layers": self.val_layers, "student": {}, "identity": {}}
+        for prefix, values, key in (("val", student, "student"), ("val_identity", identity, "identity")):
+            for name, v in values.items():
+                metric, group = name.split("/")
+                results[key].setdefault(metric, {})[group] = [float(x) for x in v]
+                tag = metric if group == "all" else f"{metric}_{group}"
+                for i, layer in enumerate(self.val_layers):
+                    flat[f"{prefix}/{tag}/L{layer}"] = float(v[i])
+                if group == "all":
+                    flat[f"{prefix}/{metric}/mean"] = float(v.mean())
+        results["loss"] = [float(x) for x in loss]
+        for i, layer in enumerate(self.val_layers):
+            flat[f"val/loss/L{layer}"] = float(loss[i])
+        flat["val/loss"] = float(loss.mean())
+        results["images"] = int(self.val_loss.count)
+        results["top1"] = None
+        if self.teacher.num_classes and int(self.val_top1.count) > 0:
+            results["top1"] = {n: float(v) for n, v in zip(self.top1_names, top1)}
+            flat.update({f"val/top1_{n}": float(v) for n, v in zip(self.top1_names, top1)})
+        for m in (self.val_student, self.val_identity, self.val_loss, self.val_top1):
+            m.reset()
+        return flat, results
+
+
+# --------------------------------------------------------------------------- runs
+
+
+def build(cfg: DictConfig, resuming: bool = False):
+    """Teacher, Raptor (stage 2: initialised from `train.init_from` unless resuming) and
+    the trained blocks for this config."""
+    from raptor.surrogate import Raptor
+    from raptor.teacher import Teacher
+
+    teacher = Teacher.from_config(cfg.teacher)
+    raptor = Raptor.from_config(cfg.model, teacher, phase_boundaries(cfg, teacher.num_layers))
+    blocks = selected_blocks(cfg, raptor.k)
+    if int(cfg.train.stage) == 2 and not resuming:
+        if cfg.train.init_from:
+            load_blocks(raptor, str(cfg.train.init_from))
+        else:
+            warnings.warn("stage 2 without train.init_from: the blocks start from random init", stacklevel=2)
+    return teacher, raptor, blocks
+
+
+def _callbacks(cfg: DictConfig, run_dir: Path) -> List[Any]:
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    callbacks: List[Any] = [
+        ModelCheckpoint(
+            dirpath=str(run_dir / CKPT_DIR),
+            save_top_k=0,
+            save_last=True,
+            every_n_train_steps=int(cfg.train.ckpt_every_n_steps),
+        )
+    ]
+    if int(cfg.train.stage) == 2 and cfg.dmd.enabled:
+        from dmd.callback import DMDCallback
+
+        callbacks.append(DMDCallback.from_config(cfg.dmd))
+    return callbacks
+
+
+def fit(cfg: DictConfig, run_dir: Optional[str | Path] = None, datamodule: Any = None) -> Dict[str, Any]:
+    """Train one stage (cfg.train.stage) in `run_dir` (default cfg.run_dir).
+
+    `datamodule` defaults to `raptor.data.ShardDataModule(cfg.data, teacher.data_config)`.
+    Returns {"run_dir", "checkpoint" (last.ckpt), "stage", "step", "metrics" (the last
+    validation's logged values)}.
+    """
+    hp = stage_config(cfg)
+    run_dir = prepare_run_dir(cfg, run_dir)
+    ckpt_path = resume_path(cfg, run_dir)
+    L.seed_everything(int(cfg.train.seed), verbose=False)
+    teacher, raptor, blocks = build(cfg, resuming=ckpt_path is not None)
+    if datamodule is None:
+        from raptor.data import ShardDataModule
+
+        datamodule = ShardDataModule(cfg.data, teacher.data_config)
+    module = Distiller(cfg, teacher, raptor, blocks)
+    module.val_file = run_dir / VAL_FILE
+    steps = int(hp.steps)
+    trainer = make_trainer(
+        cfg,
+        run_dir,
+        max_steps=steps,
+        callbacks=_callbacks(cfg, run_dir),
+        gradient_clip_val=float(hp.grad_clip) or None,
+        val_check_interval=max(1, min(int(cfg.train.val_every_n_steps), steps)),
+        check_val_every_n_epoch=None,
+        limit_val_batches=cfg.train.val_batches if cfg.train.val_batches is not None else 1.0,
+        num_sanity_val_steps=0,
+        plugins=[AtomicCheckpointIO()],
+    )
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+        if module.last_val_step != trainer.global_step:
+            trainer.validate(module, datamodule=datamodule, verbose=False)
+    return {
+        "run_dir": str(run_dir),
+        "checkpoint": str(run_dir / CKPT_DIR / LAST_CKPT),
+        "stage": int(cfg.train.stage),
+        "step": int(trainer.global_step),
+        "metrics": dict(module.last_val),
+    }
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from raptor.cli import add_config_arguments
+
+    add_config_arguments(parser)
+
+
+def main(args: argparse.Namespace) -> int:
+    from raptor.cli import config_from_args
+
+    cfg = config_from_args(args)
+    try:
+        out = fit(cfg)
+    except NonFiniteLossError as exc:
+        print(f"raptor fit: {exc}", file=sys.stderr)
+        return 1
+    if int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", 0))) == 0:
+        m = out["metrics"]
+        last = max((int(k.rsplit("L", 1)[1]) for k in m if k.startswith("val/r2/L")), default=None)
+        r2 = f", val R^2 at layer {last}: {m[f'val/r2/L{last}']:.4f}" if last else ""
+        print(f"stage {out['stage']} done at step {out['step']}{r2}; checkpoint {out['checkpoint']}")
+    return 0
+
+
+__all__ = ["Distiller", "NonFiniteLossError", "fit"]

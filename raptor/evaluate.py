@@ -1,0 +1,152 @@
+"""Evaluation of a trained Raptor: one full validation pass against its teacher.
+
+`evaluate(cfg, checkpoint, run_dir)` rolls the whole student out from a_0 over
+all L layers on every validation batch (`cfg.data`), next to the teacher on the
+same batches, and writes into `run_dir`:
+- `eval.json`: {"checkpoint", "stage", "num_layers", "boundaries", "images",
+  "layers": [1..L], "student" and "identity": {metric: {group: [value per layer]}}
+  (metrics r2, r2_ref, cos, rel_l2, norm_ratio of `dmd.metrics`; groups all, cls,
+  reg, patch; identity = a_l predicted as a_0), "loss": [per layer],
+  "top1": {"teacher", "student", "ratio"} or null (no head or no labels)};
+- `fidelity.png`: R^2, cosine and relative l2 per layer, student per token group
+  and the identity baseline, phase boundaries marked (also sent to W&B);
+- the same values in `metrics.csv` / W&B under the names `raptor.distill` logs.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+from lightning.pytorch.utilities import rank_zero_only
+from omegaconf import DictConfig
+
+from raptor.config import ConfigError
+from raptor.distill import Distiller, checkpoint_file, read_checkpoint
+from raptor.runs import log_figure, make_loggers, make_trainer, prepare_run_dir
+
+EVAL_FILE = "eval.json"
+
+
+def run_validation(
+    cfg: DictConfig,
+    teacher: Any,
+    raptor: Any,
+    run_dir: Path,
+    rollout: str = "full",
+    loggers: Optional[List[Any]] = None,
+    datamodule: Any = None,
+    limit_batches: Optional[int] = None,
+) -> Dict[str, Any]:
+    """One validation pass of `raptor` against `teacher` over cfg.data's validation set
+    (its first `limit_batches` batches per rank when given); returns the structured
+    results of `Distiller.compute_validation` (the same on every rank) and "metrics",
+    the flat logged values."""
+    if datamodule is None:
+        from raptor.data import ShardDataModule
+
+        datamodule = ShardDataModule(cfg.data, teacher.data_config)
+    module = Distiller(cfg, teacher, raptor, rollout=rollout)
+    trainer = make_trainer(
+        cfg,
+        run_dir,
+        loggers=loggers if loggers is not None else [],
+        limit_val_batches=limit_batches if limit_batches is not None else 1.0,
+    )
+    trainer.validate(module, datamodule=datamodule, verbose=False)
+    return {**module.results, "metrics": module.last_val}
+
+
+def load_student(checkpoint: str | Path) -> tuple[Any, Dict[str, Any]]:
+    """The Raptor stored in a `raptor fit` checkpoint (or run folder) and its hyperparameters.
+    Every block must have been trained (stage 2, or stage 1 with all blocks)."""
+    from raptor.surrogate import Raptor
+
+    ckpt = read_checkpoint(checkpoint)
+    hp = ckpt["hyper_parameters"]
+    raptor = Raptor.from_arch(hp["arch"])
+    blocks = hp.get("blocks") or list(range(1, raptor.k + 1))
+    if sorted(blocks) != list(range(1, raptor.k + 1)):
+        raise ConfigError(
+            f"{checkpoint}: trained only block(s) {blocks} of {raptor.k}; evaluation needs a whole "
+            "student (a stage-2 checkpoint, or stage 1 with every block)"
+        )
+    prefix = "raptor."
+    raptor.load_state_dict(
+        {k[len(prefix):]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
+    )
+    return raptor, hp
+
+
+def evaluate(cfg: DictConfig, checkpoint: str | Path, run_dir: Optional[str | Path] = None) -> Dict[str, Any]:
+    """Evaluate the student in `checkpoint` (a .ckpt or a run folder) on cfg's validation
+    data; writes eval.json and fidelity.png into run_dir (default cfg.run_dir) and
+    returns the eval.json content."""
+    from raptor.teacher import Teacher
+
+    run_dir = prepare_run_dir(cfg, run_dir)
+    path = checkpoint_file(checkpoint)
+    raptor, hp = load_student(path)
+    teacher = Teacher.from_config(cfg.teacher)
+    if teacher.num_layers != raptor.num_layers or teacher.embed_dim != raptor.dim:
+        raise ConfigError(
+            f"{path}: the student has {raptor.num_layers} layers of width {raptor.dim}, the "
+            f"configured teacher {teacher.num_layers} of width {teacher.embed_dim}"
+        )
+    loggers = make_loggers(cfg, run_dir)
+    res = run_validation(cfg, teacher, raptor, run_dir, loggers=loggers)
+    top1 = res["top1"]
+    if top1:
+        top1 = {"teacher": top1["teacher"], "student": top1["student"]}
+        top1["ratio"] = top1["student"] / top1["teacher"] if top1["teacher"] else None
+    out = {
+        "checkpoint": str(path),
+        "stage": hp.get("stage"),
+        "num_layers": raptor.num_layers,
+        "boundaries": list(raptor.boundaries),
+        "images": res["images"],
+        "layers": res["layers"],
+        "student": res["student"],
+        "identity": res["identity"],
+        "loss": res["loss"],
+        "top1": top1,
+    }
+    if rank_zero_only.rank == 0:
+        (run_dir / EVAL_FILE).write_text(json.dumps(out, indent=1))
+        log_figure(fidelity_figure(out), run_dir, "fidelity", loggers)
+    for logger in loggers:
+        logger.finalize("success")
+    return out
+
+
+def fidelity_figure(result: Dict[str, Any]):
+    """Per-layer R^2, cosine and relative l2 of the student (per token group) and of the
+    identity baseline, with the phase boundaries as dotted lines."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    layers = result["layers"]
+    panels = [("r2", "R$^2$"), ("cos", "cosine"), ("rel_l2", "relative $\\ell_2$")]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4), squeeze=False)
+    for ax, (metric, title) in zip(axes[0], panels):
+        for group, values in result["student"][metric].items():
+            ax.plot(layers, values, marker="o", ms=3, lw=2 if group == "all" else 1,
+                    label=f"student {group}")
+        ax.plot(layers, result["identity"][metric]["all"], ls="--", color="gray",
+                label="identity ($a_0$)")
+        for b in result.get("boundaries", []):
+            ax.axvline(b + 0.5, ls=":", color="k", lw=0.8)
+        if metric == "r2":  # tiny-variance groups (cls at early layers) can go far below 0
+            ax.set_ylim(max(-1.0, ax.get_ylim()[0]), 1.02)
+        ax.set_title(title)
+        ax.set_xlabel("layer")
+        ax.set_xticks(layers)
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+__all__ = ["evaluate", "run_validation", "load_student", "fidelity_figure"]

@@ -1,0 +1,254 @@
+"""Raptor distillation in one process: stage 1 then stage 2 on a tiny teacher and the
+digits shards, evaluation against independent computations, checkpoints, errors.
+
+The teacher is a random-weight timm ViT (depth 4, width 32, 2 registers, 10 classes)
+whose residual branches are scaled up so that its depth trajectory moves far from a_0
+(the identity map a_L ~ a_0 has R^2 < 0 at the last layer).
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import shutil
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+
+from raptor import distill
+from raptor.config import ConfigError, from_container, load_config
+
+STAGE1_STEPS, STAGE2_STEPS = 40, 40
+
+
+def write_teacher(path: Path) -> Path:
+    """A tiny random ViT teacher saved as a `raptor teacher` safetensors file."""
+    import timm
+
+    from raptor.teacher import Teacher
+
+    torch.manual_seed(0)
+    vit = timm.create_model(
+        "vit_tiny_patch16_224", img_size=16, patch_size=4, embed_dim=32, depth=4,
+        num_heads=2, reg_tokens=2, num_classes=10,
+    )
+    with torch.no_grad():  # larger branches: each block moves the tokens visibly
+        for blk in vit.blocks:
+            blk.attn.qkv.weight.mul_(10**0.5)
+            blk.attn.proj.weight.mul_(10.0)
+            blk.mlp.fc2.weight.mul_(10.0)
+    return Teacher(vit).save(path)
+
+
+def overrides(teacher: Path, shards: Path, **extra) -> list[str]:
+    """Config overrides for a tiny CPU run (k=2, phases 1-2 and 3-4)."""
+    base = {
+        "teacher.weights": str(teacher),
+        "model.k": 2,
+        "phases.boundaries": "[2]",
+        "data.shards_dir": str(shards),
+        "data.num_workers": 0,
+        "data.batch_size": 16,
+        "data.shuffle_buffer": 64,
+        "train.val_batches": 4,
+        "train.val_every_n_steps": 20,
+        "train.ckpt_every_n_steps": 10,
+        "train.stage1.steps": STAGE1_STEPS,
+        "train.stage1.warmup_steps": 2,
+        "train.stage1.lr": 3e-3,
+        "train.stage2.steps": STAGE2_STEPS,
+        "train.stage2.warmup_steps": 2,
+        "train.stage2.lr": 3e-3,
+        "dmd.enabled": False,
+        "logging.progress_bar": False,
+        "logging.log_every_n_steps": 1,
+        "trainer.accelerator": "cpu",
+        "trainer.devices": 1,
+    }
+    base.update(extra)
+    return [f"{k}={v}" for k, v in base.items()]
+
+
+def config(teacher: Path, shards: Path, **extra):
+    return load_config(None, overrides(teacher, shards, **extra))
+
+
+def read_csv(path: Path) -> list[dict]:
+    with open(path, newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory, digits_shards):
+    root = tmp_path_factory.mktemp("distill")
+    return {"root": root, "teacher": write_teacher(root / "teacher.safetensors"), "shards": digits_shards}
+
+
+@pytest.fixture(scope="module")
+def stage1(setup):
+    cfg = config(setup["teacher"], setup["shards"], **{"train.stage": 1})
+    return cfg, distill.fit(cfg, setup["root"] / "stage1")
+
+
+@pytest.fixture(scope="module")
+def stage2(setup, stage1):
+    cfg = config(
+        setup["teacher"], setup["shards"], **{"train.stage": 2, "train.init_from": stage1[1]["run_dir"]}
+    )
+    return cfg, distill.fit(cfg, setup["root"] / "stage2")
+
+
+def _per_layer(metrics: dict, name: str, layers) -> list[float]:
+    return [metrics[f"{name}/L{layer}"] for layer in layers]
+
+
+def test_stage1_then_stage2_lower_the_loss_and_beat_identity(setup, stage1, stage2):
+    from raptor.evaluate import evaluate, run_validation
+
+    cfg1, out1 = stage1
+    cfg2, out2 = stage2
+    assert out1["step"] == STAGE1_STEPS and out2["step"] == STAGE2_STEPS
+    # the untrained student (the same init as stage 1), on the same validation batches
+    L.seed_everything(0, verbose=False)
+    teacher, fresh, _ = distill.build(cfg1)
+    before = run_validation(cfg1, teacher, fresh, setup["root"] / "base", rollout="phase",
+                            limit_batches=cfg1.train.val_batches)
+    after = _per_layer(out1["metrics"], "val/loss", range(1, 5))
+    assert all(a < 0.7 * b for a, b in zip(after, before["loss"])), (before["loss"], after)
+    # stage 2 against the stage-1 student, both rolled out from a_0 over all layers
+    ev1 = evaluate(cfg2, out1["run_dir"], setup["root"] / "eval1")
+    ev2 = evaluate(cfg2, out2["checkpoint"], setup["root"] / "eval2")
+    assert ev2["loss"][-1] < ev1["loss"][-1] and sum(ev2["loss"]) < sum(ev1["loss"])
+    assert ev2["images"] == 359  # every validation sample once
+    r2, ident = ev2["student"]["r2"]["all"], ev2["identity"]["r2"]["all"]
+    assert r2[-1] > 0.8 and r2[-1] > ident[-1] + 0.5, (r2, ident)
+    # the metrics logged during training use the same names and per-group values
+    m = out2["metrics"]
+    assert m["val/r2/L4"] > m["val_identity/r2/L4"]
+    for key in ("val/r2_cls/L4", "val/r2_reg/L4", "val/r2_patch/L4", "val/r2_ref/L4",
+                "val/cos/L4", "val/rel_l2/L4", "val/top1_teacher", "val/top1_student"):
+        assert key in m and math.isfinite(m[key]), key
+    assert (Path(out2["run_dir"]) / "val_metrics.json").is_file()
+    assert (setup["root"] / "eval2" / "eval.json").is_file()
+    assert (setup["root"] / "eval2" / "fidelity.png").stat().st_size > 1000
+
+
+def test_evaluation_matches_direct_computation(setup, stage2):
+    """eval.json's R^2, top-1 and identity numbers against a plain loop over the val set."""
+    from raptor.data import ShardDataModule
+    from raptor.evaluate import load_student
+    from raptor.teacher import Teacher
+
+    cfg2, out2 = stage2
+    ev = __import__("json").loads((setup["root"] / "eval2" / "eval.json").read_text())
+    teacher = Teacher.from_config(cfg2.teacher)
+    raptor, _ = load_student(out2["checkpoint"])
+    dm = ShardDataModule(cfg2.data, teacher.data_config)
+    preds, targets, hits_t, hits_s, n = [], [], 0, 0, 0
+    with torch.no_grad():
+        for batch in dm.val_dataloader():
+            keep = batch["valid"]
+            traj = teacher.trajectory(batch["image"][keep])
+            student = raptor(traj[:, 0])
+            preds.append(student[:, -1].double())
+            targets.append(traj[:, -1].double())
+            labels = batch["label"][keep]
+            hits_t += int((teacher.vit(batch["image"][keep]).argmax(-1) == labels).sum())
+            hits_s += int((teacher.finish(student[:, -1], 4)["logits"].argmax(-1) == labels).sum())
+            n += len(labels)
+    p, y = torch.cat(preds).flatten(0, 1), torch.cat(targets).flatten(0, 1)  # (rows, D)
+    r2 = 1 - ((p - y) ** 2).sum() / ((y - y.mean(0)) ** 2).sum()
+    assert n == 359
+    assert ev["student"]["r2"]["all"][-1] == pytest.approx(r2.item(), abs=1e-5)
+    assert ev["top1"]["teacher"] == pytest.approx(hits_t / n)
+    assert ev["top1"]["student"] == pytest.approx(hits_s / n)
+
+
+def test_schedule_logging_and_checkpoint_contents(stage1):
+    cfg, out = stage1
+    rows = read_csv(Path(out["run_dir"]) / "metrics.csv")
+    anneal = STAGE1_STEPS // 4
+    seen = 0
+    for row in rows:
+        if row.get("train/r"):
+            step = int(row["step"])
+            assert float(row["train/r"]) == pytest.approx(max(0.0, 1 - step / anneal), abs=1e-6)
+            assert math.isfinite(float(row["train/tf_B1"])) == (step < anneal)  # skipped at r = 0
+            assert float(row["train/lr"]) == pytest.approx(
+                distill.lr_at(step, 3e-3, 1e-6, 2, STAGE1_STEPS), rel=1e-5
+            )
+            seen += 1
+    assert seen == STAGE1_STEPS
+    assert any(row.get("val/r2/L4") for row in rows) and any(row.get("train/img_s") for row in rows)
+    # plain containers: loads with weights_only=True; no teacher weights; config round-trips
+    ckpt = torch.load(out["checkpoint"], map_location="cpu", weights_only=True)
+    assert ckpt["global_step"] == STAGE1_STEPS
+    hp = ckpt["hyper_parameters"]
+    assert type(hp) is dict and hp["stage"] == 1 and hp["blocks"] == [1, 2]
+    assert from_container(hp["config"]).train.stage1.steps == STAGE1_STEPS
+    assert not any(k.startswith("teacher.") for k in ckpt["state_dict"])
+    assert {k.split(".")[2] for k in ckpt["state_dict"]} == {"0", "1"}
+
+
+def test_block_subset_and_joining(setup, stage1, tmp_path):
+    cfg = config(setup["teacher"], setup["shards"], **{"train.blocks": "[2]", "train.stage1.steps": 6,
+                                                       "train.val_every_n_steps": 6})
+    out = distill.fit(cfg, tmp_path / "b2")
+    L.seed_everything(0, verbose=False)
+    _, init, _ = distill.build(cfg)
+    ckpt = torch.load(out["checkpoint"], weights_only=True)
+    state = {k[len("raptor."):]: v for k, v in ckpt["state_dict"].items()}
+    b1 = [torch.equal(v, state[f"blocks.0.{k}"]) for k, v in init.blocks[0].state_dict().items()]
+    b2 = [torch.equal(v, state[f"blocks.1.{k}"]) for k, v in init.blocks[1].state_dict().items()]
+    assert all(b1) and not all(b2)  # block 1 frozen, block 2 trained
+    assert ckpt["hyper_parameters"]["blocks"] == [2]
+    assert "val/r2/L3" in out["metrics"] and "val/r2/L1" not in out["metrics"]
+    assert "val/top1_student_B2" in out["metrics"]
+    # stage 2 joins blocks from the runs that trained them, each block from exactly one
+    _, raptor, _ = distill.build(cfg)
+    with pytest.raises(ConfigError, match=r"no stage-1 weights for block\(s\) \[1\]"):
+        distill.load_blocks(raptor, out["run_dir"])
+    with pytest.raises(ConfigError, match="block 2 is in both"):
+        distill.load_blocks(raptor, f"{stage1[1]['run_dir']},{out['run_dir']}")
+    assert distill.load_blocks(raptor, stage1[1]["run_dir"]) == [1, 2]
+    full = torch.load(stage1[1]["checkpoint"], weights_only=True)["state_dict"]
+    assert all(torch.equal(v, full[f"raptor.{k}"]) for k, v in raptor.state_dict().items())
+
+
+def test_non_finite_loss_stops_and_keeps_last_checkpoint(setup, stage1, tmp_path, capsys):
+    from raptor.cli import main
+
+    run = tmp_path / "nan"
+    shutil.copytree(stage1[1]["run_dir"], run)
+    before = (run / "checkpoints" / "last.ckpt").read_bytes()
+    cfg_file = tmp_path / "nan.yaml"
+    cfg_file.write_text("name: nan\n")
+    rc = main(["fit", str(cfg_file), *overrides(setup["teacher"], setup["shards"]), f"run_dir={run}",
+               "train.stage1.steps=50", "train.stage1.noise_sigma=inf"])
+    assert rc == 1
+    err = capsys.readouterr().err
+    assert f"non-finite training loss at step {STAGE1_STEPS}" in err and "last.ckpt" in err
+    assert (run / "checkpoints" / "last.ckpt").read_bytes() == before
+
+
+def test_run_folder_errors(setup, stage1, tmp_path):
+    run1 = stage1[1]["run_dir"]
+    cfg = config(setup["teacher"], setup["shards"], **{"train.resume": "never"})
+    with pytest.raises(ConfigError, match="resume=never"):
+        distill.fit(cfg, run1)
+    cfg = config(setup["teacher"], setup["shards"], **{"train.stage": 2})
+    with pytest.raises(ConfigError, match="stage-1 checkpoint but train.stage=2"):
+        distill.fit(cfg, run1)
+    cfg = config(setup["teacher"], setup["shards"], **{"train.stage": 2, "train.blocks": "[1]"})
+    with pytest.raises(ConfigError, match="train.blocks"):
+        distill.fit(cfg, tmp_path / "x")
+    cfg = config(setup["teacher"], setup["shards"], **{"train.blocks": "[3]"})
+    with pytest.raises(ConfigError, match=r"1\.\.2"):
+        distill.fit(cfg, tmp_path / "y")
+    cfg = config(setup["teacher"], setup["shards"], **{"phases.boundaries": "null"})
+    with pytest.raises(ConfigError, match="no phase partition"):
+        distill.fit(cfg, tmp_path / "z")
+    with pytest.raises(ConfigError, match="checkpoint not found"):
+        distill.checkpoint_file(tmp_path / "missing")
