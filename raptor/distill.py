@@ -358,7 +358,8 @@ class Distiller(L.LightningModule):
 
     # ---------------------------------------------------------------- training
 
-    def training_step(self, batch: Dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+    def training_step(self, batch: Dict[str, torch.Tensor], batch_idx: int) -> Dict[str, torch.Tensor]:
+        """{"loss", "trajectory" (the teacher's, shared with callbacks)}."""
         images = batch["image"]
         B, sigma, gen = images.shape[0], float(self.hp.noise_sigma), self._noise()
         logs: Dict[str, torch.Tensor | float] = {}
@@ -401,7 +402,7 @@ class Distiller(L.LightningModule):
         self.log("train/loss", loss.detach(), prog_bar=True, sync_dist=True, batch_size=B)
         self.log("train/lr", self.lr_schedulers().get_last_lr()[0], batch_size=B)
         self.log_dict(logs, batch_size=B)
-        return loss
+        return {"loss": loss, "trajectory": traj}
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         now = time.perf_counter()
@@ -448,7 +449,9 @@ class Distiller(L.LightningModule):
                  (self.raptor.phases[j] for j in self.trained)]
         return torch.cat(parts, dim=1), [p[:, -1] for p in parts]
 
-    def validation_step(self, batch: Dict[str, torch.Tensor], batch_idx: int) -> None:
+    def validation_step(self, batch: Dict[str, torch.Tensor], batch_idx: int) -> Dict[str, torch.Tensor]:
+        """Student vs teacher on one batch; returns {"trajectory"} so callbacks (DMD) reuse
+        the teacher's forward."""
         images, labels, valid = batch["image"], batch["label"], batch["valid"].bool()
         traj = self.teacher.trajectory(images)
         layers = torch.tensor(self.val_layers, device=traj.device)
@@ -467,6 +470,7 @@ class Distiller(L.LightningModule):
                 hits.append(self.teacher.finish(a.float(), end)["logits"].argmax(-1))
             correct = torch.stack([h == labels for h in hits], dim=1)[keep]
             self.val_top1.update(correct)
+        return {"trajectory": traj}
 
     def on_validation_epoch_end(self) -> None:
         flat, self.results = self.compute_validation()
@@ -547,8 +551,9 @@ def fit(cfg: DictConfig, run_dir: Optional[str | Path] = None, datamodule: Any =
     """Train one stage (cfg.train.stage) in `run_dir` (default cfg.run_dir).
 
     `datamodule` defaults to `raptor.data.ShardDataModule(cfg.data, teacher.data_config)`.
-    Returns {"run_dir", "checkpoint" (last.ckpt), "stage", "step", "metrics" (the last
-    validation's logged values)}.
+    Returns {"run_dir", "checkpoint" (last.ckpt), "stage", "step", "metrics" (every value
+    logged by the last validation: val/..., val_identity/..., val_dmd/... with the DMD
+    callback)}.
     """
     hp = stage_config(cfg)
     run_dir = prepare_run_dir(cfg, run_dir)
@@ -584,7 +589,9 @@ def fit(cfg: DictConfig, run_dir: Optional[str | Path] = None, datamodule: Any =
         "checkpoint": str(run_dir / CKPT_DIR / LAST_CKPT),
         "stage": int(cfg.train.stage),
         "step": int(trainer.global_step),
-        "metrics": dict(module.last_val),
+        "metrics": {
+            k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val")
+        },
     }
 
 

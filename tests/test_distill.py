@@ -95,7 +95,9 @@ def stage1(setup):
 @pytest.fixture(scope="module")
 def stage2(setup, stage1):
     cfg = config(
-        setup["teacher"], setup["shards"], **{"train.stage": 2, "train.init_from": stage1[1]["run_dir"]}
+        setup["teacher"], setup["shards"],
+        **{"train.stage": 2, "train.init_from": stage1[1]["run_dir"], "dmd.enabled": True,
+           "dmd.calib_images": 64, "dmd.solvers": "[ridge]", "dmd.selections": "[span,identity]"},
     )
     return cfg, distill.fit(cfg, setup["root"] / "stage2")
 
@@ -131,6 +133,9 @@ def test_stage1_then_stage2_lower_the_loss_and_beat_identity(setup, stage1, stag
                 "val/cos/L4", "val/rel_l2/L4", "val/top1_teacher", "val/top1_student"):
         assert key in m and math.isfinite(m[key]), key
     assert (Path(out2["run_dir"]) / "val_metrics.json").is_file()
+    # the DMD callback scored its baselines on the same validation batches
+    assert "val_dmd/span_ridge/r2/L4" in m and "val_dmd/identity/r2/L4" in m
+    assert (Path(out2["run_dir"]) / "dmd_compare.csv").is_file()
     assert (setup["root"] / "eval2" / "eval.json").is_file()
     assert (setup["root"] / "eval2" / "fidelity.png").stat().st_size > 1000
 
