@@ -53,7 +53,7 @@ from torch import Tensor
 from dmd.evaluate import Evaluator, fit_entries
 from dmd.fit import SELECTIONS, check_span, endpoint_pairs
 from dmd.metrics import METRICS
-from dmd.moments import MomentAccumulator
+from dmd.moments import MomentAccumulator, moment_dtype
 from dmd.plots import curve_figure, eigenvalue_figure, save_figure
 from dmd.solvers import SOLVERS
 
@@ -127,7 +127,7 @@ class DMDCallback(L.Callback):
     @classmethod
     def from_config(cls, dmd_cfg: Any, **kwargs: Any) -> DMDCallback:
         """From a config section with keys spans, solvers, selections, rank, alpha, center,
-        calib_images, refit_every_n_steps (and optionally downstream, log_groups)."""
+        calib_images, refit_every_n_steps (and optionally downstream, log_groups, compute_dtype)."""
         get = dmd_cfg.get if hasattr(dmd_cfg, "get") else lambda k, d=None: getattr(dmd_cfg, k, d)
         args = dict(
             spans=[list(s) for s in get("spans", None) or []] or None,
@@ -140,6 +140,7 @@ class DMDCallback(L.Callback):
             refit_every_n_steps=int(get("refit_every_n_steps", 0)),
             downstream=bool(get("downstream", True)),
             log_groups=bool(get("log_groups", False)),
+            compute_dtype=moment_dtype(get("compute_dtype", "float64")),
         )
         args.update(kwargs)
         return cls(**args)
@@ -187,7 +188,7 @@ class DMDCallback(L.Callback):
             valid = (
                 torch.ones(traj.shape[0], dtype=torch.bool) if valid is None else valid.bool().cpu()
             )
-            valid &= torch.cumsum(valid, 0) <= share - (acc.images if acc else 0)
+            valid = valid & (torch.cumsum(valid, 0) <= share - (acc.images if acc else 0))
             if acc is None:
                 spans = self._spans(pl_module, traj.shape[1] - 1)
                 acc = MomentAccumulator(

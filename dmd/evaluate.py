@@ -115,19 +115,23 @@ class Evaluator(nn.Module):
         if not entries or len(set(names)) != len(names):
             raise ValueError(f"DMD evaluation needs entries with distinct names, got {names}")
         self.entries = list(entries)
+        self._keys = {id(e): f"entry{k}" for k, e in enumerate(self.entries)}  # names may hold dots
         self.finish = finish
         D = entries[0].parts[0][1].dim
         self.fidelity = nn.ModuleDict(
-            {e.name: TrajectoryMetrics(len(e.layers), groups, dim=D) for e in entries}
+            {self._key(e): TrajectoryMetrics(len(e.layers), groups, dim=D) for e in entries}
         )
         self.final = nn.ModuleDict()
         self.top1 = nn.ModuleDict()
         if finish is not None:
             for e in entries:
                 if e.downstream:
-                    self.final[e.name] = TrajectoryMetrics(len(e.parts), groups, dim=D)
+                    self.final[self._key(e)] = TrajectoryMetrics(len(e.parts), groups, dim=D)
                     if top1:
-                        self.top1[e.name] = TopOne(len(e.parts))
+                        self.top1[self._key(e)] = TopOne(len(e.parts))
+
+    def _key(self, entry: Entry) -> str:
+        return self._keys[id(entry)]
 
     @torch.no_grad()
     def update(
@@ -142,7 +146,7 @@ class Evaluator(nn.Module):
             return
         for e in self.entries:
             layers = torch.tensor(e.layers, device=traj.device)
-            self.fidelity[e.name].update(e.predict(traj), traj[:, layers])
+            self.fidelity[self._key(e)].update(e.predict(traj), traj[:, layers])
         if self.finish is None or not len(self.final):
             return
         L = traj.shape[1] - 1
@@ -151,21 +155,21 @@ class Evaluator(nn.Module):
         if len(self.top1) and ref_logits is None:
             raise ValueError("DMD evaluation: top1=True but finish() returned no logits")
         for e in self.entries:
-            if e.name not in self.final:
+            if self._key(e) not in self.final:
                 continue
             tokens, classes = [], []
             for (i, p), op in e.parts:
                 end = op.predict(traj[:, i], p // op.stride)[..., -1, :]
                 out = self.finish(end.float(), i + p)
                 tokens.append(out["tokens"].float())
-                if e.name in self.top1:
+                if self._key(e) in self.top1:
                     classes.append(out["logits"].argmax(-1))
-            self.final[e.name].update(
+            self.final[self._key(e)].update(
                 torch.stack(tokens, 1), ref_tokens[:, None].expand(-1, len(tokens), -1, -1)
             )
             if classes:
                 lab = labels if labels is not None else torch.full_like(classes[0], -1)
-                self.top1[e.name].update(torch.stack(classes, 1), ref_logits.argmax(-1), lab)
+                self.top1[self._key(e)].update(torch.stack(classes, 1), ref_logits.argmax(-1), lab)
 
     def compute(self) -> dict[str, dict[str, Any]]:
         """{entry: {"layers": [...], "fidelity": {metric/group: [per layer]},
@@ -176,20 +180,17 @@ class Evaluator(nn.Module):
             res: dict[str, Any] = {
                 "layers": e.layers,
                 "spans": [list(span) for span, _ in e.parts],
-                "fidelity": _lists(self.fidelity[e.name].compute()),
+                "fidelity": _lists(self.fidelity[self._key(e)].compute()),
                 "final": None,
                 "top1": None,
                 "agree": None,
                 "meta": dict(e.meta),
             }
-            if e.name in self.final:
-                res["final"] = _lists(self.final[e.name].compute())
-            if e.name in self.top1:
-                top = self.top1[e.name].compute()
-                res["top1"], res["agree"] = (
-                    [float(v) for v in top["top1"]],
-                    [float(v) for v in top["agree"]],
-                )
+            if self._key(e) in self.final:
+                res["final"] = _lists(self.final[self._key(e)].compute())
+            if self._key(e) in self.top1:
+                top = _lists(self.top1[self._key(e)].compute())
+                res["top1"], res["agree"] = top["top1"], top["agree"]
             out[e.name] = res
         return out
 
@@ -201,7 +202,8 @@ class Evaluator(nn.Module):
 
 
 def _lists(values: Mapping[str, Tensor]) -> dict[str, list[float]]:
-    return {k: [float(x) for x in v] for k, v in values.items()}
+    """Tensors -> lists of floats (one-element results come back 0-d from torchmetrics)."""
+    return {k: [float(x) for x in v.reshape(-1)] for k, v in values.items()}
 
 
 def fit_entries(

@@ -25,6 +25,7 @@ Keys are f"{metric}/{group}". A group with no rows gives NaN.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from typing import Optional
 
@@ -124,6 +125,16 @@ class TrajectoryMetrics(Metric):
                     getattr(self, name)[g, s] += val[:, sl].sum()
                 self.rows[g, s] += e2[:, sl].numel()
                 self.sum_y[g, s] += y_tok[sl].sum(0)
+
+    def _wrap_compute(self, compute):
+        """torchmetrics squeezes one-element results to 0-d; keep every value (S,)."""
+        wrapped = super()._wrap_compute(compute)
+
+        @functools.wraps(wrapped)
+        def shaped(*args, **kwargs):
+            return {k: v.reshape(-1) for k, v in wrapped(*args, **kwargs).items()}
+
+        return shaped
 
     def compute(self) -> dict[str, Tensor]:
         rows = self.rows

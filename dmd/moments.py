@@ -62,6 +62,14 @@ class PairMoments:
         return err
 
 
+def moment_dtype(name: str | torch.dtype) -> torch.dtype:
+    """ "float64" | "float32" (or the dtype) -> the dtype of the per-batch moment products."""
+    dtype = getattr(torch, name, None) if isinstance(name, str) else name
+    if dtype not in (torch.float64, torch.float32):
+        raise ValueError(f"moment compute dtype must be float64 or float32, got {name!r}")
+    return dtype
+
+
 class MomentAccumulator:
     """Streams the moments of trajectories (B, L+1, T, D) (module docstring).
 
@@ -86,16 +94,13 @@ class MomentAccumulator:
         endpoints: Iterable[Sequence[int]] = (),
         tokens: slice = slice(None),
         device: Optional[torch.device | str] = None,
-        compute_dtype: torch.dtype = torch.float64,
+        compute_dtype: torch.dtype | str = torch.float64,
     ) -> None:
         if num_layers < 1 or dim < 1:
             raise ValueError(
                 f"MomentAccumulator: need num_layers >= 1 and dim >= 1, got {num_layers}, {dim}"
             )
-        if compute_dtype not in (torch.float64, torch.float32):
-            raise ValueError(
-                f"MomentAccumulator: compute_dtype must be float64 or float32, got {compute_dtype}"
-            )
+        compute_dtype = moment_dtype(compute_dtype)
         if not isinstance(tokens, slice):
             raise TypeError(
                 f"MomentAccumulator: tokens must be a slice, got {type(tokens).__name__}"

@@ -38,7 +38,10 @@ def _batches(n, seed, batch_size=4):
     g = torch.Generator().manual_seed(seed)
     images = torch.randn(n, 3, 16, 16, generator=g)
     labels = torch.randint(0, 3, (n,), generator=g)
-    rows = [{"image": images[k], "label": labels[k], "valid": torch.tensor(k % 5 != 4)} for k in range(n)]
+    rows = [
+        {"image": images[k], "label": labels[k], "valid": torch.tensor(k % 5 != 4)}
+        for k in range(n)
+    ]
     return DataLoader(rows, batch_size=batch_size)
 
 
@@ -124,8 +127,15 @@ def test_lightning_run_logs_dmd_identity_and_student_side_by_side(tmp_path):
     rows = [r for r in _read_csv(tmp_path / "metrics.csv") if r.get("val/cos/L3")]
     assert len(rows) == 2  # two validations
     for row in rows:
-        for key in ("val/cos/L3", "val_dmd/span_rrr/cos/L3", "val_dmd/anchor_ridge/r2/L4", "val_dmd/identity/cos/L3",
-                    "val_dmd/endpoint_rrr/cos/L4", "val_dmd/span_ridge/top1/L4", "val_dmd/span_ridge/final_cos/L2"):
+        for key in (
+            "val/cos/L3",
+            "val_dmd/span_rrr/cos/L3",
+            "val_dmd/anchor_ridge/r2/L4",
+            "val_dmd/identity/cos/L3",
+            "val_dmd/endpoint_rrr/cos/L4",
+            "val_dmd/span_ridge/top1/L4",
+            "val_dmd/span_ridge/final_cos/L2",
+        ):
             assert row[key] != "", key
 
     # the logged numbers are those of the same validation batches, recomputed here
@@ -142,7 +152,9 @@ def test_lightning_run_logs_dmd_identity_and_student_side_by_side(tmp_path):
     op = fit(ref, (2, 2), "span", "rrr", rank=8, alpha=1e-3)
     pred = op.predict(traj[:, 2], 2).transpose(1, 2)
     span = trajectory_metrics(pred, traj[:, 3:], student.teacher.groups, valid)
-    assert float(rows[-1]["val_dmd/span_rrr/r2/L4"]) == pytest.approx(float(span["r2/all"][1]), rel=1e-4)
+    assert float(rows[-1]["val_dmd/span_rrr/r2/L4"]) == pytest.approx(
+        float(span["r2/all"][1]), rel=1e-4
+    )
     # top-1 of the span-end prediction finished through the teacher, vs the labels
     labels = torch.cat([b["label"] for b in student.val_dataloader()])
     end = fit(ref, (0, 2), "span", "ridge", alpha=1e-3).predict(traj[:, 0], 2)[..., -1, :]
@@ -156,7 +168,9 @@ def test_lightning_run_logs_dmd_identity_and_student_side_by_side(tmp_path):
     assert steps == [2, 4]
     last = [r for r in table if int(r["step"]) == 4 and r["group"] == "all" and r["layer"] == "3"]
     by = {r["predictor"]: r for r in last}
-    assert {"student", "span_ridge", "span_rrr", "anchor_ridge", "anchor_rrr", "identity"} <= set(by)
+    assert {"student", "span_ridge", "span_rrr", "anchor_ridge", "anchor_rrr", "identity"} <= set(
+        by
+    )
     assert float(by["student"]["cos"]) == pytest.approx(float(rows[-1]["val/cos/L3"]), rel=1e-6)
     assert math.isfinite(float(by["identity"]["r2"]))
     for name in ("dmd_eigenvalues", "dmd_vs_student_cos", "dmd_vs_student_r2"):
@@ -166,7 +180,14 @@ def test_lightning_run_logs_dmd_identity_and_student_side_by_side(tmp_path):
 def test_overlapping_spans_are_refused(tmp_path):
     student = Student()
     callback = DMDCallback(spans=[[0, 2], [1, 2]], calib_images=4)
-    trainer = L.Trainer(accelerator="cpu", max_steps=1, logger=False, callbacks=[callback],
-                        enable_checkpointing=False, enable_progress_bar=False, default_root_dir=tmp_path)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_steps=1,
+        logger=False,
+        callbacks=[callback],
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        default_root_dir=tmp_path,
+    )
     with pytest.raises(ValueError, match="overlap"):
         trainer.fit(student)

@@ -66,6 +66,13 @@ def test_streamed_equals_direct_and_sklearn():
     assert got["r2/all"].dtype == torch.float64 and got["cos/cls"].shape == (S,)
 
 
+def test_one_step_keeps_shape():
+    pred, target = _data(4)
+    got = trajectory_metrics(pred[:, :1], target[:, :1], {"cls": slice(0, 1)})
+    assert got["r2/all"].shape == (1,)
+    assert got["cos/cls"].item() == pytest.approx(_direct(pred, target)["cos/cls"][0], rel=1e-10)
+
+
 def test_invalid_rows_are_ignored():
     pred, target = _data(1)
     valid = torch.tensor([True, False, True, True, False, True, True])

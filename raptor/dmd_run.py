@@ -1,0 +1,523 @@
+"""`raptor dmd CONFIG [key=value ...]`: DMD baselines along the teacher's depth, standalone.
+
+Streams `dmd.calib_images` training images through the teacher, accumulating
+second moments (`dmd.MomentAccumulator`, float64; snapshots at every
+`dmd.sweep.budgets` count; one accumulator per `dmd.sweep.token_groups` group),
+fits every variant (`dmd.selections` x `dmd.solvers`, plus identity) on every
+span and every sweep point, then streams `dmd.eval_images` validation images
+and scores them all on the same batches (`dmd.evaluate.Evaluator`).
+
+Spans (i, p) are `dmd.spans`, else the phases of `model.k` (`phases.boundaries`
+or `phases.file`), else the whole depth (0, L). Sweeps vary one choice at a
+time around the base fit: the first span, selection `span`, solver `rrr` when
+listed (else the first solver), `dmd.rank`, `dmd.alpha` (see `dmd.sweeps`).
+
+Writes into the run folder (`run_dir`):
+- `dmd_report.json`: settings, image counts, per variant and span the metrics per
+  layer and token group, the downstream metrics and top-1, the spectrum summary;
+  every sweep's rows and the budget fit error(B) = C / B^gamma (error: rel_l2 at
+  the span end, all tokens);
+- `dmd_metrics.csv` (variant, span, q, layer, group, metrics), `dmd_downstream.csv`,
+  `dmd_eigenvalues.csv`, `dmd_sweep_{name}.csv`;
+- PNGs: `dmd_eigenvalues`, `dmd_q_{metric}` (metric vs q per span, every variant and
+  identity), `dmd_sweep_{name}`, `dmd_budget`.
+An existing `dmd_report.json` is not replaced unless `--overwrite`.
+Under torchrun every rank streams its share of the images; moments and metrics
+are summed over ranks and rank 0 writes the files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any, Dict, Iterable, Iterator, List, Optional
+
+import torch
+from omegaconf import DictConfig
+
+from dmd import SELECTIONS, SOLVERS, MomentAccumulator, fit
+from dmd.evaluate import Entry, Evaluator, fit_entries
+from dmd.fit import check_span, endpoint_pairs
+from dmd.metrics import METRICS
+from dmd.moments import moment_dtype
+from dmd.plots import curve_figure, eigenvalue_figure, power_law_figure, save_figure, sweep_figure
+from dmd.sweeps import FitSpec, plan_sweeps, power_law, sweep_rows
+from raptor.cli import add_config_arguments, config_from_args
+from raptor.config import ConfigError
+from raptor.runs import prepare_run_dir
+
+REPORT_FILE = "dmd_report.json"
+BUDGET_METRIC = "rel_l2"  # the error whose power law in the calibration budget is fitted
+
+
+# --------------------------------------------------------------------------- settings
+
+
+def resolve_spans(cfg: DictConfig, num_layers: int) -> List[tuple[int, int]]:
+    """dmd.spans, else the phases of model.k, else the whole depth."""
+    if cfg.dmd.spans:
+        spans = []
+        for span in cfg.dmd.spans:
+            try:
+                spans.append(check_span(span, num_layers))
+            except ValueError as exc:
+                raise ConfigError(f"dmd.spans: {exc}") from None
+        return spans
+    boundaries = None
+    if cfg.phases.boundaries is not None:
+        boundaries = [int(b) for b in cfg.phases.boundaries]
+    elif cfg.phases.file:
+        from raptor.phases import load_boundaries
+
+        boundaries = load_boundaries(cfg.phases.file, int(cfg.model.k))
+    if boundaries is None:
+        return [(0, num_layers)]
+    edges = [0, *boundaries, num_layers]
+    return [(a, b - a) for a, b in zip(edges[:-1], edges[1:])]
+
+
+def check_settings(cfg: DictConfig, num_layers: int, dim: int, groups: Iterable[str]) -> None:
+    """Every dmd.* value against the teacher, before any image is read."""
+    d = cfg.dmd
+    for s in d.solvers:
+        if s not in SOLVERS:
+            raise ConfigError(
+                f"dmd.solvers: unknown solver '{s}'; expected some of {list(SOLVERS)}"
+            )
+    for s in d.selections:
+        if s not in SELECTIONS:
+            raise ConfigError(
+                f"dmd.selections: unknown selection '{s}'; expected some of {list(SELECTIONS)}"
+            )
+    if not d.solvers or not d.selections:
+        raise ConfigError("dmd.solvers and dmd.selections must not be empty")
+    if d.calib_images < 1 or d.eval_images < 1:
+        raise ConfigError("dmd.calib_images and dmd.eval_images must be >= 1")
+    if d.alpha < 0 or any(a < 0 for a in d.sweep.alphas):
+        raise ConfigError("dmd.alpha and dmd.sweep.alphas must be >= 0")
+    for key, ranks in (
+        ("dmd.rank", [d.rank] if d.rank is not None else []),
+        ("dmd.sweep.ranks", d.sweep.ranks),
+    ):
+        for r in ranks:
+            if not 1 <= r <= dim:
+                raise ConfigError(f"{key}: rank {r} outside 1..{dim} (the teacher's width)")
+    for b in d.sweep.budgets:
+        if not 1 <= b <= d.calib_images:
+            raise ConfigError(
+                f"dmd.sweep.budgets: {b} must be in 1..dmd.calib_images={d.calib_images}"
+            )
+    known = list(groups) + ["all"]
+    for g in d.sweep.token_groups:
+        if g not in known:
+            raise ConfigError(
+                f"dmd.sweep.token_groups: unknown group '{g}'; the teacher has {known}"
+            )
+    moment_dtype_or_fail(d.compute_dtype)
+
+
+def moment_dtype_or_fail(name: str) -> torch.dtype:
+    try:
+        return moment_dtype(name)
+    except ValueError as exc:
+        raise ConfigError(f"dmd.compute_dtype: {exc}") from None
+
+
+def base_spec(cfg: DictConfig, spans: List[tuple[int, int]]) -> FitSpec:
+    solvers = list(cfg.dmd.solvers)
+    solver = "rrr" if "rrr" in solvers else solvers[0]
+    return FitSpec(
+        span=spans[0],
+        selection="span",
+        solver=solver,
+        rank=cfg.dmd.rank,
+        alpha=float(cfg.dmd.alpha),
+        center=bool(cfg.dmd.center),
+    )
+
+
+def sweep_points(cfg: DictConfig, base: FitSpec, num_layers: int):
+    sw = cfg.dmd.sweep
+    points = plan_sweeps(
+        base,
+        list(cfg.dmd.solvers),
+        list(cfg.dmd.selections),
+        ranks=list(sw.ranks),
+        alphas=list(sw.alphas),
+        budgets=list(sw.budgets),
+        cut_starts=list(sw.cut_starts),
+        prune_lengths=list(sw.prune_lengths),
+        token_groups=list(sw.token_groups),
+    )
+    for pt in points:
+        try:
+            check_span(pt.spec.span, num_layers)
+        except ValueError as exc:
+            key = "cut_starts" if pt.sweep == "cut_start" else "prune_lengths"
+            raise ConfigError(
+                f"dmd.sweep.{key}={pt.value} around the base span {base.span}: {exc}"
+            ) from None
+    return points
+
+
+# --------------------------------------------------------------------------- streaming
+
+
+def _rank_world() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def _images(
+    loader: Iterable, teacher: Any, device: torch.device, limit: int, desc: str
+) -> Iterator:
+    """(trajectory, valid, labels) of the first `limit` valid images of this rank's loader."""
+    from tqdm.auto import tqdm
+
+    rank, _ = _rank_world()
+    seen = 0
+    with tqdm(total=limit, desc=desc, unit="img", disable=rank != 0) as bar:
+        for batch in loader:
+            valid = batch["valid"].bool()
+            valid = valid & (torch.cumsum(valid, 0) <= limit - seen)
+            if not valid.any():
+                break
+            traj = teacher.trajectory(batch["image"].to(device))
+            n = int(valid.sum())
+            seen += n
+            bar.update(n)
+            yield traj, valid.to(device), batch["label"].to(device)
+            if seen >= limit:
+                break
+    if seen < limit:
+        print(f"raptor dmd: {desc}: only {seen} of {limit} images available on rank {rank}")
+
+
+def calibrate(cfg, teacher, loader, spans_needed, device) -> Dict[str, Any]:
+    """Stream calibration images into the moments: {"main", "budgets": {B: snapshot},
+    "groups": {name: accumulator}}, all merged over ranks."""
+    d = cfg.dmd
+    L, D = teacher.num_layers, teacher.embed_dim
+    dtype = moment_dtype_or_fail(d.compute_dtype)
+    ends = endpoint_pairs(spans_needed)
+    _, world = _rank_world()
+    share = lambda n: math.ceil(n / world)  # noqa: E731  (per-rank share of a global count)
+    main = MomentAccumulator(L, D, ends, device=device, compute_dtype=dtype)
+    slices = dict(teacher.groups, all=slice(None))
+    groups = {
+        g: MomentAccumulator(L, D, ends, tokens=slices[g], device=device, compute_dtype=dtype)
+        for g in d.sweep.token_groups
+    }
+    stops = sorted({share(b) for b in d.sweep.budgets})
+    snapshots: Dict[int, MomentAccumulator] = {}
+    total = share(d.calib_images)
+    for traj, valid, _ in _images(loader, teacher, device, total, "dmd: calibration"):
+        count = main.images + torch.cumsum(valid.long(), 0)
+        lo = main.images
+        for stop in [s for s in stops if s > lo] + [total]:
+            piece = valid & (count > lo) & (count <= stop)
+            if piece.any():
+                main.update(traj, piece)
+                for acc in groups.values():
+                    acc.update(traj, piece)
+            if main.images == stop and stop in stops:
+                snapshots[stop] = main.clone()
+            lo = stop
+            if int(count[-1]) <= stop:
+                break
+    budgets = {}
+    for b in sorted(set(d.sweep.budgets)):
+        snap = snapshots.get(share(b))
+        if snap is None:  # fewer images than the budget on this rank: use what there is
+            snap = main.clone()
+        budgets[b] = snap.all_reduce()
+    return {
+        "main": main.all_reduce(),
+        "budgets": budgets,
+        "groups": {g: acc.all_reduce() for g, acc in groups.items()},
+    }
+
+
+def build_entries(cfg, moments, spans, points) -> List[Entry]:
+    d = cfg.dmd
+    entries = fit_entries(
+        moments["main"],
+        spans,
+        list(d.solvers),
+        list(d.selections),
+        d.rank,
+        float(d.alpha),
+        bool(d.center),
+        joint=False,
+    )
+    for e in entries:
+        e.downstream = bool(d.downstream)
+    for pt in points:
+        spec = pt.spec
+        if spec.budget is not None:
+            acc = moments["budgets"][spec.budget]
+        elif spec.group != "all" or pt.sweep == "token_group":
+            acc = moments["groups"][spec.group]
+        else:
+            acc = moments["main"]
+        op = fit(acc, **spec.fit_kwargs())
+        meta = dict(
+            op.info,
+            variant=spec.variant,
+            sweep=pt.sweep,
+            value=pt.value,
+            budget=spec.budget,
+            group=spec.group,
+        )
+        entries.append(Entry(pt.name, [(spec.span, op)], downstream=False, meta=meta))
+    return entries
+
+
+# --------------------------------------------------------------------------- outputs
+
+
+def _write_csv(path: Path, rows: List[Dict[str, Any]]) -> None:
+    if not rows:
+        return
+    columns = list(dict.fromkeys(k for r in rows for k in r))
+    with open(path, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def _spectrum_summary(op) -> Dict[str, Any]:
+    lam = op.eigenvalues()
+    mod = lam.abs()
+    return {
+        "spectral_radius": float(mod.max()) if len(mod) else 0.0,
+        "outside_unit_circle": int((mod > 1).sum()),
+        "count": int(len(lam)),
+    }
+
+
+def write_outputs(
+    run_dir: Path, cfg, entries: List[Entry], results, points, moments, eval_images: int
+) -> Dict[str, Any]:
+    main_entries = [e for e in entries if "sweep" not in e.meta]
+    metric_rows, down_rows, eig_rows, variants = [], [], [], {}
+    for e in main_entries:
+        res = results[e.name]
+        (i, p), op = e.parts[0]
+        head = dict(
+            variant=e.meta["variant"],
+            i=i,
+            p=p,
+            selection=e.meta["selection"],
+            solver=e.meta["solver"],
+        )
+        groups = sorted({k.split("/")[1] for k in res["fidelity"]}, key=lambda g: (g != "all", g))
+        for group in groups:
+            for idx, layer in enumerate(res["layers"]):
+                vals = {m: res["fidelity"][f"{m}/{group}"][idx] for m in METRICS}
+                metric_rows.append(dict(head, q=layer - i, layer=layer, group=group, **vals))
+            if res["final"] is not None:
+                vals = {m: res["final"][f"{m}/{group}"][0] for m in METRICS}
+                top = (
+                    {"top1": res["top1"][0], "agree": res["agree"][0]}
+                    if res["top1"] is not None
+                    else {}
+                )
+                down_rows.append(
+                    dict(head, layer=i + p, group=group, **vals, **(top if group == "all" else {}))
+                )
+        if e.meta["selection"] != "identity":
+            for k, lam in enumerate(op.eigenvalues().tolist()):
+                eig_rows.append(dict(head, index=k, real=lam.real, imag=lam.imag, abs=abs(lam)))
+        variants[e.name] = {
+            **head,
+            "rank": op.info.get("rank"),
+            "alpha": op.info.get("alpha"),
+            "train_rel_mse": op.info.get("train_rel_mse"),
+            "layers": res["layers"],
+            "fidelity": res["fidelity"],
+            "final": res["final"],
+            "top1": res["top1"],
+            "agree": res["agree"],
+            "spectrum": _spectrum_summary(op),
+        }
+    _write_csv(run_dir / "dmd_metrics.csv", metric_rows)
+    _write_csv(run_dir / "dmd_downstream.csv", down_rows)
+    _write_csv(run_dir / "dmd_eigenvalues.csv", eig_rows)
+
+    tables = sweep_rows(points, results)
+    budget_fit = None
+    for name, rows in tables.items():
+        _write_csv(run_dir / f"dmd_sweep_{name}.csv", rows)
+    if len({r["value"] for r in tables.get("budget", [])}) >= 2:
+        rows = tables["budget"]
+        budget_fit = dict(
+            power_law([r["value"] for r in rows], [r[BUDGET_METRIC] for r in rows]),
+            metric=BUDGET_METRIC,
+        )
+
+    _plots(run_dir, main_entries, results, tables, budget_fit)
+    report = {
+        "teacher": cfg.teacher.name,
+        "num_layers": moments["main"].num_layers,
+        "dim": moments["main"].dim,
+        "calib_images": moments["main"].images,
+        "eval_images": eval_images,
+        "settings": {k: v for k, v in _plain(cfg.dmd).items() if k != "sweep"},
+        "spans": sorted({(v["i"], v["p"]) for v in variants.values()}),
+        "variants": variants,
+        "sweeps": tables,
+        "budget_fit": budget_fit,
+    }
+    (run_dir / REPORT_FILE).write_text(json.dumps(report, indent=1))
+    return report
+
+
+def _plain(node) -> Dict[str, Any]:
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(node, resolve=True)
+
+
+def _plots(run_dir: Path, entries: List[Entry], results, tables, budget_fit) -> None:
+    spans = list(dict.fromkeys(e.parts[0][0] for e in entries))
+    panels: Dict[str, Dict[str, Any]] = {}
+    for e in entries:
+        (i, p), op = e.parts[0]
+        if e.meta["selection"] != "identity":
+            panels.setdefault(f"layers {i} -> {i + p}", {})[e.meta["variant"]] = op.eigenvalues()
+    if panels:
+        save_figure(eigenvalue_figure(panels), run_dir, "dmd_eigenvalues")
+    for metric in ("cos", "r2", "rel_l2"):
+        for i, p in spans:
+            curves = {}
+            for e in entries:
+                if e.parts[0][0] == (i, p):
+                    res = results[e.name]
+                    curves[e.meta["variant"]] = (
+                        [layer - i for layer in res["layers"]],
+                        res["fidelity"][f"{metric}/all"],
+                    )
+            fig = curve_figure(
+                curves,
+                metric,
+                xlabel="q (layers after the cut)",
+                title=f"{metric}, span i={i}, p={p}",
+            )
+            save_figure(fig, run_dir, f"dmd_q_{metric}_i{i}_p{p}")
+    for name, rows in tables.items():
+        fig = sweep_figure(rows, "cos", title=name, logx=name in ("rank", "alpha", "budget"))
+        save_figure(fig, run_dir, f"dmd_sweep_{name}")
+    if budget_fit is not None:
+        rows = tables["budget"]
+        fig = power_law_figure(
+            [r["value"] for r in rows], [r[BUDGET_METRIC] for r in rows], budget_fit, BUDGET_METRIC
+        )
+        save_figure(fig, run_dir, "dmd_budget")
+
+
+# --------------------------------------------------------------------------- entry points
+
+
+def _device(cfg: DictConfig) -> torch.device:
+    if cfg.trainer.accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.device("cpu")
+
+
+def run_dmd(
+    cfg: DictConfig, run_dir: Optional[str | Path] = None, overwrite: bool = False
+) -> Dict[str, Any]:
+    """The whole `raptor dmd` job; returns the report (also written to run_dir/dmd_report.json)."""
+    from raptor.data import ShardDataModule
+    from raptor.teacher import Teacher
+
+    run_dir = Path(run_dir or cfg.run_dir)
+    if (run_dir / REPORT_FILE).exists() and not overwrite:
+        raise ConfigError(
+            f"{run_dir / REPORT_FILE} exists; pass --overwrite to replace it, or choose another run_dir"
+        )
+    rank, _ = _rank_world()
+    run_dir = prepare_run_dir(cfg, run_dir)
+    device = _device(cfg)
+    teacher = Teacher.from_config(cfg.teacher).to(device)
+    L, D = teacher.num_layers, teacher.embed_dim
+    check_settings(cfg, L, D, teacher.groups)
+    spans = resolve_spans(cfg, L)
+    points = sweep_points(cfg, base_spec(cfg, spans), L)
+    dm = ShardDataModule(cfg.data, teacher.data_config)
+
+    moments = calibrate(
+        cfg, teacher, dm.train_dataloader(), spans + [pt.spec.span for pt in points], device
+    )
+    entries = build_entries(cfg, moments, spans, points)
+    evaluator = Evaluator(
+        entries,
+        teacher.groups,
+        finish=teacher.finish if cfg.dmd.downstream else None,
+        top1=teacher.num_classes > 0,
+    ).to(device)
+    seen = 0
+    for traj, valid, labels in _images(
+        dm.val_dataloader(),
+        teacher,
+        device,
+        math.ceil(cfg.dmd.eval_images / _rank_world()[1]),
+        "dmd: evaluation",
+    ):
+        evaluator.update(traj, valid, labels)
+        seen += int(valid.sum())
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        count = torch.tensor([seen], device=device)
+        torch.distributed.all_reduce(count)
+        seen = int(count)
+    results = evaluator.compute()
+    if rank != 0:
+        return {}
+    return write_outputs(run_dir, cfg, entries, results, points, moments, seen)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_config_arguments(parser)
+    parser.add_argument(
+        "--overwrite", action="store_true", help=f"replace an existing {REPORT_FILE}"
+    )
+
+
+def main(args: argparse.Namespace) -> int:
+    cfg = config_from_args(args)
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1 and not torch.distributed.is_initialized():
+        backend = (
+            "nccl" if torch.cuda.is_available() and cfg.trainer.accelerator != "cpu" else "gloo"
+        )
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        torch.distributed.init_process_group(backend)
+    try:
+        report = run_dmd(cfg, overwrite=args.overwrite)
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+    if report:
+        print(
+            f"raptor dmd: {report['calib_images']} calibration / {report['eval_images']} evaluation images"
+        )
+        for name, v in report["variants"].items():
+            last = v["layers"][-1]
+            idx = v["layers"].index(last)
+            top = f"  top1 {v['top1'][0]:.4f}" if v["top1"] else ""
+            print(
+                f"  {name:24s} layer {last:3d}: cos {v['fidelity']['cos/all'][idx]:.4f}"
+                f"  r2 {v['fidelity']['r2/all'][idx]:.4f}{top}"
+            )
+        if report["budget_fit"]:
+            print(
+                f"  calibration budget: {BUDGET_METRIC}(B) = C / B^gamma, gamma = {report['budget_fit']['gamma']:.3f}"
+            )
+        print(f"raptor dmd: report in {Path(cfg.run_dir) / REPORT_FILE}")
+    return 0

@@ -1,0 +1,134 @@
+"""`raptor dmd` end to end on real digits shards with a small random ViT teacher."""
+
+import csv
+import json
+import math
+import warnings
+
+import pytest
+import torch
+
+from dmd import MomentAccumulator, fit, trajectory_metrics
+from raptor.cli import main as cli_main
+from raptor.config import ConfigError, load_config
+from raptor.dmd_run import REPORT_FILE, run_dmd
+
+
+def _cfg(shards, run_dir, *extra):
+    return load_config(
+        "configs/demo.yaml",
+        [
+            f"run_dir={run_dir}",
+            f"data.shards_dir={shards}",
+            "data.batch_size=16",
+            "teacher.train_from_scratch=false",
+            "teacher.depth=4",
+            "teacher.embed_dim=32",
+            "teacher.drop_path_rate=0.0",
+            "logging.wandb=disabled",
+            "dmd.calib_images=60",
+            "dmd.eval_images=40",
+            "dmd.solvers=[ridge,rrr]",
+            "dmd.rank=8",
+            "dmd.alpha=1e-3",
+            "phases.boundaries=[2]",
+            "dmd.sweep.ranks=[4,16]",
+            "dmd.sweep.alphas=[1e-6,1e-1]",
+            "dmd.sweep.budgets=[15,30,60]",
+            "dmd.sweep.cut_starts=[0,1]",
+            "dmd.sweep.prune_lengths=[1,3]",
+            "dmd.sweep.token_groups=[cls,patch]",
+            *extra,
+        ],
+    )
+
+
+def _rows(path):
+    with open(path) as fh:
+        return list(csv.DictReader(fh))
+
+
+def test_raptor_dmd_writes_report_tables_and_plots(digits_shards, tmp_path):
+    torch.manual_seed(0)
+    cfg = _cfg(digits_shards, tmp_path / "run")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        report = run_dmd(cfg)
+    run = tmp_path / "run"
+    stored = json.loads((run / REPORT_FILE).read_text())
+    assert stored["calib_images"] == 60 and stored["eval_images"] == 40
+    assert stored["spans"] == [[0, 2], [2, 2]]  # the phases of phases.boundaries=[2]
+    names = set(report["variants"])
+    assert {"span_rrr@0,2", "anchor_ridge@2,2", "endpoint_rrr@0,2", "identity@2,2"} <= names
+
+    # independent recomputation: the same first 60 training and 40 validation images
+    from raptor.data import ShardDataModule
+    from raptor.teacher import Teacher
+
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        teacher = Teacher.from_config(cfg.teacher)
+    dm = ShardDataModule(cfg.data, teacher.data_config)
+    acc = MomentAccumulator(4, 32, endpoints=[(0, 2), (2, 4)])
+    for batch in dm.train_dataloader():
+        keep = batch["valid"] & (torch.cumsum(batch["valid"], 0) <= 60 - acc.images)
+        acc.update(teacher.trajectory(batch["image"]), keep)
+        if acc.images >= 60:
+            break
+    trajs = []
+    for batch in dm.val_dataloader():
+        trajs.append(teacher.trajectory(batch["image"])[batch["valid"]])
+    traj = torch.cat(trajs)[:40]
+    op = fit(acc, (0, 2), "span", "rrr", rank=8, alpha=1e-3)
+    want = trajectory_metrics(
+        op.predict(traj[:, 0], 2).transpose(1, 2), traj[:, 1:3], teacher.groups
+    )
+    got = report["variants"]["span_rrr@0,2"]["fidelity"]
+    for key in ("r2/all", "cos/patch", "rel_l2/cls"):
+        assert got[key] == pytest.approx(want[key].tolist(), rel=1e-4), key
+    lam = torch.sort(op.eigenvalues().abs(), descending=True).values
+    eig = [
+        r
+        for r in _rows(run / "dmd_eigenvalues.csv")
+        if r["variant"] == "span_rrr" and r["i"] == "0"
+    ]
+    assert len(eig) == 8
+    assert [float(r["abs"]) for r in eig] == pytest.approx(lam.tolist(), rel=1e-6)
+
+    # downstream: top-1 of the finished span-end prediction, and the teacher's own top-1 agreement
+    down = {(r["variant"], r["i"], r["group"]): r for r in _rows(run / "dmd_downstream.csv")}
+    ident = down[("identity", "2", "all")]
+    assert 0 <= float(ident["top1"]) <= 1 and 0 <= float(ident["agree"]) <= 1
+
+    # sweeps: one table each, the budget power law fitted
+    sweeps = report["sweeps"]
+    assert len(sweeps["rank"]) == 2 and len(sweeps["alpha"]) == 4 and len(sweeps["budget"]) == 3
+    assert len(sweeps["cut_start"]) == 2 * 4 and len(sweeps["prune_length"]) == 2 * 4
+    assert [r["group"] for r in sweeps["token_group"]] == ["cls", "patch"]
+    assert math.isfinite(report["budget_fit"]["gamma"])
+    for name in ("rank", "alpha", "budget", "cut_start", "prune_length", "token_group"):
+        assert (run / f"dmd_sweep_{name}.csv").exists() and (run / f"dmd_sweep_{name}.png").exists()
+    for png in ("dmd_eigenvalues", "dmd_budget", "dmd_q_cos_i0_p2", "dmd_q_r2_i2_p2"):
+        assert (run / f"{png}.png").stat().st_size > 1000
+
+    # the report is not replaced without --overwrite
+    with pytest.raises(ConfigError, match="--overwrite"):
+        run_dmd(cfg)
+
+
+def test_bad_dmd_settings_fail_before_any_image(digits_shards, tmp_path, capsys):
+    rc = cli_main(
+        [
+            "dmd",
+            "configs/demo.yaml",
+            f"run_dir={tmp_path}",
+            f"data.shards_dir={digits_shards}",
+            "teacher.train_from_scratch=false",
+            "dmd.solvers=[ridge,svd]",
+        ]
+    )
+    assert rc == 2 and "dmd.solvers: unknown solver 'svd'" in capsys.readouterr().err
+    cfg = _cfg(digits_shards, tmp_path / "r2", "dmd.sweep.cut_starts=[3]")
+    with pytest.raises(ConfigError, match=r"dmd.sweep.cut_starts=3 around the base span \(0, 2\)"):
+        run_dmd(cfg)
