@@ -167,8 +167,10 @@ class DMDCallback(L.Callback):
     def _trajectory(
         self, pl_module: Any, batch: Mapping[str, Tensor], outputs: Any = None
     ) -> Tensor:
-        if isinstance(outputs, Mapping) and outputs.get("trajectory") is not None:
-            return outputs["trajectory"]
+        shared = outputs.get("trajectory") if isinstance(outputs, Mapping) else None
+        full = getattr(pl_module.teacher, "num_layers", None)
+        if shared is not None and (full is None or shared.shape[1] == full + 1):
+            return shared  # the module's own teacher forward (a truncated one is not used)
         with torch.no_grad():
             return pl_module.teacher.trajectory(batch["image"].to(pl_module.device))
 
