@@ -144,32 +144,34 @@ class Evaluator(nn.Module):
             labels = None if labels is None else labels.to(traj.device)[keep]
         if traj.shape[0] == 0:
             return
-        for e in self.entries:
-            layers = torch.tensor(e.layers, device=traj.device)
-            self.fidelity[self._key(e)].update(e.predict(traj), traj[:, layers])
-        if self.finish is None or not len(self.final):
-            return
-        L = traj.shape[1] - 1
-        ref = self.finish(traj[:, L], L)
-        ref_tokens, ref_logits = ref["tokens"].float(), ref.get("logits")
-        if len(self.top1) and ref_logits is None:
-            raise ValueError("DMD evaluation: top1=True but finish() returned no logits")
-        for e in self.entries:
-            if self._key(e) not in self.final:
-                continue
-            tokens, classes = [], []
-            for (i, p), op in e.parts:
-                end = op.predict(traj[:, i], p // op.stride)[..., -1, :]
-                out = self.finish(end.float(), i + p)
-                tokens.append(out["tokens"].float())
-                if self._key(e) in self.top1:
-                    classes.append(out["logits"].argmax(-1))
-            self.final[self._key(e)].update(
-                torch.stack(tokens, 1), ref_tokens[:, None].expand(-1, len(tokens), -1, -1)
+        if self.finish is not None and len(self.final):
+            L = traj.shape[1] - 1
+            ref = self.finish(traj[:, L], L)
+            if len(self.top1) and ref.get("logits") is None:
+                raise ValueError("DMD evaluation: top1=True but finish() returned no logits")
+        for e in self.entries:  # one entry at a time: one prediction held in memory
+            pred = e.predict(traj)
+            self.fidelity[self._key(e)].update(
+                pred, traj[:, torch.tensor(e.layers, device=traj.device)]
             )
-            if classes:
-                lab = labels if labels is not None else torch.full_like(classes[0], -1)
-                self.top1[self._key(e)].update(torch.stack(classes, 1), ref_logits.argmax(-1), lab)
+            if self._key(e) in self.final:
+                self._downstream(e, pred, ref, labels)
+
+    def _downstream(
+        self, e: Entry, pred: Tensor, ref: Mapping[str, Any], labels: Optional[Tensor]
+    ) -> None:
+        """Each span end's prediction finished by the teacher vs the teacher's own output."""
+        tokens, classes = [], []
+        for (i, p), _ in e.parts:
+            out = self.finish(pred[:, e.layers.index(i + p)].float(), i + p)
+            tokens.append(out["tokens"].float())
+            if self._key(e) in self.top1:
+                classes.append(out["logits"].argmax(-1))
+        ref_tokens = ref["tokens"].float()[:, None].expand(-1, len(tokens), -1, -1)
+        self.final[self._key(e)].update(torch.stack(tokens, 1), ref_tokens)
+        if classes:
+            lab = labels if labels is not None else torch.full_like(classes[0], -1)
+            self.top1[self._key(e)].update(torch.stack(classes, 1), ref["logits"].argmax(-1), lab)
 
     def compute(self) -> dict[str, dict[str, Any]]:
         """{entry: {"layers": [...], "fidelity": {metric/group: [per layer]},

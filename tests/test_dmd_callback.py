@@ -191,3 +191,32 @@ def test_overlapping_spans_are_refused(tmp_path):
     )
     with pytest.raises(ValueError, match="overlap"):
         trainer.fit(student)
+
+
+def test_refit_adds_training_batches_to_the_moments(tmp_path):
+    student = Student()
+    callback = DMDCallback(
+        solvers=["ridge"], selections=["span"], calib_images=6, refit_every_n_steps=2
+    )
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_steps=2,
+        logger=False,
+        callbacks=[callback],
+        limit_val_batches=0,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        default_root_dir=tmp_path,
+    )
+    trainer.fit(student)
+    assert callback.fits == 2  # at fit start, then at step 2
+    # calibration: 6 valid images of batches 0-1; then training batches 0 and 1 (4 + 3 valid)
+    ref = MomentAccumulator(4, 16, endpoints=[(0, 2), (2, 4)])
+    batches = list(student.train_dataloader())
+    for batch in batches[:2]:
+        keep = batch["valid"] & (torch.cumsum(batch["valid"], 0) <= 6 - ref.images)
+        ref.update(student.teacher.trajectory(batch["image"]), keep)
+    for batch in batches[:2]:
+        ref.update(student.teacher.trajectory(batch["image"]), batch["valid"])
+    assert callback.moments.images == ref.images == 13
+    assert torch.allclose(callback.moments.buffer, ref.buffer, rtol=1e-10)
