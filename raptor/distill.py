@@ -420,7 +420,11 @@ class Distiller(L.LightningModule):
     # ---------------------------------------------------------------- checkpoints
 
     def on_save_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
-        """Drop the teacher's weights (rebuilt from the config); keep the RNG states."""
+        """Drop the teacher's weights (rebuilt from the config); keep the RNG states; flush
+        the loggers, so a killed run's CSV holds every step before its checkpoint (except
+        possibly the last one, logged by Lightning just after the checkpoint)."""
+        for logger in self.trainer.loggers:
+            logger.save()
         checkpoint["state_dict"] = {
             k: v for k, v in checkpoint["state_dict"].items() if not k.startswith("teacher.")
         }
