@@ -87,7 +87,6 @@ class TeacherTrainConfig:
     batch_size: Optional[int] = None  # default data.batch_size
     # torch CPU threads while training (default: torch's); tiny models train fastest on 1,
     # and a shared CPU makes several threads per process spin against each other
-    num_threads: Optional[int] = None
 
 
 @dataclass
@@ -158,7 +157,11 @@ class StageConfig:
 
     Learning rate: `lr` is for `lr_reference_batch` images per optimizer step; it is
     scaled linearly with the global batch (per-device batch x devices x nodes)
-    when `scale_lr` is set.
+    when `scale_lr` is set (peak lr = lr x global batch / lr_reference_batch; min_lr
+    is not scaled). Schedule: linear warmup over `warmup_steps`, cosine to `min_lr`
+    at `steps`; AdamW; `grad_clip` is the gradient-norm limit (per block in stage 1).
+    Loss per state: w_cls*mean(cls) + w_reg*mean(reg) + w_patch*mean(patch) of the
+    squared error (`weighted`) or the plain MSE (`mse`).
     """
 
     steps: int = 10000
@@ -172,7 +175,7 @@ class StageConfig:
     w_reg: float = 0.33
     w_patch: float = 0.33
     loss: str = "weighted"  # weighted | mse
-    noise_sigma: float = 0.0
+    noise_sigma: float = 0.0  # std of Gaussian noise added to every block input
     lr_reference_batch: int = 256
     scale_lr: bool = False
 
@@ -181,12 +184,12 @@ class StageConfig:
 class TrainConfig:
     stage: int = 1
     blocks: Optional[List[int]] = None  # stage 1: train only these blocks (1-based)
-    init_from: str = ""  # stage 2: a stage-1 run folder or checkpoint
+    init_from: str = ""  # stage 2: stage-1 run folder(s)/checkpoint(s), comma-separated
     seed: int = 0
     resume: str = "auto"  # auto | never | PATH to a checkpoint
     ckpt_every_n_steps: int = 500
     val_every_n_steps: int = 1000
-    val_batches: Optional[int] = None  # limit validation batches per evaluation
+    val_batches: Optional[int] = None  # limit validation batches per evaluation (per rank)
     stage1: StageConfig = field(default_factory=StageConfig)
     stage2: StageConfig = field(
         default_factory=lambda: StageConfig(w_cls=0.45, w_reg=0.10, w_patch=0.45)
@@ -249,6 +252,7 @@ class TrainerConfig:
     precision: Optional[str] = None  # default: bf16-mixed on GPU, 32-true on CPU
     deterministic: bool = False
     benchmark: bool = False
+    num_threads: Optional[int] = None  # torch CPU threads per process; default torch's own
     extra: Dict[str, Any] = field(default_factory=dict)
 
 
