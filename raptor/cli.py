@@ -48,7 +48,12 @@ def config_from_args(args: argparse.Namespace):
     from raptor.config import load_config
 
     overrides = [("train." + o) if o.startswith("stage=") else o for o in args.overrides]
-    return load_config(args.config, overrides)
+    cfg = load_config(args.config, overrides)
+    if cfg.trainer.num_threads:  # process-wide: DDP workers re-run the CLI and set it too
+        import torch
+
+        torch.set_num_threads(int(cfg.trainer.num_threads))
+    return cfg
 
 
 def build_parser(command: Optional[str]) -> argparse.ArgumentParser:

@@ -40,6 +40,7 @@ def _global_rank() -> int:
 def wandb_run_id(run_dir: Path) -> str:
     """The run's W&B id: read from the run folder, or made once and stored there."""
     path = Path(run_dir) / WANDB_ID_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
     if not path.exists():
         try:
             with open(path, "x") as fh:  # first writer wins; others read it back
@@ -86,7 +87,11 @@ def make_loggers(cfg: DictConfig, run_dir: Path) -> List[Any]:
     if mode not in ("online", "offline", "disabled"):
         raise ValueError(f"logging.wandb must be online, offline or disabled, got '{mode}'")
     if mode != "disabled":
+        import wandb
         from lightning.pytorch.loggers import WandbLogger
+
+        if wandb.run is not None:  # a previous step of this process: WandbLogger would reuse it
+            wandb.finish()
 
         loggers.append(
             WandbLogger(

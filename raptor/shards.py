@@ -36,6 +36,7 @@ quality 95. Readers with a center-crop transform then decode small files.
 from __future__ import annotations
 
 import argparse
+import copy
 import hashlib
 import io
 import json
@@ -44,7 +45,7 @@ import sys
 import tarfile
 from multiprocessing import Pool
 from pathlib import Path
-from typing import Dict, Iterable, List, Optional, Tuple, Union
+from typing import Any, Dict, Iterable, List, Optional, Tuple, Union
 
 import numpy as np
 from PIL import Image
@@ -364,3 +365,26 @@ def main(args: argparse.Namespace) -> int:
         for path in skipped["paths"]:
             print(f"  {path}", file=sys.stderr)
     return 0
+
+
+def ensure_shards(cfg: Any, default_dir: str | Path) -> Any:
+    """For data.source digits or imagefolder:PATH, write the shards into data.shards_dir
+    (default `default_dir`) unless a complete folder (manifest.json) is there; returns a
+    copy of cfg that reads them (data.source=shards). cfg is a RaptorConfig."""
+    source = cfg.data.source
+    if source == "shards":
+        return cfg
+    out = Path(cfg.data.shards_dir or default_dir)
+    if not (out / MANIFEST).is_file():
+        d = cfg.data
+        write_shards(
+            source,
+            out,
+            shard_size=d.shard_size,
+            val_fraction=d.val_fraction,
+            seed=d.split_seed,
+            crop=d.store_crop,
+        )
+    cfg = copy.deepcopy(cfg)
+    cfg.data.source, cfg.data.shards_dir = "shards", str(out)
+    return cfg

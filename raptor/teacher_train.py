@@ -18,7 +18,6 @@ When teacher.json exists the run is complete and is not repeated unless
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import json
 import math
@@ -34,6 +33,7 @@ from omegaconf import DictConfig
 from raptor.cli import add_config_arguments, config_from_args
 from raptor.config import ConfigError
 from raptor.runs import make_trainer, prepare_run_dir
+from raptor.shards import ensure_shards
 from raptor.teacher import create_vit, default_data_config, save_teacher_file
 
 RESULT_FILE = "teacher.json"
@@ -121,43 +121,6 @@ def _data_cfg(cfg: DictConfig) -> DictConfig:
     return data
 
 
-def ensure_shards(cfg: DictConfig, run_dir: Path) -> DictConfig:
-    """For data.source digits or imagefolder:PATH, write the shards into data.shards_dir
-    (default run_dir/shards) unless a complete folder (manifest.json) is there; returns
-    cfg reading them (data.source=shards)."""
-    source = cfg.data.source
-    if source == "shards":
-        return cfg
-    from raptor.shards import MANIFEST, write_shards
-
-    out = Path(cfg.data.shards_dir or run_dir / "shards")
-    if not (out / MANIFEST).is_file():
-        d = cfg.data
-        write_shards(
-            source,
-            out,
-            shard_size=d.shard_size,
-            val_fraction=d.val_fraction,
-            seed=d.split_seed,
-            crop=d.store_crop,
-        )
-    cfg = copy.deepcopy(cfg)
-    cfg.data.source, cfg.data.shards_dir = "shards", str(out)
-    return cfg
-
-
-@contextlib.contextmanager
-def torch_threads(num: Optional[int]):
-    """Run with `num` torch CPU threads (unchanged when None), restoring the old count."""
-    before = torch.get_num_threads()
-    if num:
-        torch.set_num_threads(int(num))
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 def train_teacher(
     cfg: DictConfig, run_dir: Optional[str | Path] = None, retrain: bool = False
 ) -> Dict[str, Any]:
@@ -185,7 +148,7 @@ def train_teacher(
     prepare_run_dir(cfg, run_dir)
     L.seed_everything(cfg.train.seed, workers=True, verbose=False)
     module = TeacherTraining(cfg)
-    cfg = ensure_shards(cfg, run_dir)
+    cfg = ensure_shards(cfg, run_dir / "shards")
     data = ShardDataModule(_data_cfg(cfg), default_data_config(module.vit))
     epochs = int(cfg.teacher.train.epochs)
     checkpoint = ModelCheckpoint(
@@ -203,11 +166,10 @@ def train_teacher(
         num_sanity_val_steps=0,
     )
     last = ckpt_dir / "last.ckpt"
-    with torch_threads(cfg.teacher.train.num_threads):
-        trainer.fit(module, datamodule=data, ckpt_path=str(last) if last.is_file() else None)
-        top1 = trainer.callback_metrics.get("val/top1")
-        if top1 is None:  # resumed a finished run: nothing was fitted, evaluate once
-            top1 = trainer.validate(module, datamodule=data, verbose=False)[0]["val/top1"]
+    trainer.fit(module, datamodule=data, ckpt_path=str(last) if last.is_file() else None)
+    top1 = trainer.callback_metrics.get("val/top1")
+    if top1 is None:  # resumed a finished run: nothing was fitted, evaluate once
+        top1 = trainer.validate(module, datamodule=data, verbose=False)[0]["val/top1"]
     result = {"val_top1": float(top1), "weights": str(run_dir / WEIGHTS_FILE)}
     if trainer.is_global_zero:
         save_teacher_file(result["weights"], module.vit, module.arch, data.transform_config)

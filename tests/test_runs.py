@@ -23,3 +23,19 @@ def test_csv_metrics_append_across_resumes(tmp_path):
 def test_wandb_id_is_stable(tmp_path):
     first = wandb_run_id(tmp_path)
     assert len(first) == 12 and wandb_run_id(tmp_path) == first
+
+
+def test_each_run_folder_gets_its_own_wandb_run(tmp_path, monkeypatch):
+    """Steps run in one process (the pipeline) must not log into the first step's run."""
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    cfg = load_config(None, ["logging.wandb=offline"])
+    ids = []
+    for name in ("a", "b"):
+        logger = make_loggers(cfg, tmp_path / name)[1]
+        logger.log_metrics({"x": 1.0}, step=0)
+        ids.append(logger.experiment.id)
+    assert ids == [wandb_run_id(tmp_path / "a"), wandb_run_id(tmp_path / "b")]
+    assert len(list((tmp_path / "b" / "wandb").glob("offline-run-*"))) == 1
+    import wandb
+
+    wandb.finish()

@@ -36,9 +36,9 @@ teacher:
   mlp_ratio: 2.0
   num_classes: 10
   drop_path_rate: 0.1
-  train: {{epochs: 5, lr: 3.0e-3, warmup_epochs: 1, num_threads: 1}}
+  train: {{epochs: 5, lr: 3.0e-3, warmup_epochs: 1}}
 logging: {{wandb: disabled, progress_bar: false}}
-trainer: {{accelerator: cpu, devices: 1}}
+trainer: {{accelerator: cpu, devices: 1, num_threads: 1}}
 """
 
 
