@@ -9,6 +9,7 @@ whose residual branches are scaled up so that its depth trajectory moves far fro
 from __future__ import annotations
 
 import csv
+import json
 import math
 import shutil
 from pathlib import Path
@@ -147,7 +148,7 @@ def test_evaluation_matches_direct_computation(setup, stage2):
     from raptor.teacher import Teacher
 
     cfg2, out2 = stage2
-    ev = __import__("json").loads((setup["root"] / "eval2" / "eval.json").read_text())
+    ev = json.loads((setup["root"] / "eval2" / "eval.json").read_text())
     teacher = Teacher.from_config(cfg2.teacher)
     raptor, _ = load_student(out2["checkpoint"])
     dm = ShardDataModule(cfg2.data, teacher.data_config)
@@ -199,8 +200,13 @@ def test_schedule_logging_and_checkpoint_contents(stage1):
 
 def test_block_subset_and_joining(setup, stage1, tmp_path):
     cfg = config(setup["teacher"], setup["shards"], **{"train.blocks": "[2]", "train.stage1.steps": 6,
-                                                       "train.val_every_n_steps": 6})
+                                                       "train.val_every_n_steps": 4})
     out = distill.fit(cfg, tmp_path / "b2")
+    # validated at step 4 and, after the last step, once more
+    assert json.loads((tmp_path / "b2" / "val_metrics.json").read_text())["step"] == 6
+    # rerunning a finished run resumes at its end: no training, the same checkpoint
+    again = distill.fit(cfg, tmp_path / "b2")
+    assert again["step"] == 6 and again["metrics"]["val/r2/L4"] == pytest.approx(out["metrics"]["val/r2/L4"])
     L.seed_everything(0, verbose=False)
     _, init, _ = distill.build(cfg)
     ckpt = torch.load(out["checkpoint"], weights_only=True)
