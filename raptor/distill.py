@@ -126,10 +126,14 @@ def selected_blocks(cfg: DictConfig, k: int) -> List[int]:
     if blocks is None:
         return list(range(k))
     if int(cfg.train.stage) != 1:
-        raise ConfigError("train.blocks selects stage-1 blocks; stage 2 trains all of them (unset it)")
+        raise ConfigError(
+            "train.blocks selects stage-1 blocks; stage 2 trains all of them (unset it)"
+        )
     out = [int(j) for j in blocks]
     if not out or any(not 1 <= j <= k for j in out) or len(set(out)) != len(out):
-        raise ConfigError(f"train.blocks must be distinct block numbers in 1..{k} (model.k), got {out}")
+        raise ConfigError(
+            f"train.blocks must be distinct block numbers in 1..{k} (model.k), got {out}"
+        )
     return sorted(j - 1 for j in out)
 
 
@@ -194,7 +198,7 @@ def load_blocks(raptor: Any, init_from: str) -> List[int]:
                 raise ConfigError(f"train.init_from: block {j} is in both {owner[j]} and {source}")
             prefix = f"raptor.blocks.{j - 1}."
             raptor.blocks[j - 1].load_state_dict(
-                {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+                {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
             )
             owner[j] = source
     missing = sorted(set(range(1, raptor.k + 1)) - set(owner))
@@ -317,7 +321,9 @@ class Distiller(L.LightningModule):
         self.val_identity = TrajectoryMetrics(S, teacher.groups, dim=D)
         self.val_loss = MeanVector(S)
         self.top1_names = ["teacher"] + (
-            ["student"] if self.rollout_mode == "full" else [f"student_B{j + 1}" for j in self.trained]
+            ["student"]
+            if self.rollout_mode == "full"
+            else [f"student_B{j + 1}" for j in self.trained]
         )
         self.val_top1 = MeanVector(len(self.top1_names))
         self.last_val: Dict[str, float] = {}
@@ -339,15 +345,21 @@ class Distiller(L.LightningModule):
         )
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
-    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
+    def configure_gradient_clipping(
+        self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None
+    ):
         """Stage 1 clips each trained block's gradient norm on its own; stage 2 all together."""
         if not gradient_clip_val:
             return
-        groups = [self.raptor.blocks[j].parameters() for j in self.trained] if self.stage == 1 else [
-            self.raptor.parameters()
-        ]
+        groups = (
+            [self.raptor.blocks[j].parameters() for j in self.trained]
+            if self.stage == 1
+            else [self.raptor.parameters()]
+        )
         for params in groups:
-            torch.nn.utils.clip_grad_norm_([p for p in params if p.grad is not None], gradient_clip_val)
+            torch.nn.utils.clip_grad_norm_(
+                [p for p in params if p.grad is not None], gradient_clip_val
+            )
 
     def _noise(self) -> Optional[torch.Generator]:
         """A generator seeded by (seed, stage, step, rank): reproducible noise across resumes."""
@@ -358,7 +370,9 @@ class Distiller(L.LightningModule):
 
     # ---------------------------------------------------------------- training
 
-    def training_step(self, batch: Dict[str, torch.Tensor], batch_idx: int) -> Dict[str, torch.Tensor]:
+    def training_step(
+        self, batch: Dict[str, torch.Tensor], batch_idx: int
+    ) -> Dict[str, torch.Tensor]:
         """{"loss", "trajectory" (the teacher's, shared with callbacks)}."""
         images = batch["image"]
         B, sigma, gen = images.shape[0], float(self.hp.noise_sigma), self._noise()
@@ -449,11 +463,15 @@ class Distiller(L.LightningModule):
         if self.rollout_mode == "full":
             preds = self.raptor(traj[:, 0])
             return preds, [preds[:, -1]]
-        parts = [self.raptor.rollout(traj[:, f - 1], f - 1, e) for f, e in
-                 (self.raptor.phases[j] for j in self.trained)]
+        parts = [
+            self.raptor.rollout(traj[:, f - 1], f - 1, e)
+            for f, e in (self.raptor.phases[j] for j in self.trained)
+        ]
         return torch.cat(parts, dim=1), [p[:, -1] for p in parts]
 
-    def validation_step(self, batch: Dict[str, torch.Tensor], batch_idx: int) -> Dict[str, torch.Tensor]:
+    def validation_step(
+        self, batch: Dict[str, torch.Tensor], batch_idx: int
+    ) -> Dict[str, torch.Tensor]:
         """Student vs teacher on one batch; returns {"trajectory"} so callbacks (DMD) reuse
         the teacher's forward."""
         images, labels, valid = batch["image"], batch["label"], batch["valid"].bool()
@@ -468,8 +486,14 @@ class Distiller(L.LightningModule):
         if self.teacher.num_classes:
             keep = valid & (labels >= 0)
             L_ = self.raptor.num_layers
-            ends = [L_] if self.rollout_mode == "full" else [self.raptor.phases[j][1] for j in self.trained]
-            hits = [self.teacher.logits_from_tokens(self.teacher.final_norm(traj[:, L_])).argmax(-1)]
+            ends = (
+                [L_]
+                if self.rollout_mode == "full"
+                else [self.raptor.phases[j][1] for j in self.trained]
+            )
+            hits = [
+                self.teacher.logits_from_tokens(self.teacher.final_norm(traj[:, L_])).argmax(-1)
+            ]
             for a, end in zip(finals, ends):
                 hits.append(self.teacher.finish(a.float(), end)["logits"].argmax(-1))
             correct = torch.stack([h == labels for h in hits], dim=1)[keep]
@@ -482,7 +506,9 @@ class Distiller(L.LightningModule):
         self.last_val = {k: float(v) for k, v in flat.items()}
         self.last_val_step = int(self.global_step)
         if self.val_file is not None and self.trainer.is_global_zero:
-            self.val_file.write_text(json.dumps({"step": self.last_val_step, **self.results}, indent=1))
+            self.val_file.write_text(
+                json.dumps({"step": self.last_val_step, **self.results}, indent=1)
+            )
 
     def compute_validation(self) -> tuple[Dict[str, float], Dict[str, Any]]:
         """(flat logged metrics, structured results) of the validation so far; resets the metrics."""
@@ -490,7 +516,10 @@ class Distiller(L.LightningModule):
         loss, top1 = self.val_loss.compute(), self.val_top1.compute()
         flat: Dict[str, float] = {}
         results: Dict[str, Any] = {"layers": self.val_layers, "student": {}, "identity": {}}
-        for prefix, values, key in (("val", student, "student"), ("val_identity", identity, "identity")):
+        for prefix, values, key in (
+            ("val", student, "student"),
+            ("val_identity", identity, "identity"),
+        ):
             for name, v in values.items():
                 metric, group = name.split("/")
                 results[key].setdefault(metric, {})[group] = [float(x) for x in v]
@@ -529,7 +558,9 @@ def build(cfg: DictConfig, resuming: bool = False):
         if cfg.train.init_from:
             load_blocks(raptor, str(cfg.train.init_from))
         else:
-            warnings.warn("stage 2 without train.init_from: the blocks start from random init", stacklevel=2)
+            warnings.warn(
+                "stage 2 without train.init_from: the blocks start from random init", stacklevel=2
+            )
     return teacher, raptor, blocks
 
 
@@ -551,7 +582,9 @@ def _callbacks(cfg: DictConfig, run_dir: Path) -> List[Any]:
     return callbacks
 
 
-def fit(cfg: DictConfig, run_dir: Optional[str | Path] = None, datamodule: Any = None) -> Dict[str, Any]:
+def fit(
+    cfg: DictConfig, run_dir: Optional[str | Path] = None, datamodule: Any = None
+) -> Dict[str, Any]:
     """Train one stage (cfg.train.stage) in `run_dir` (default cfg.run_dir).
 
     `datamodule` defaults to `raptor.data.ShardDataModule(cfg.data, teacher.data_config)`.
@@ -621,7 +654,9 @@ def main(args: argparse.Namespace) -> int:
         m = out["metrics"]
         last = max((int(k.rsplit("L", 1)[1]) for k in m if k.startswith("val/r2/L")), default=None)
         r2 = f", val R^2 at layer {last}: {m[f'val/r2/L{last}']:.4f}" if last else ""
-        print(f"stage {out['stage']} done at step {out['step']}{r2}; checkpoint {out['checkpoint']}")
+        print(
+            f"stage {out['stage']} done at step {out['step']}{r2}; checkpoint {out['checkpoint']}"
+        )
     return 0
 
 

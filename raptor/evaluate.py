@@ -74,12 +74,14 @@ def load_student(checkpoint: str | Path) -> tuple[Any, Dict[str, Any]]:
         )
     prefix = "raptor."
     raptor.load_state_dict(
-        {k[len(prefix):]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
+        {k[len(prefix) :]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
     )
     return raptor, hp
 
 
-def evaluate(cfg: DictConfig, checkpoint: str | Path, run_dir: Optional[str | Path] = None) -> Dict[str, Any]:
+def evaluate(
+    cfg: DictConfig, checkpoint: str | Path, run_dir: Optional[str | Path] = None
+) -> Dict[str, Any]:
     """Evaluate the student in `checkpoint` (a .ckpt or a run folder) on cfg's validation
     data; writes eval.json and fidelity.png into run_dir (default cfg.run_dir) and
     returns the eval.json content."""
@@ -133,10 +135,21 @@ def fidelity_figure(result: Dict[str, Any]):
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4), squeeze=False)
     for ax, (metric, title) in zip(axes[0], panels):
         for group, values in result["student"][metric].items():
-            ax.plot(layers, values, marker="o", ms=3, lw=2 if group == "all" else 1,
-                    label=f"student {group}")
-        ax.plot(layers, result["identity"][metric]["all"], ls="--", color="gray",
-                label="identity ($a_0$)")
+            ax.plot(
+                layers,
+                values,
+                marker="o",
+                ms=3,
+                lw=2 if group == "all" else 1,
+                label=f"student {group}",
+            )
+        ax.plot(
+            layers,
+            result["identity"][metric]["all"],
+            ls="--",
+            color="gray",
+            label="identity ($a_0$)",
+        )
         for b in result.get("boundaries", []):
             ax.axvline(b + 0.5, ls=":", color="k", lw=0.8)
         if metric == "r2":  # tiny-variance groups (cls at early layers) can go far below 0

@@ -32,8 +32,14 @@ def write_teacher(path: Path) -> Path:
 
     torch.manual_seed(0)
     vit = timm.create_model(
-        "vit_tiny_patch16_224", img_size=16, patch_size=4, embed_dim=32, depth=4,
-        num_heads=2, reg_tokens=2, num_classes=10,
+        "vit_tiny_patch16_224",
+        img_size=16,
+        patch_size=4,
+        embed_dim=32,
+        depth=4,
+        num_heads=2,
+        reg_tokens=2,
+        num_classes=10,
     )
     with torch.no_grad():  # larger branches: each block moves the tokens visibly
         for blk in vit.blocks:
@@ -84,7 +90,11 @@ def read_csv(path: Path) -> list[dict]:
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory, digits_shards):
     root = tmp_path_factory.mktemp("distill")
-    return {"root": root, "teacher": write_teacher(root / "teacher.safetensors"), "shards": digits_shards}
+    return {
+        "root": root,
+        "teacher": write_teacher(root / "teacher.safetensors"),
+        "shards": digits_shards,
+    }
 
 
 @pytest.fixture(scope="module")
@@ -96,9 +106,16 @@ def stage1(setup):
 @pytest.fixture(scope="module")
 def stage2(setup, stage1):
     cfg = config(
-        setup["teacher"], setup["shards"],
-        **{"train.stage": 2, "train.init_from": stage1[1]["run_dir"], "dmd.enabled": True,
-           "dmd.calib_images": 64, "dmd.solvers": "[ridge]", "dmd.selections": "[span,identity]"},
+        setup["teacher"],
+        setup["shards"],
+        **{
+            "train.stage": 2,
+            "train.init_from": stage1[1]["run_dir"],
+            "dmd.enabled": True,
+            "dmd.calib_images": 64,
+            "dmd.solvers": "[ridge]",
+            "dmd.selections": "[span,identity]",
+        },
     )
     return cfg, distill.fit(cfg, setup["root"] / "stage2")
 
@@ -116,8 +133,14 @@ def test_stage1_then_stage2_lower_the_loss_and_beat_identity(setup, stage1, stag
     # the untrained student (the same init as stage 1), on the same validation batches
     L.seed_everything(0, verbose=False)
     teacher, fresh, _ = distill.build(cfg1)
-    before = run_validation(cfg1, teacher, fresh, setup["root"] / "base", rollout="phase",
-                            limit_batches=cfg1.train.val_batches)
+    before = run_validation(
+        cfg1,
+        teacher,
+        fresh,
+        setup["root"] / "base",
+        rollout="phase",
+        limit_batches=cfg1.train.val_batches,
+    )
     after = _per_layer(out1["metrics"], "val/loss", range(1, 5))
     assert all(a < 0.7 * b for a, b in zip(after, before["loss"])), (before["loss"], after)
     # stage 2 against the stage-1 student, both rolled out from a_0 over all layers
@@ -130,8 +153,16 @@ def test_stage1_then_stage2_lower_the_loss_and_beat_identity(setup, stage1, stag
     # the metrics logged during training use the same names and per-group values
     m = out2["metrics"]
     assert m["val/r2/L4"] > m["val_identity/r2/L4"]
-    for key in ("val/r2_cls/L4", "val/r2_reg/L4", "val/r2_patch/L4", "val/r2_ref/L4",
-                "val/cos/L4", "val/rel_l2/L4", "val/top1_teacher", "val/top1_student"):
+    for key in (
+        "val/r2_cls/L4",
+        "val/r2_reg/L4",
+        "val/r2_patch/L4",
+        "val/r2_ref/L4",
+        "val/cos/L4",
+        "val/rel_l2/L4",
+        "val/top1_teacher",
+        "val/top1_student",
+    ):
         assert key in m and math.isfinite(m[key]), key
     assert (Path(out2["run_dir"]) / "val_metrics.json").is_file()
     # the DMD callback scored its baselines on the same validation batches
@@ -199,18 +230,23 @@ def test_schedule_logging_and_checkpoint_contents(stage1):
 
 
 def test_block_subset_and_joining(setup, stage1, tmp_path):
-    cfg = config(setup["teacher"], setup["shards"], **{"train.blocks": "[2]", "train.stage1.steps": 6,
-                                                       "train.val_every_n_steps": 4})
+    cfg = config(
+        setup["teacher"],
+        setup["shards"],
+        **{"train.blocks": "[2]", "train.stage1.steps": 6, "train.val_every_n_steps": 4},
+    )
     out = distill.fit(cfg, tmp_path / "b2")
     # validated at step 4 and, after the last step, once more
     assert json.loads((tmp_path / "b2" / "val_metrics.json").read_text())["step"] == 6
     # rerunning a finished run resumes at its end: no training, the same checkpoint
     again = distill.fit(cfg, tmp_path / "b2")
-    assert again["step"] == 6 and again["metrics"]["val/r2/L4"] == pytest.approx(out["metrics"]["val/r2/L4"])
+    assert again["step"] == 6 and again["metrics"]["val/r2/L4"] == pytest.approx(
+        out["metrics"]["val/r2/L4"]
+    )
     L.seed_everything(0, verbose=False)
     _, init, _ = distill.build(cfg)
     ckpt = torch.load(out["checkpoint"], weights_only=True)
-    state = {k[len("raptor."):]: v for k, v in ckpt["state_dict"].items()}
+    state = {k[len("raptor.") :]: v for k, v in ckpt["state_dict"].items()}
     b1 = [torch.equal(v, state[f"blocks.0.{k}"]) for k, v in init.blocks[0].state_dict().items()]
     b2 = [torch.equal(v, state[f"blocks.1.{k}"]) for k, v in init.blocks[1].state_dict().items()]
     assert all(b1) and not all(b2)  # block 1 frozen, block 2 trained
@@ -236,8 +272,16 @@ def test_non_finite_loss_stops_and_keeps_last_checkpoint(setup, stage1, tmp_path
     before = (run / "checkpoints" / "last.ckpt").read_bytes()
     cfg_file = tmp_path / "nan.yaml"
     cfg_file.write_text("name: nan\n")
-    rc = main(["fit", str(cfg_file), *overrides(setup["teacher"], setup["shards"]), f"run_dir={run}",
-               "train.stage1.steps=50", "train.stage1.noise_sigma=inf"])
+    rc = main(
+        [
+            "fit",
+            str(cfg_file),
+            *overrides(setup["teacher"], setup["shards"]),
+            f"run_dir={run}",
+            "train.stage1.steps=50",
+            "train.stage1.noise_sigma=inf",
+        ]
+    )
     assert rc == 1
     err = capsys.readouterr().err
     assert f"non-finite training loss at step {STAGE1_STEPS}" in err and "last.ckpt" in err

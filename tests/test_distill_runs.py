@@ -54,8 +54,11 @@ def assert_same_weights(a: dict, b: dict, atol: float) -> None:
 
 
 def losses_by_step(run_dir: Path) -> dict[int, float]:
-    return {int(r["step"]): float(r["train/loss"]) for r in read_csv(run_dir / "metrics.csv")
-            if r.get("train/loss")}
+    return {
+        int(r["step"]): float(r["train/loss"])
+        for r in read_csv(run_dir / "metrics.csv")
+        if r.get("train/loss")
+    }
 
 
 def test_ddp_two_processes_match_one_process(teacher, digits_shards, tmp_path):
@@ -63,10 +66,17 @@ def test_ddp_two_processes_match_one_process(teacher, digits_shards, tmp_path):
     ranks take every other sample of it, so the global batches are the same samples."""
     steps = 6
     common = overrides(
-        teacher, digits_shards,
-        **{"data.train_urls": str(digits_shards / "train-000000.tar"), "data.shuffle_buffer": 1,
-           "train.stage1.steps": steps, "train.val_every_n_steps": steps, "train.val_batches": "null",
-           "train.ckpt_every_n_steps": steps, "trainer.deterministic": True},
+        teacher,
+        digits_shards,
+        **{
+            "data.train_urls": str(digits_shards / "train-000000.tar"),
+            "data.shuffle_buffer": 1,
+            "train.stage1.steps": steps,
+            "train.val_every_n_steps": steps,
+            "train.val_batches": "null",
+            "train.ckpt_every_n_steps": steps,
+            "trainer.deterministic": True,
+        },
     )
     cfg = config_file(tmp_path)
     run_cli(cfg, [*common, f"run_dir={tmp_path / 'ddp'}", "data.batch_size=8", "trainer.devices=2"])
@@ -77,8 +87,10 @@ def test_ddp_two_processes_match_one_process(teacher, digits_shards, tmp_path):
         assert ddp[step] == pytest.approx(one[step], rel=1e-5), (step, ddp, one)
     assert_same_weights(raptor_state(tmp_path / "ddp"), raptor_state(tmp_path / "one"), atol=1e-5)
     # validation: every sample once across ranks (padding rows ignored), metrics merged
-    val = [{k: v for k, v in r.items() if k.startswith("val") and v}
-           for r in (read_csv(tmp_path / d / "metrics.csv")[-1] for d in ("ddp", "one"))]
+    val = [
+        {k: v for k, v in r.items() if k.startswith("val") and v}
+        for r in (read_csv(tmp_path / d / "metrics.csv")[-1] for d in ("ddp", "one"))
+    ]
     assert val[0].keys() == val[1].keys() and "val/r2/L4" in val[0]
     for key in val[1]:
         assert float(val[0][key]) == pytest.approx(float(val[1][key]), rel=1e-4, abs=1e-6), key
@@ -87,9 +99,15 @@ def test_ddp_two_processes_match_one_process(teacher, digits_shards, tmp_path):
 def test_sigkill_then_resume_equals_uninterrupted_run(teacher, digits_shards, tmp_path):
     steps = 30
     common = overrides(
-        teacher, digits_shards,
-        **{"train.stage1.steps": steps, "train.ckpt_every_n_steps": 5, "train.val_every_n_steps": 15,
-           "train.val_batches": 2, "trainer.deterministic": True},
+        teacher,
+        digits_shards,
+        **{
+            "train.stage1.steps": steps,
+            "train.ckpt_every_n_steps": 5,
+            "train.val_every_n_steps": 15,
+            "train.val_batches": 2,
+            "trainer.deterministic": True,
+        },
     )
     # the reference: the same run without interruption (in this process, no W&B)
     ref = tmp_path / "ref"
@@ -97,8 +115,9 @@ def test_sigkill_then_resume_equals_uninterrupted_run(teacher, digits_shards, tm
     cfg, run = config_file(tmp_path), tmp_path / "run"
     args = [*common, f"run_dir={run}", "logging.wandb=offline"]
     env = {**os.environ, "WANDB_SILENT": "true"}
-    proc = subprocess.Popen(cli(cfg, args), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            text=True, env=env)
+    proc = subprocess.Popen(
+        cli(cfg, args), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env
+    )
     last = run / "checkpoints" / "last.ckpt"
     deadline = time.monotonic() + TIMEOUT
     while not last.exists() and proc.poll() is None and time.monotonic() < deadline:
@@ -117,8 +136,16 @@ def test_sigkill_then_resume_equals_uninterrupted_run(teacher, digits_shards, tm
     segments = sorted((run / "wandb").glob("offline-run-*"))
     assert len(segments) == 2 and all(s.name.endswith(run_id) for s in segments), segments
     data = b"".join(p.read_bytes() for p in segments[-1].glob("*.wandb"))
-    for key in (b"train/loss", b"train/r", b"val/r2/L4", b"val/r2_patch/L4", b"val/r2_ref/L4",
-                b"val_identity/r2/L4", b"val/top1_teacher", b"val/top1_student_B2"):
+    for key in (
+        b"train/loss",
+        b"train/r",
+        b"val/r2/L4",
+        b"val/r2_patch/L4",
+        b"val/r2_ref/L4",
+        b"val_identity/r2/L4",
+        b"val/top1_teacher",
+        b"val/top1_student_B2",
+    ):
         assert key in data, key
     with open(run / "metrics.csv", newline="") as fh:
         rows = list(csv.DictReader(fh))

@@ -23,7 +23,10 @@ def _block(dim=8, seed=0):
 
 def test_group_weighted_mse_matches_per_group_means():
     torch.manual_seed(0)
-    p, t = torch.randn(3, 4, 7, 5, dtype=torch.float64), torch.randn(3, 4, 7, 5, dtype=torch.float64)
+    p, t = (
+        torch.randn(3, 4, 7, 5, dtype=torch.float64),
+        torch.randn(3, 4, 7, 5, dtype=torch.float64),
+    )
     got = losses.group_weighted_mse(p, t, GROUPS, WEIGHTS)
     assert got.shape == (3, 4)
     for i in range(3):
