@@ -174,7 +174,7 @@ class StageConfig:
     w_cls: float = 0.34
     w_reg: float = 0.33
     w_patch: float = 0.33
-    loss: str = "weighted"  # weighted | mse
+    loss: str = "weighted"  # weighted | mse | weighted_final (stage 1: weighted for the last phase, mse for the others)
     noise_sigma: float = 0.0  # std of Gaussian noise added to every block input
     lr_reference_batch: int = 256
     scale_lr: bool = False

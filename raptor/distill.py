@@ -297,7 +297,16 @@ class Distiller(L.LightningModule):
         self.rollout_mode = rollout or ("phase" if self.stage == 1 else "full")
         self.anneal_steps = anneal_steps(self.hp)
         weights = {"cls": self.hp.w_cls, "reg": self.hp.w_reg, "patch": self.hp.w_patch}
-        self.loss_fn = losses.make_loss(str(self.hp.loss), teacher.groups, weights)
+        # one loss per block (`weighted_final` differs by block in stage 1)
+        self.loss_fns = [
+            losses.make_loss(
+                str(self.hp.loss),
+                teacher.groups,
+                weights,
+                final_phase=self.stage == 2 or last == raptor.num_layers,
+            )
+            for _, last in raptor.phases
+        ]
         self.save_hyperparameters(
             {
                 "config": to_container(cfg),
@@ -386,13 +395,19 @@ class Distiller(L.LightningModule):
                 first, last = self.raptor.phases[j]
                 block, targets = self.raptor.blocks[j], traj[:, first : last + 1]
                 ar, _ = losses.autoregressive_loss(
-                    block, traj[:, first - 1], targets, first, self.loss_fn, sigma, gen
+                    block, traj[:, first - 1], targets, first, self.loss_fns[j], sigma, gen
                 )
                 loss_j = (1.0 - r) * ar
                 tf = math.nan  # logged as NaN once skipped (Lightning would repeat the last value)
                 if r > 0:
                     tf = losses.teacher_forcing_loss(
-                        block, traj[:, first - 1 : last], targets, first, self.loss_fn, sigma, gen
+                        block,
+                        traj[:, first - 1 : last],
+                        targets,
+                        first,
+                        self.loss_fns[j],
+                        sigma,
+                        gen,
                     )
                     loss_j = loss_j + r * tf
                     tf = tf.detach()
@@ -404,7 +419,7 @@ class Distiller(L.LightningModule):
         else:
             traj = self.teacher.trajectory(images)
             loss, _ = losses.autoregressive_loss(
-                self.raptor.step, traj[:, 0], traj[:, 1:], 1, self.loss_fn, sigma, gen
+                self.raptor.step, traj[:, 0], traj[:, 1:], 1, self.loss_fns[-1], sigma, gen
             )
         bad = not bool(torch.isfinite(loss.detach()))
         if self.trainer.strategy.reduce_boolean_decision(bad, all=False):
@@ -482,7 +497,11 @@ class Distiller(L.LightningModule):
         preds = preds.float()
         self.val_student.update(preds, targets, valid)
         self.val_identity.update(traj[:, :1].expand_as(targets), targets, valid)
-        self.val_loss.update(self.loss_fn(preds, targets)[valid])
+        per_layer = [
+            self.loss_fns[self.raptor.block_of(layer)](preds[:, i], targets[:, i])
+            for i, layer in enumerate(self.val_layers)
+        ]
+        self.val_loss.update(torch.stack(per_layer, dim=1)[valid])
         if self.teacher.num_classes:
             keep = valid & (labels >= 0)
             L_ = self.raptor.num_layers

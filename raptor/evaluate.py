@@ -7,7 +7,10 @@ same batches, and writes into `run_dir`:
   "layers": [1..L], "student" and "identity": {metric: {group: [value per layer]}}
   (metrics r2, r2_ref, cos, rel_l2, norm_ratio of `dmd.metrics`; groups all, cls,
   reg, patch; identity = a_l predicted as a_0), "loss": [per layer],
-  "top1": {"teacher", "student", "ratio"} or null (no head or no labels)};
+  "top1": {"teacher", "student", "ratio"} or null (no head or no labels),
+  "dmd": DMD baselines fitted on the teacher (one span per phase, `cfg.dmd`) and
+  scored on the same batches, {variant: {metric: {group: [value or None per layer]}}},
+  or null when dmd.enabled is false};
 - `fidelity.png`: R^2, cosine and relative l2 per layer, student per token group
   and the identity baseline, phase boundaries marked (also sent to W&B);
 - the same values in `metrics.csv` / W&B under the names `raptor.distill` logs.
@@ -17,7 +20,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Sequence
 
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig
@@ -38,6 +41,7 @@ def run_validation(
     loggers: Optional[List[Any]] = None,
     datamodule: Any = None,
     limit_batches: Optional[int] = None,
+    callbacks: Sequence[Any] = (),
 ) -> Dict[str, Any]:
     """One validation pass of `raptor` against `teacher` over cfg.data's validation set
     (its first `limit_batches` batches per rank when given); returns the structured
@@ -52,6 +56,7 @@ def run_validation(
         cfg,
         run_dir,
         loggers=loggers if loggers is not None else [],
+        callbacks=callbacks,
         limit_val_batches=limit_batches if limit_batches is not None else 1.0,
     )
     trainer.validate(module, datamodule=datamodule, verbose=False)
@@ -97,7 +102,14 @@ def evaluate(
             f"configured teacher {teacher.num_layers} of width {teacher.embed_dim}"
         )
     loggers = make_loggers(cfg, run_dir)
-    res = run_validation(cfg, teacher, raptor, run_dir, loggers=loggers)
+    dmd = None
+    if cfg.dmd.enabled:  # DMD baselines on the same validation batches as the student
+        from dmd.callback import DMDCallback
+
+        dmd = DMDCallback.from_config(cfg.dmd, out_dir=run_dir)
+    res = run_validation(
+        cfg, teacher, raptor, run_dir, loggers=loggers, callbacks=[dmd] if dmd else []
+    )
     top1 = res["top1"]
     if top1:
         top1 = {"teacher": top1["teacher"], "student": top1["student"]}
@@ -113,12 +125,30 @@ def evaluate(
         "identity": res["identity"],
         "loss": res["loss"],
         "top1": top1,
+        "dmd": dmd_per_layer(dmd.last_results, res["layers"]) if dmd else None,
     }
     if rank_zero_only.rank == 0:
         (run_dir / EVAL_FILE).write_text(json.dumps(out, indent=1))
         log_figure(fidelity_figure(out), run_dir, "fidelity", loggers)
     for logger in loggers:
         logger.finalize("success")
+    return out
+
+
+def dmd_per_layer(results: Dict[str, Any], layers: List[int]) -> Dict[str, Any]:
+    """DMDCallback results -> {variant: {metric: {"all": [value or None per layer]}}},
+    aligned with `layers` (a variant predicts only the layers of its spans; an
+    endpoint map only each span's last layer)."""
+    out = {}
+    for name, res in results.items():
+        where = {layer: i for i, layer in enumerate(res["layers"])}
+        per_metric: Dict[str, Any] = {}
+        for key, values in res["fidelity"].items():
+            metric, group = key.split("/")
+            per_metric.setdefault(metric, {})[group] = [
+                float(values[where[layer]]) if layer in where else None for layer in layers
+            ]
+        out[name] = per_metric
     return out
 
 

@@ -39,9 +39,18 @@ def group_weighted_mse(
     return sum(float(weights[g]) * err[..., sl, :].mean(dim=(-2, -1)) for g, sl in groups.items())
 
 
-def make_loss(kind: str, groups: Mapping[str, slice], weights: Mapping[str, float]) -> LossFn:
-    """`weighted` -> `group_weighted_mse` with `weights` {group: w}; `mse` -> `mse`.
+def make_loss(
+    kind: str,
+    groups: Mapping[str, slice],
+    weights: Mapping[str, float],
+    final_phase: bool = True,
+) -> LossFn:
+    """`weighted` -> `group_weighted_mse` with `weights` {group: w}; `mse` -> `mse`;
+    `weighted_final` -> weighted for the block whose phase ends at the last layer
+    (`final_phase`), plain MSE for the others: the reference's stage-1 recipe.
     The returned function gives one loss per state; training takes its mean."""
+    if kind == "weighted_final":
+        kind = "weighted" if final_phase else "mse"
     if kind == "mse":
         return mse
     if kind == "weighted":
@@ -49,7 +58,7 @@ def make_loss(kind: str, groups: Mapping[str, slice], weights: Mapping[str, floa
         if missing:
             raise ValueError(f"loss weights missing for token group(s) {sorted(missing)}")
         return lambda pred, target: group_weighted_mse(pred, target, groups, weights)
-    raise ValueError(f"loss must be 'weighted' or 'mse', got '{kind}'")
+    raise ValueError(f"loss must be 'weighted', 'weighted_final' or 'mse', got '{kind}'")
 
 
 def add_noise(x: Tensor, sigma: float, generator: Optional[torch.Generator] = None) -> Tensor:

@@ -72,14 +72,16 @@ def summary_tables(steps: Dict[str, Dict[str, Any]]) -> Dict[str, str]:
     per_layer = ""
     if evals:
         first = next(iter(evals.values()))
+        k_dmd, last = list(evals.items())[-1]  # DMD spans follow this Raptor's phases
         cols = [f"Raptor k={k}" for k in evals]
         baselines = {"identity (a_0)": first["identity"]["r2"]["all"]}
-        for name, values in (first.get("dmd") or {}).items():
-            baselines[f"DMD {name}"] = values["r2"]["all"]
+        for name, values in (last.get("dmd") or {}).items():
+            if all(v is not None for v in values["r2"]["all"]):  # endpoint maps: span ends only
+                baselines[f"DMD {name} (k={k_dmd})"] = values["r2"]["all"]
         rows = []
         for i, layer in enumerate(first["layers"]):
             row = [str(layer)] + [_num(ev["student"]["r2"]["all"][i]) for ev in evals.values()]
-            row += [_num(v[i]) if v[i] is not None else "n/a" for v in baselines.values()]
+            row += [_num(v[i]) for v in baselines.values()]
             rows.append(row)
         per_layer = _md_table(["layer"] + cols + list(baselines), rows)
 
@@ -107,7 +109,7 @@ def write_summary(cfg: DictConfig, root: Path, steps: Dict[str, Dict[str, Any]])
     (root / "summary.md").write_text("\n".join(md) + "\n")
     (root / "summary.json").write_text(json.dumps({"steps": steps}, indent=1, default=str))
 
-    where = [f"summary:  {root / 'summary.md'}", f"plots:    {', '.join(str(p) for p in plots)}"]
+    where = [f"summary:  {root / 'summary.md'}", f"plots:    {root}/*.png ({len(plots)} files)"]
     where += [f"backbone: {e}" for e in exports]
     if wandb_dirs:
         where += [f"W&B (offline): {d}" for d in wandb_dirs]
@@ -119,9 +121,10 @@ def write_summary(cfg: DictConfig, root: Path, steps: Dict[str, Dict[str, Any]])
 
 
 def _collect_plots(root: Path, steps: Dict[str, Dict[str, Any]]) -> List[Path]:
-    """Copy every step's PNG plots to the run root as `<step>_<name>.png`."""
+    """Copy the final plots (phases heat-map; per Raptor: fidelity per layer, DMD
+    eigenvalues and DMD vs student) to the run root as `<step>_<name>.png`."""
     out = []
-    for name in steps:
+    for name in (n for n in steps if n == "phases" or n.endswith("/eval")):
         folder = root / name
         for png in sorted(folder.glob("*.png")) if folder.is_dir() else []:
             dest = root / f"{name.replace('/', '_')}_{png.name}"

@@ -169,6 +169,12 @@ def test_stage1_then_stage2_lower_the_loss_and_beat_identity(setup, stage1, stag
     assert "val_dmd/span_ridge/r2/L4" in m and "val_dmd/identity/r2/L4" in m
     assert (Path(out2["run_dir"]) / "dmd_compare.csv").is_file()
     assert (setup["root"] / "eval2" / "eval.json").is_file()
+    # evaluation scores the DMD baselines on its own batches: a span map at every layer,
+    # and the first phase's DMD identity (from a_0) is exactly the evaluation's identity
+    dmd = ev2["dmd"]
+    assert {"span_ridge", "identity"} <= set(dmd)
+    assert all(v is not None for v in dmd["span_ridge"]["r2"]["all"])
+    assert dmd["identity"]["r2"]["all"][:2] == pytest.approx(ev2["identity"]["r2"]["all"][:2])
     assert (setup["root"] / "eval2" / "fidelity.png").stat().st_size > 1000
 
 

@@ -43,8 +43,19 @@ def test_group_weighted_mse_matches_per_group_means():
     assert losses.make_loss("mse", GROUPS, WEIGHTS)(p, t).mean().item() == pytest.approx(
         e.mean().item(), rel=1e-12
     )
-    with pytest.raises(ValueError, match="'weighted' or 'mse'"):
+    with pytest.raises(ValueError, match="'weighted_final' or 'mse'"):
         losses.make_loss("cosine", GROUPS, WEIGHTS)
+
+
+def test_weighted_final_is_weighted_only_for_the_last_phase():
+    """The reference's stage 1: plain MSE for blocks 1..k-1, group-weighted for block k."""
+    torch.manual_seed(0)
+    p, t = torch.randn(3, 7, 5, dtype=torch.float64), torch.randn(3, 7, 5, dtype=torch.float64)
+    final = losses.make_loss("weighted_final", GROUPS, WEIGHTS, final_phase=True)
+    inner = losses.make_loss("weighted_final", GROUPS, WEIGHTS, final_phase=False)
+    weighted = losses.make_loss("weighted", GROUPS, WEIGHTS)
+    assert torch.equal(final(p, t), weighted(p, t))
+    assert torch.equal(inner(p, t), ((p - t) ** 2).mean(dim=(-2, -1)))
 
 
 def test_teacher_forcing_loss_equals_loop_over_layers():
