@@ -15,3 +15,20 @@ def digits_shards(tmp_path_factory):
     out = tmp_path_factory.mktemp("digits_shards")
     write_shards("digits", out, shard_size=256, val_fraction=0.2, seed=0, progress=False)
     return out
+
+
+@pytest.fixture(autouse=True)
+def _isolate_process_state():
+    """Commands run in-process change process-wide state: torch's thread count
+    (`trainer.num_threads`) and environment variables (Lightning's PL_GLOBAL_SEED /
+    PL_SEED_WORKERS, which subprocesses inherit). Restore both after every test so a
+    test's settings cannot change the numerics of the tests after it."""
+    import os
+
+    import torch
+
+    threads, env = torch.get_num_threads(), dict(os.environ)
+    yield
+    torch.set_num_threads(threads)
+    os.environ.clear()
+    os.environ.update(env)
