@@ -47,18 +47,9 @@ ARCH_KEYS = (
     "drop_path_rate",
     "init_values",
 )
-# keys that change the computation of a built model (and so must match a stored file)
-_SHAPE_KEYS = (
-    "img_size",
-    "patch_size",
-    "in_chans",
-    "embed_dim",
-    "depth",
-    "num_heads",
-    "mlp_ratio",
-    "reg_tokens",
-    "num_classes",
-)
+# keys that change the computation of a built model (and so must match a stored file);
+# stochastic depth is off in a frozen teacher and LayerScale values live in the weights
+_SHAPE_KEYS = tuple(k for k in ARCH_KEYS if k not in ("drop_path_rate", "init_values"))
 FILE_FORMAT = "raptor-teacher"
 
 
