@@ -206,7 +206,9 @@ class DmdSweepConfig:
     budgets: List[int] = field(default_factory=list)  # calibration images; error(B) = C / B^gamma
     cut_starts: List[int] = field(default_factory=list)  # span (i, p_base), every selection
     prune_lengths: List[int] = field(default_factory=list)  # span (i_base, p), every selection
-    token_groups: List[str] = field(default_factory=list)  # fit on one group's tokens: cls|reg|patch|all
+    token_groups: List[str] = field(
+        default_factory=list
+    )  # fit on one group's tokens: cls|reg|patch|all
 
 
 @dataclass
@@ -227,7 +229,9 @@ class DmdConfig:
     refit_every_n_steps: int = 0
     downstream: bool = True  # span-end predictions through the teacher's remaining blocks (+ top-1)
     log_groups: bool = False  # callback: also log per-token-group metrics (the CSV table has them)
-    compute_dtype: str = "float64"  # per-batch moment products: float64 | float32 (sums stay float64)
+    compute_dtype: str = (
+        "float64"  # per-batch moment products: float64 | float32 (sums stay float64)
+    )
     sweep: DmdSweepConfig = field(default_factory=DmdSweepConfig)
 
 
