@@ -127,7 +127,7 @@ def test_peak_table_lookup():
 
 
 def test_largest_fitting_batch_search():
-    from raptor.bench import largest_fitting
+    from raptor.bench.train import largest_fitting
 
     for limit in (8, 63, 64, 100, 1000, 1024):
         tried = []

@@ -1,0 +1,513 @@
+"""`raptor bench train CONFIG [k=v ...]`: timed optimizer steps of the real stage-1
+or stage-2 Lightning module on synthetic images, with a teacher of random weights
+(throughput does not depend on weight values). Prints images/s, step time (median,
+IQR), peak memory, FLOPs per image (`raptor.flops`), achieved FLOP/s and its
+fraction of the device's peak; for stage 1 also the per-image cost of k
+single-block runs over one run with all k blocks, and the cost of a DMD moments
+pass over the teacher's forward alone, both measured in the run. `--max-batch`
+(CUDA) first searches the largest batch that fits (`largest_fitting`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterator, List, Optional
+
+import torch
+from lightning.pytorch.callbacks import Callback
+
+from raptor.bench.common import (
+    PeakMemory,
+    Stopwatch,
+    environment,
+    peak_dtype,
+    peak_flops_or_none,
+    print_pairs,
+    resolve_device,
+    result_device_name,
+    spread,
+    to_mib,
+)
+
+HELP = "timed training steps of stage 1 or 2 on synthetic images"
+
+ATTN_BACKENDS = {
+    "flash": "FLASH_ATTENTION",
+    "efficient": "EFFICIENT_ATTENTION",
+    "math": "MATH",
+    "cudnn": "CUDNN_ATTENTION",
+}
+
+
+@contextmanager
+def attention_backend(name: str) -> Iterator[None]:
+    """Restrict F.scaled_dot_product_attention to one backend (`auto`: PyTorch chooses)."""
+    if name == "auto":
+        yield
+        return
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with sdpa_kernel([getattr(SDPBackend, ATTN_BACKENDS[name])]):
+        yield
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of `bench train`: CONFIG [k=v ...] and what to time."""
+    from raptor.cli import add_config_arguments
+
+    add_config_arguments(parser)
+    parser.add_argument(
+        "--stage", type=int, choices=[1, 2], help="default: the config's train.stage"
+    )
+    parser.add_argument("--batch-size", type=int, help="images per step (default: data.batch_size)")
+    parser.add_argument("--steps", type=int, default=20, help="timed steps (default 20)")
+    parser.add_argument("--warmup", type=int, default=5, help="untimed steps first (default 5)")
+    parser.add_argument(
+        "--precision", help="Lightning precision (default: bf16-mixed on GPU, 32-true on CPU)"
+    )
+    parser.add_argument(
+        "--attn-backend",
+        choices=["auto", *ATTN_BACKENDS],
+        default="auto",
+        help="scaled_dot_product_attention backend (torch.nn.attention.sdpa_kernel)",
+    )
+    parser.add_argument(
+        "--compile", action="store_true", help="torch.compile every teacher and surrogate block"
+    )
+    parser.add_argument(
+        "--activation-checkpointing",
+        action="store_true",
+        help="recompute surrogate block activations in the backward pass",
+    )
+    parser.add_argument(
+        "--max-batch",
+        action="store_true",
+        help="CUDA: first find the largest batch that fits (doubling from the batch size, "
+        "then bisection to a multiple of 8) and bench that",
+    )
+    parser.add_argument(
+        "--peak-tflops", type=float, help="device peak to compare with (overrides the table)"
+    )
+    parser.add_argument(
+        "--skip-separate", action="store_true", help="stage 1: skip the k single-block runs"
+    )
+    parser.add_argument(
+        "--skip-dmd-pass", action="store_true", help="skip the DMD moments-pass ratio"
+    )
+    parser.add_argument(
+        "--dmd-repeats", type=int, default=5, help="batches timed for the DMD ratio"
+    )
+    parser.add_argument(
+        "--dmd-compute-dtype",
+        choices=["float64", "float32"],
+        default="float64",
+        help="MomentAccumulator compute_dtype for the DMD ratio",
+    )
+
+
+class StepTimer(Callback):
+    """Times the training steps after `warmup` (batch start to batch end, optimizer step
+    included; CUDA events on GPU), the wall time of the whole timed stretch and its
+    peak memory."""
+
+    def __init__(self, warmup: int, device: torch.device):
+        self.warmup, self.cuda = warmup, device.type == "cuda"
+        self.marks: List[List[Any]] = []
+        self.memory = PeakMemory(device)
+        self.wall = 0.0
+
+    def _mark(self) -> Any:
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            return event
+        return time.perf_counter()
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
+        if batch_idx == self.warmup:
+            self.memory.__enter__()  # synchronizes CUDA
+            self._wall0 = time.perf_counter()
+        if batch_idx >= self.warmup:
+            self.marks.append([self._mark(), None])
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        if batch_idx >= self.warmup:
+            self.marks[-1][1] = self._mark()
+
+    def on_train_end(self, trainer, module) -> None:
+        if self.marks:
+            self.memory.__exit__(None, None, None)  # synchronizes CUDA
+            self.wall = time.perf_counter() - self._wall0
+
+    @property
+    def step_seconds(self) -> List[float]:
+        if self.cuda:
+            return [a.elapsed_time(b) / 1e3 for a, b in self.marks]
+        return [b - a for a, b in self.marks]
+
+
+@contextmanager
+def quiet_lightning() -> Iterator[None]:
+    """Silence Lightning's start-up banner (GPU available, tips) during timed runs."""
+    import logging
+
+    loggers = [logging.getLogger(n) for n in ("lightning.pytorch", "lightning.fabric")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
+def synthetic_loader(batch: Dict[str, torch.Tensor], steps: int):
+    """A DataLoader yielding the same (device-resident) batch `steps` times."""
+    from torch.utils.data import DataLoader, IterableDataset
+
+    class Repeat(IterableDataset):
+        def __iter__(self):
+            return (batch for _ in range(steps))
+
+    return DataLoader(Repeat(), batch_size=None, num_workers=0)
+
+
+def synthetic_batch(
+    teacher: Any, batch_size: int, device: torch.device, seed: int = 0
+) -> Dict[str, torch.Tensor]:
+    """Random normalized images at the teacher's input size, in the batch format of raptor.data."""
+    C, H, W = teacher.data_config["input_size"]
+    gen = torch.Generator().manual_seed(seed)
+    return {
+        "image": torch.randn(batch_size, C, H, W, generator=gen).to(device),
+        "label": torch.zeros(batch_size, dtype=torch.long, device=device),
+        "valid": torch.ones(batch_size, dtype=torch.bool, device=device),
+    }
+
+
+def bench_config(args: argparse.Namespace):
+    """The config with the benchmark's changes: random teacher weights (no file, no hub,
+    no head), one device, an even phase split when the config has none."""
+    from raptor.cli import config_from_args
+
+    cfg = config_from_args(args)
+    cfg.teacher.pretrained, cfg.teacher.weights, cfg.teacher.head = False, "", ""
+    cfg.train.init_from = ""
+    if args.stage is not None:
+        cfg.train.stage = args.stage
+    if args.batch_size is not None:
+        cfg.data.batch_size = args.batch_size
+    return cfg
+
+
+def even_boundaries(num_layers: int, k: int) -> List[int]:
+    """k phases of (nearly) equal length: the partition used when the config names none."""
+    return [round(num_layers * (j + 1) / k) for j in range(k - 1)]
+
+
+def build_models(cfg, device: torch.device, args: argparse.Namespace):
+    """Teacher (random weights) and Raptor on `device`, with compile/checkpointing applied."""
+    import warnings
+
+    from raptor.surrogate import Raptor
+    from raptor.teacher import Teacher
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*has random weights.*")
+        teacher = Teacher.from_config(cfg.teacher)
+    if cfg.phases.boundaries is None and not cfg.phases.file:
+        cfg.phases.boundaries = even_boundaries(teacher.num_layers, int(cfg.model.k))
+    from raptor.distill import phase_boundaries
+
+    raptor = Raptor.from_config(cfg.model, teacher, phase_boundaries(cfg, teacher.num_layers))
+    teacher.to(device)
+    raptor.to(device)
+    for block in raptor.blocks:
+        block.checkpoint_activations = bool(args.activation_checkpointing)
+    if args.compile:
+        for block in list(raptor.blocks) + list(teacher.vit.blocks):
+            block.compile()
+    return teacher, raptor
+
+
+def timed_run(
+    cfg,
+    teacher,
+    raptor,
+    blocks: Optional[List[int]],
+    batch: Dict[str, torch.Tensor],
+    device: torch.device,
+    args: argparse.Namespace,
+) -> Dict[str, Any]:
+    """warmup + steps optimizer steps of the real `Distiller` in a Lightning Trainer."""
+    import warnings
+
+    from raptor import losses
+    from raptor.distill import Distiller, stage_config
+    from raptor.runs import make_trainer
+
+    module = Distiller(cfg, teacher, raptor, blocks)
+    timer = StepTimer(args.warmup, device)
+    total = args.warmup + args.steps
+    with tempfile.TemporaryDirectory(prefix="raptor-bench-") as tmp, quiet_lightning():
+        trainer = make_trainer(
+            cfg,
+            Path(tmp),
+            max_steps=total,
+            callbacks=[timer],
+            loggers=[],
+            accelerator="gpu" if device.type == "cuda" else "cpu",
+            devices=1,
+            num_nodes=1,
+            strategy="auto",
+            precision=args.precision,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            limit_val_batches=0,
+            num_sanity_val_steps=0,
+            gradient_clip_val=float(stage_config(cfg).grad_clip) or None,
+        )
+        with warnings.catch_warnings(), attention_backend(args.attn_backend):
+            warnings.simplefilter("ignore")  # Lightning's advice on workers, eval-mode modules, ...
+            trainer.fit(module, train_dataloaders=synthetic_loader(batch, total))
+    B = batch["image"].shape[0]
+    times = timer.step_seconds
+    timed = range(args.warmup, total)
+    tf_steps = (
+        sum(losses.tf_ratio(s, module.anneal_steps) > 0 for s in timed) if module.stage == 1 else 0
+    )
+    return {
+        "images_per_s": len(times) * B / timer.wall,
+        "step_s": spread(times),
+        "peak_memory_mib": to_mib(timer.memory.total),
+        "tf_fraction": tf_steps / len(timed),
+    }
+
+
+def step_flops(
+    cfg, teacher, raptor, blocks: Optional[List[int]], tf_fraction: float
+) -> Dict[str, float]:
+    """Model FLOPs per image of one step (`raptor.flops`), averaged over the timed steps;
+    in stage 1 a fraction `tf_fraction` of them ran the teacher-forcing pass."""
+    from raptor import flops
+
+    tshape, bshape = flops.vit_shape(teacher.vit), flops.block_shape(raptor.blocks[0])
+    if int(cfg.train.stage) == 2:
+        on = off = flops.stage2_flops(tshape, bshape, raptor.num_layers)
+    else:
+        on = flops.stage1_flops(tshape, bshape, raptor.phases, blocks, True)
+        off = flops.stage1_flops(tshape, bshape, raptor.phases, blocks, False)
+    out = {
+        key: tf_fraction * getattr(on, key) + (1 - tf_fraction) * getattr(off, key)
+        for key in ("teacher", "surrogate", "applications")
+    }
+    out["total"] = out["teacher"] + out["surrogate"]
+    return out
+
+
+def largest_fitting(fits: Callable[[int], bool], start: int, multiple: int = 8) -> int:
+    """The largest batch b (a multiple of `multiple`, or `start`) with fits(b), assuming
+    fits is monotone: doubling from `start`, then bisection. 0 if not even `start` fits."""
+    if not fits(start):
+        return 0
+    lo, hi = start, 2 * start
+    while fits(hi):
+        lo, hi = hi, 2 * hi
+    while hi - lo > multiple:
+        mid = (lo + hi) // 2 // multiple * multiple
+        if mid <= lo:
+            break
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    return lo
+
+
+def max_batch(cfg, teacher, raptor, blocks, device: torch.device, args: argparse.Namespace) -> int:
+    """The largest batch whose training step runs without a CUDA out-of-memory error."""
+    import gc
+
+    probe = argparse.Namespace(**{**vars(args), "steps": 1, "warmup": 1})
+
+    def fits(b: int) -> bool:
+        try:
+            timed_run(
+                cfg, teacher, raptor, blocks, synthetic_batch(teacher, b, device), device, probe
+            )
+            return True
+        except torch.cuda.OutOfMemoryError:
+            return False
+        finally:
+            raptor.zero_grad(set_to_none=True)  # gradients of a failed try
+            gc.collect()
+            torch.cuda.empty_cache()
+
+    found = largest_fitting(fits, int(cfg.data.batch_size))
+    if not found:
+        raise SystemExit(f"--max-batch: even batch {cfg.data.batch_size} runs out of memory")
+    return found
+
+
+def separate_runs(
+    cfg, teacher, raptor, batch, device, args, joint: Dict[str, Any], joint_flops
+) -> Dict[str, Any]:
+    """Stage 1 trained as k single-block runs (`train.blocks=[j]`, each with its own teacher
+    forward) vs the joint run: per-image times and their ratio, measured and by FLOPs."""
+    per_image, separate_flops = [], 0.0
+    for j in range(raptor.k):
+        run = timed_run(cfg, teacher, raptor, [j], batch, device, args)
+        per_image.append(1.0 / run["images_per_s"])
+        separate_flops += step_flops(cfg, teacher, raptor, [j], run["tf_fraction"])["total"]
+    return {
+        "per_image_s_joint": 1.0 / joint["images_per_s"],
+        "per_image_s_separate": per_image,
+        "measured_ratio_separate_over_joint": sum(per_image) * joint["images_per_s"],
+        "analytic_ratio_separate_over_joint": separate_flops / joint_flops["total"],
+    }
+
+
+def dmd_pass_ratio(
+    teacher: Any,
+    batch: Dict[str, torch.Tensor],
+    device: torch.device,
+    repeats: int,
+    compute_dtype: str,
+) -> Dict[str, float]:
+    """Time of (teacher trajectory + MomentAccumulator.update) over the teacher trajectory
+    alone, on the same images, interleaved `repeats` times (after one warm-up of each)."""
+    from dmd.moments import MomentAccumulator
+    from raptor import flops
+
+    acc = MomentAccumulator(
+        teacher.num_layers,
+        teacher.embed_dim,
+        device=device,
+        compute_dtype=getattr(torch, compute_dtype),
+    )
+    images = batch["image"]
+    forward, with_moments = Stopwatch(device), Stopwatch(device)
+    with torch.no_grad():
+        for i in range(repeats + 1):
+            if i == 1:
+                forward.seconds = with_moments.seconds = 0.0
+            with forward():
+                teacher.trajectory(images)
+            with with_moments():
+                acc.update(teacher.trajectory(images))
+    moments = flops.dmd_moments_flops(teacher.num_layers, teacher.num_tokens, teacher.embed_dim)
+    return {
+        "teacher_forward_s": forward.seconds / repeats,
+        "moments_pass_s": with_moments.seconds / repeats,
+        "ratio": with_moments.seconds / forward.seconds,
+        "compute_dtype": compute_dtype,
+        "gflop_per_image_moments": moments / 1e9,
+        "analytic_flop_ratio_moments_over_forward": moments
+        / flops.teacher_forward_flops(flops.vit_shape(teacher.vit)),
+    }
+
+
+def run(args: argparse.Namespace) -> Dict[str, Any]:
+    from raptor.distill import selected_blocks
+    from raptor.runs import default_precision
+
+    device = resolve_device(args.device)
+    if args.steps < 1 or args.warmup < 0:
+        raise SystemExit("--steps must be >= 1 and --warmup >= 0")
+    if (
+        args.attn_backend != "auto"
+        and device.type == "cpu"
+        and args.attn_backend not in ("math", "flash")
+    ):
+        raise SystemExit(
+            f"--attn-backend {args.attn_backend} needs CUDA; on CPU use auto, math or flash"
+        )
+    if args.max_batch and device.type != "cuda":
+        raise SystemExit(
+            "--max-batch searches the largest batch that fits in GPU memory: needs CUDA"
+        )
+    cfg = bench_config(args)
+    cfg.trainer.accelerator = "gpu" if device.type == "cuda" else "cpu"
+    args.precision = args.precision or default_precision(cfg)
+    torch.manual_seed(0)
+    teacher, raptor = build_models(cfg, device, args)
+    stage = int(cfg.train.stage)
+    blocks = selected_blocks(cfg, raptor.k)
+    if args.max_batch:
+        cfg.data.batch_size = max_batch(cfg, teacher, raptor, blocks, device, args)
+    batch = synthetic_batch(teacher, int(cfg.data.batch_size), device)
+
+    main_run = timed_run(cfg, teacher, raptor, blocks, batch, device, args)
+    counts = step_flops(cfg, teacher, raptor, blocks, main_run["tf_fraction"])
+    device_name = result_device_name(device)
+    dtype = peak_dtype(args.precision)
+    peak = peak_flops_or_none(device_name, dtype, args.peak_tflops, device)
+    achieved = counts["total"] * main_run["images_per_s"]
+    result: Dict[str, Any] = {
+        "bench": "train",
+        "params": {
+            "config": args.config,
+            "overrides": list(args.overrides),
+            "stage": stage,
+            "blocks": [j + 1 for j in blocks],
+            "k": raptor.k,
+            "phases": raptor.phases,
+            "batch_size": int(cfg.data.batch_size),
+            "steps": args.steps,
+            "warmup": args.warmup,
+            "precision": args.precision,
+            "attn_backend": args.attn_backend,
+            "compile": bool(args.compile),
+            "activation_checkpointing": bool(args.activation_checkpointing),
+            "matmul_precision": torch.get_float32_matmul_precision(),
+            "teacher": f"{cfg.teacher.name} (random weights), T={teacher.num_tokens}, D={teacher.embed_dim}, L={teacher.num_layers}",
+            "memory": "peak CUDA memory allocated (torch.cuda.max_memory_allocated)"
+            if device.type == "cuda"
+            else "peak resident set of the process (VmHWM) during the timed steps",
+        },
+        "env": environment(device),
+        "result": {
+            "images_per_s": main_run["images_per_s"],
+            "step_time_median_s": main_run["step_s"]["median"],
+            "step_time_iqr_s": main_run["step_s"]["iqr"],
+            "step_time_q1_s": main_run["step_s"]["q1"],
+            "step_time_q3_s": main_run["step_s"]["q3"],
+            "peak_memory_mib": main_run["peak_memory_mib"],
+            "steps_with_teacher_forcing": main_run["tf_fraction"],
+            "gflop_per_image_teacher_fwd": counts["teacher"] / 1e9,
+            "gflop_per_image_surrogate_fwd_bwd": counts["surrogate"] / 1e9,
+            "gflop_per_image_total": counts["total"] / 1e9,
+            "surrogate_block_applications": counts["applications"],
+            "achieved_tflop_per_s": achieved / 1e12,
+            f"peak_tflop_per_s_{dtype}": None if peak is None else peak / 1e12,
+            "fraction_of_peak": None if peak is None else achieved / peak,
+        },
+    }
+    if stage == 1 and not args.skip_separate and raptor.k > 1 and cfg.train.blocks is None:
+        result["stage1_separate"] = separate_runs(
+            cfg, teacher, raptor, batch, device, args, main_run, counts
+        )
+    if not args.skip_dmd_pass:
+        result["dmd_pass"] = dmd_pass_ratio(
+            teacher, batch, device, args.dmd_repeats, args.dmd_compute_dtype
+        )
+    print_pairs("raptor bench train", {**result["params"], "device": device_name})
+    print_pairs(
+        "result (per optimizer step; FLOPs per image, model FLOPs: fwd+bwd = 3 x fwd)",
+        result["result"],
+    )
+    for key, title in (
+        (
+            "stage1_separate",
+            "stage 1: k single-block runs vs one run with all k blocks (same batch)",
+        ),
+        (
+            "dmd_pass",
+            "DMD moments pass (teacher forward + moments, all transitions) vs teacher forward",
+        ),
+    ):
+        if key in result:
+            print_pairs(title, result[key])
+    return result
