@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import socket
+
 import pytest
 
 
@@ -32,3 +34,11 @@ def _isolate_process_state():
     torch.set_num_threads(threads)
     os.environ.clear()
     os.environ.update(env)
+
+
+@pytest.fixture
+def free_port() -> int:
+    """A free TCP port on the loopback interface, for a gloo process group's rendezvous."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

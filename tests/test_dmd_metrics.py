@@ -108,14 +108,9 @@ def _ddp_worker(rank, world, port, result_path):
     dist.destroy_process_group()
 
 
-def test_ddp_two_ranks_equal_one_process(tmp_path):
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+def test_ddp_two_ranks_equal_one_process(tmp_path, free_port):
     path = tmp_path / "out.pt"
-    mp.spawn(_ddp_worker, args=(2, port, str(path)), nprocs=2, join=True)
+    mp.spawn(_ddp_worker, args=(2, free_port, str(path)), nprocs=2, join=True)
     got = torch.load(path, weights_only=True)
     pred, target = _data(3, n=8)
     _assert_close(got, _direct(pred, target))

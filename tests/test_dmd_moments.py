@@ -1,7 +1,6 @@
 """Streamed moments equal those of the concatenated data, on one process and merged over DDP."""
 
 import os
-import socket
 
 import numpy as np
 import pytest
@@ -99,12 +98,9 @@ def _ddp_worker(rank, world, port, path):
     dist.destroy_process_group()
 
 
-def test_ddp_merge_equals_one_process(tmp_path):
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+def test_ddp_merge_equals_one_process(tmp_path, free_port):
     path = tmp_path / "buffer.pt"
-    mp.spawn(_ddp_worker, args=(2, port, str(path)), nprocs=2, join=True)
+    mp.spawn(_ddp_worker, args=(2, free_port, str(path)), nprocs=2, join=True)
     single = MomentAccumulator(L, D, endpoints=ENDS, tokens=TOKENS)
     single.update(_traj(n=10, seed=3))
     merged = single.clone()

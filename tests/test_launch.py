@@ -8,7 +8,6 @@ from __future__ import annotations
 import os
 import shlex
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -128,12 +127,6 @@ def test_sbatch_without_config_fails_with_usage(tmp_path):
     assert proc.returncode == 2 and "usage:" in proc.stderr
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
 def tiny_run_config(tmp_path, digits_shards):
     """A random 4-layer ViT teacher file on the digits shards and a k=2 stage-1 config."""
@@ -186,12 +179,12 @@ logging: {{wandb: disabled, progress_bar: false}}
 
 
 @pytest.mark.slow
-def test_torchrun_wrapper_runs_two_process_cpu_job(tiny_run_config, tmp_path):
+def test_torchrun_wrapper_runs_two_process_cpu_job(tiny_run_config, tmp_path, free_port):
     config, teacher_file = tiny_run_config
     env = {
         **os.environ,
         "NPROC_PER_NODE": "2",
-        "MASTER_PORT": str(_free_port()),
+        "MASTER_PORT": str(free_port),
         "PYTHON": sys.executable,
     }
     env.pop("SLURM_NTASKS", None)
