@@ -26,6 +26,8 @@ from omegaconf.errors import (
     ValidationError,
 )
 
+from raptor.errors import UserError
+
 # --------------------------------------------------------------------------- sections
 
 
@@ -298,7 +300,7 @@ class RaptorConfig:
 # --------------------------------------------------------------------------- loading
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A config file or override is invalid; the message names the key."""
 
 
