@@ -285,12 +285,14 @@ def test_non_finite_loss_stops_and_keeps_last_checkpoint(setup, stage1, tmp_path
             *overrides(setup["teacher"], setup["shards"]),
             f"run_dir={run}",
             "train.stage1.steps=50",
+            "train.schedule_change=apply",
             "train.stage1.noise_sigma=inf",
         ]
     )
     assert rc == 1
     err = capsys.readouterr().err
-    assert f"non-finite training loss at step {STAGE1_STEPS}" in err and "last.ckpt" in err
+    assert f"non-finite training loss at step {STAGE1_STEPS}" in err
+    assert f"{run / 'checkpoints' / 'last.ckpt'} (step {STAGE1_STEPS})" in err
     assert (run / "checkpoints" / "last.ckpt").read_bytes() == before
 
 
