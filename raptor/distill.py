@@ -517,12 +517,6 @@ class Distiller(L.LightningModule):
             self.log("train/img_s", global_batch / max(now - self._tick, 1e-9), prog_bar=True)
         self._tick = now
 
-    def on_train_end(self) -> None:
-        """Checkpoint the final state (the periodic checkpoint may predate the last step)."""
-        self._discard_pending()
-        self._flush_loggers()
-        self.trainer.save_checkpoint(self._ckpt(LAST_CKPT), weights_only=False)
-
     # ---------------------------------------------------------------- checkpoints
 
     def _ckpt(self, name: str) -> Path:
@@ -534,10 +528,15 @@ class Distiller(L.LightningModule):
             logger.save()
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        """Every `train.ckpt_every_n_steps` steps before the last, checkpoint to pending.ckpt;
-        the next training step makes it last.ckpt once its loss is finite."""
+        """Every `train.ckpt_every_n_steps` steps, checkpoint to pending.ckpt (the next
+        training step makes it last.ckpt once its loss is finite); after the last step,
+        to last.ckpt directly. Here, like Lightning's ModelCheckpoint, so that a resume
+        restores the step counters exactly."""
         step = self.global_step
-        if step % int(self.cfg.train.ckpt_every_n_steps) == 0 and step < self.trainer.max_steps:
+        if step == self.trainer.max_steps:
+            self._flush_loggers()
+            self.trainer.save_checkpoint(self._ckpt(LAST_CKPT))
+        elif step % int(self.cfg.train.ckpt_every_n_steps) == 0:
             self.trainer.save_checkpoint(self._ckpt(PENDING_CKPT))
             self.pending_step = step
 
