@@ -3,7 +3,6 @@ against one process, and SIGKILL + resume against an uninterrupted run, W&B offl
 
 from __future__ import annotations
 
-import csv
 import os
 import signal
 import subprocess
@@ -96,7 +95,30 @@ def test_ddp_two_processes_match_one_process(teacher, digits_shards, tmp_path):
         assert float(val[0][key]) == pytest.approx(float(val[1][key]), rel=1e-4, abs=1e-6), key
 
 
+def rows_by_step(run_dir: Path) -> dict[int, list[dict]]:
+    """metrics.csv rows by step: their non-empty values, timing (train/img_s) left out."""
+    out: dict[int, list[dict]] = {}
+    for row in read_csv(run_dir / "metrics.csv"):
+        values = {k: float(v) for k, v in row.items() if v and k not in ("step", "train/img_s")}
+        out.setdefault(int(row["step"]), []).append(values)
+    return out
+
+
+def kill_when(proc: subprocess.Popen, ready) -> str:
+    """SIGKILL `proc` as soon as `ready()`; returns its stderr. Fails if it ended first."""
+    deadline = time.monotonic() + TIMEOUT
+    while not ready() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    alive = proc.poll() is None
+    proc.send_signal(signal.SIGKILL)
+    err = proc.communicate(timeout=60)[1]
+    assert alive and ready(), f"run ended before it was to be killed: {err[-2000:]}"
+    return err
+
+
 def test_sigkill_then_resume_equals_uninterrupted_run(teacher, digits_shards, tmp_path):
+    """Killed once after its first checkpoint and once right after a validation, then
+    resumed: the same weights and the same metrics.csv rows as an uninterrupted run."""
     steps = 30
     common = overrides(
         teacher,
@@ -115,26 +137,26 @@ def test_sigkill_then_resume_equals_uninterrupted_run(teacher, digits_shards, tm
     cfg, run = config_file(tmp_path), tmp_path / "run"
     args = [*common, f"run_dir={run}", "logging.wandb=offline"]
     env = {**os.environ, "WANDB_SILENT": "true"}
-    proc = subprocess.Popen(
-        cli(cfg, args), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env
-    )
     last = run / "checkpoints" / "last.ckpt"
-    deadline = time.monotonic() + TIMEOUT
-    while not last.exists() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.02)
-    alive = proc.poll() is None
-    proc.send_signal(signal.SIGKILL)
-    err = proc.communicate(timeout=60)[1]
-    assert alive and last.exists(), f"run ended before its first checkpoint: {err[-2000:]}"
+
+    def start():
+        return subprocess.Popen(
+            cli(cfg, args), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env
+        )
+
+    kill_when(start(), last.exists)
     killed_at = torch.load(last, weights_only=True)["global_step"]
     assert 0 < killed_at < steps  # mid-run, and mid-epoch (an epoch is 89 batches)
-    run_cli(cfg, args)  # the same command again: resume=auto
+    # the same command again (resume=auto), killed as soon as the validation at 15 is written
+    kill_when(start(), (run / "val_metrics.json").exists)
+    assert killed_at <= torch.load(last, weights_only=True)["global_step"] < steps
+    run_cli(cfg, args)  # and again, to the end
     assert torch.load(last, weights_only=True)["global_step"] == steps
     assert_same_weights(raptor_state(run), raptor_state(ref), atol=1e-6)
-    # both segments wrote to the same W&B run, offline; the metrics are in its files and CSV
+    # the three segments wrote to the same W&B run, offline; the metrics are in its files
     run_id = (run / "wandb_id.txt").read_text().strip()
     segments = sorted((run / "wandb").glob("offline-run-*"))
-    assert len(segments) == 2 and all(s.name.endswith(run_id) for s in segments), segments
+    assert len(segments) == 3 and all(s.name.endswith(run_id) for s in segments), segments
     data = b"".join(p.read_bytes() for p in segments[-1].glob("*.wandb"))
     for key in (
         b"train/loss",
@@ -147,11 +169,15 @@ def test_sigkill_then_resume_equals_uninterrupted_run(teacher, digits_shards, tm
         b"val/top1_student_B2",
     ):
         assert key in data, key
-    with open(run / "metrics.csv", newline="") as fh:
-        rows = list(csv.DictReader(fh))
-    # the killed segment flushed its rows at the checkpoint, but the row of the step that
-    # produced it is logged after the checkpoint and may be lost with the process
-    logged = {int(r["step"]) for r in rows if r.get("train/loss")}
-    assert set(range(steps)) - logged <= {killed_at - 1}, sorted(logged)
-    # validations after 15 and 30 optimizer steps, logged at their last batch's step
-    assert {int(r["step"]) for r in rows if r.get("val/r2/L4")} == {14, 29}
+    # metrics.csv: one training row per step and one validation row per validation (after
+    # 15 and 30 optimizer steps, logged at their last batch's step), as in the reference
+    got, want = rows_by_step(run), rows_by_step(ref)
+    train = sorted(s for s, rows in got.items() for r in rows if "train/loss" in r)
+    assert train == list(range(steps))
+    assert sorted(s for s, rows in got.items() for r in rows if "val/r2/L4" in r) == [14, 29]
+    assert got.keys() == want.keys()
+    for step, rows in want.items():
+        assert len(got[step]) == len(rows), step
+        for a, b in zip(got[step], rows):
+            assert a.keys() == b.keys(), step
+            assert a == pytest.approx(b, rel=1e-5, abs=1e-6, nan_ok=True), step
