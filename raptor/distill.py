@@ -46,11 +46,13 @@ Logged metrics (CSV, W&B), layers l 1-based:
 The latest validation is also written to RUN/val_metrics.json.
 
 Runs: RUN = cfg.run_dir; checkpoints in RUN/checkpoints/last.ckpt every
-`train.ckpt_every_n_steps` and at the end (written atomically). A periodic
-checkpoint is first written as pending.ckpt and becomes last.ckpt only when the
-next step's loss, computed from its weights, is finite; metrics.csv is flushed
-just before, so it holds every row logged before last.ckpt's step. No checkpoint
-is written from NaN/inf weights or optimizer state. `train.resume`:
+`train.ckpt_every_n_steps` and at the end (written atomically). A checkpoint is
+first written as pending.ckpt and becomes last.ckpt only when the next step's
+loss, computed from its weights, is finite (the final one: when training ends,
+after its validation), so a resume never skips a validation and never starts
+from weights known to fail. No checkpoint is written from NaN/inf weights or
+optimizer state. Lightning writes each logged row to metrics.csv at once.
+`train.resume`:
 `auto` continues from RUN's last.ckpt (or a newer `hpc_ckpt_*.ckpt` left by
 Lightning's SLURM requeue) when there is one (optimizer, schedule,
 step, RNG, data stream position), `never` refuses a run folder that already has
@@ -498,7 +500,8 @@ class Distiller(L.LightningModule):
             )
         bad = not bool(torch.isfinite(loss.detach()))
         if self.trainer.strategy.reduce_boolean_decision(bad, all=False):
-            self._discard_pending()
+            if self.pending_step is not None and self.trainer.is_global_zero:
+                self._ckpt(PENDING_CKPT).unlink(missing_ok=True)  # the weights that gave it
             raise NonFiniteLossError(
                 f"non-finite training loss at step {self.global_step} (stage {self.stage}); "
                 f"stopped before the optimizer step. {self._resume_hint()}"
@@ -522,36 +525,26 @@ class Distiller(L.LightningModule):
     def _ckpt(self, name: str) -> Path:
         return Path(self.trainer.default_root_dir) / CKPT_DIR / name
 
-    def _flush_loggers(self) -> None:
-        """Write the rows logged so far (metrics.csv then holds every step before now)."""
-        for logger in self.trainer.loggers:
-            logger.save()
-
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        """Every `train.ckpt_every_n_steps` steps, checkpoint to pending.ckpt (the next
-        training step makes it last.ckpt once its loss is finite); after the last step,
-        to last.ckpt directly. Here, like Lightning's ModelCheckpoint, so that a resume
-        restores the step counters exactly."""
+        """Every `train.ckpt_every_n_steps` steps and after the last, checkpoint to
+        pending.ckpt (here, like Lightning's ModelCheckpoint, so that a resume restores the
+        step counters exactly); the next training step, or the end of training, makes it
+        last.ckpt."""
         step = self.global_step
-        if step == self.trainer.max_steps:
-            self._flush_loggers()
-            self.trainer.save_checkpoint(self._ckpt(LAST_CKPT))
-        elif step % int(self.cfg.train.ckpt_every_n_steps) == 0:
+        if step % int(self.cfg.train.ckpt_every_n_steps) == 0 or step == self.trainer.max_steps:
             self.trainer.save_checkpoint(self._ckpt(PENDING_CKPT))
             self.pending_step = step
 
+    def on_train_end(self) -> None:
+        if self.pending_step is not None:
+            self._promote_pending()
+
     def _promote_pending(self) -> None:
-        """pending.ckpt -> last.ckpt, the loggers flushed first."""
+        """pending.ckpt -> last.ckpt."""
         last = self._ckpt(LAST_CKPT)
         if self.trainer.is_global_zero:
-            self._flush_loggers()
             os.replace(self._ckpt(PENDING_CKPT), last)
         self.good_ckpt, self.pending_step = (last, self.pending_step), None
-
-    def _discard_pending(self) -> None:
-        if self.pending_step is not None and self.trainer.is_global_zero:
-            self._ckpt(PENDING_CKPT).unlink(missing_ok=True)
-        self.pending_step = None
 
     def _resume_hint(self) -> str:
         """Which checkpoint a rerun can continue from, with its step, and what to change."""
@@ -574,10 +567,10 @@ class Distiller(L.LightningModule):
         checkpoint["state_dict"] = {
             k: v for k, v in checkpoint["state_dict"].items() if not k.startswith("teacher.")
         }
-        bad = first_non_finite(checkpoint)
-        if self.trainer.strategy.reduce_boolean_decision(bad is not None, all=False):
+        bad = first_non_finite(checkpoint)  # the same on every rank (DDP keeps them equal)
+        if bad is not None:
             raise NonFiniteLossError(
-                f"non-finite {bad or 'state on another rank'} at step {self.global_step} "
+                f"non-finite {bad} at step {self.global_step} "
                 f"(stage {self.stage}): no checkpoint written. {self._resume_hint()}"
             )
         checkpoint["schedule"] = schedule(self.cfg, self.trainer.world_size)
