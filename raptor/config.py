@@ -47,8 +47,8 @@ class Range:
     open_high: bool = False
 
     def ok(self, value: Any) -> bool:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            return False
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
+            return False  # not a number, or NaN
         if self.low is not None and (value <= self.low if self.open_low else value < self.low):
             return False
         return self.high is None or (value < self.high if self.open_high else value <= self.high)

@@ -96,6 +96,7 @@ OUT_OF_RANGE = [
     ("data.batch_size=-4", "data.batch_size=-4 is out of range: expected an integer >= 1"),
     ("train.stage1.steps=0", "train.stage1.steps=0 is out of range: expected an integer >= 1"),
     ("train.stage1.steps=-5", "train.stage1.steps=-5 is out of range: expected an integer >= 1"),
+    ("train.stage1.lr=nan", "train.stage1.lr=nan is out of range: expected a number >= 0"),
     ("data.val_fraction=1.5", "data.val_fraction=1.5 is out of range: expected a number in [0, 1)"),
     ("data.val_fraction=1", "data.val_fraction=1.0 is out of range: expected a number in [0, 1)"),
     (
