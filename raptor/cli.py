@@ -97,6 +97,15 @@ _OS_ADVICE = {
     errno.EISDIR: "a folder is where a file was expected: choose another path",
 }
 
+# the same, for these OSErrors raised with a message and no errno
+_OS_CLASS_ERRNO = {
+    FileNotFoundError: errno.ENOENT,
+    PermissionError: errno.EACCES,
+    FileExistsError: errno.EEXIST,
+    NotADirectoryError: errno.ENOTDIR,
+    IsADirectoryError: errno.EISDIR,
+}
+
 
 def describe_failure(exc: BaseException) -> Optional[Tuple[int, str]]:
     """(exit status, one-line message) for an expected failure; None for a bug."""
@@ -113,6 +122,8 @@ def describe_failure(exc: BaseException) -> Optional[Tuple[int, str]]:
         what = os.strerror(exc.errno)
         where = f"{' -> '.join(paths)}: {what}" if paths else what
         return 2, f"{where} [{errno.errorcode[exc.errno]}]; {_OS_ADVICE[exc.errno]}"
+    if exc.__class__ in _OS_CLASS_ERRNO and exc.errno is None:  # raised with a message only
+        return 2, f"{exc}; {_OS_ADVICE[_OS_CLASS_ERRNO[exc.__class__]]}"
     return None
 
 

@@ -38,6 +38,8 @@ def main(args):
         json.loads("{")
     if args.kind == "bug":
         return 1 // 0
+    if args.kind == "missing":
+        raise FileNotFoundError(f"image folder not found: {args.path}")
     with open(args.path, "w") as fh:  # "write": an OSError from the file system
         fh.write("x" * 4096)
         fh.flush()
@@ -117,6 +119,15 @@ def test_permission_denied_is_one_line(failing, capsys):
     assert code in (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOENT)
     assert failing("failing", "write", target) == 2
     _one_os_line(capsys.readouterr().err, target, code)
+
+
+def test_missing_file_raised_with_a_message_is_one_line(failing, capsys):
+    assert failing("failing", "missing", "/data/imgs") == 2
+    err = capsys.readouterr().err
+    assert err == (
+        "raptor failing: image folder not found: /data/imgs; "
+        "check the path in the config or on the command line\n"
+    )
 
 
 def test_run_dir_in_the_way_is_one_line(tmp_path, capsys):
