@@ -93,7 +93,7 @@ _OS_ADVICE = {
     errno.EROFS: "choose a path on a writable file system (e.g. run_dir=...)",
     errno.ENOENT: "check the path in the config or on the command line",
     errno.ENOTDIR: "a file is in the way of a folder: move it or choose another path",
-    errno.EEXIST: "something is already there (a file where a folder is needed?): move it or choose another path",
+    errno.EEXIST: "something is in the way (a file where a folder goes?): move it or choose another path",
     errno.EISDIR: "a folder is where a file was expected: choose another path",
 }
 
@@ -127,13 +127,6 @@ def describe_failure(exc: BaseException) -> Optional[Tuple[int, str]]:
     return None
 
 
-def _debug_requested(argv: List[str]) -> bool:
-    """`--debug` before the command, or RAPTOR_DEBUG set to anything but 0/empty."""
-    flag = next((a for a in argv if not a.startswith("-")), None)
-    before = argv[: argv.index(flag)] if flag is not None else argv
-    return "--debug" in before or os.environ.get("RAPTOR_DEBUG", "") not in ("", "0")
-
-
 def main(argv: Optional[List[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     command = next((a for a in argv if not a.startswith("-")), None)
@@ -143,7 +136,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     if command is None:
         parser.print_help()
         return 0 if not argv or argv[0] in ("-h", "--help") else 2
-    debug = _debug_requested(argv)
+    debug = args.debug or os.environ.get("RAPTOR_DEBUG", "") not in ("", "0")
     if debug:  # processes this one starts (DDP workers, pipeline steps) show tracebacks too
         os.environ["RAPTOR_DEBUG"] = "1"
     name = " ".join(["raptor", command] + ([args.action] if getattr(args, "action", None) else []))
