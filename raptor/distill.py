@@ -76,6 +76,7 @@ from torchmetrics import Metric
 from dmd.metrics import TrajectoryMetrics
 from raptor import losses
 from raptor.config import ConfigError, to_container
+from raptor.errors import RunFailed
 from raptor.runs import make_trainer, prepare_run_dir
 
 CKPT_DIR = "checkpoints"
@@ -83,7 +84,7 @@ LAST_CKPT = "last.ckpt"
 VAL_FILE = "val_metrics.json"
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(RunFailed):
     """The training loss became NaN or infinite; the run stops before the optimizer step."""
 
 

@@ -24,6 +24,7 @@ from typing import Any, Callable, Dict
 from omegaconf import DictConfig, OmegaConf
 
 from raptor.cli import add_config_arguments, config_from_args
+from raptor.errors import read_json
 from raptor.runs import prepare_run_dir
 
 STEP_FILE = "step.json"
@@ -46,7 +47,7 @@ def run_step(name: str, folder: Path, fn: Callable[[], Dict[str, Any]]) -> Dict[
     marker = folder / STEP_FILE
     if marker.is_file():
         print(f"[pipeline] {name}: complete, skipped ({folder})")
-        return json.loads(marker.read_text())
+        return read_json(marker, "pipeline step record")
     print(f"[pipeline] {name}: running in {folder}")
     folder.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()

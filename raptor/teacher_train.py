@@ -32,6 +32,7 @@ from omegaconf import DictConfig
 
 from raptor.cli import add_config_arguments, config_from_args
 from raptor.config import ConfigError
+from raptor.errors import read_json
 from raptor.runs import make_trainer, prepare_run_dir
 from raptor.shards import ensure_shards
 from raptor.teacher import create_vit, default_data_config, save_teacher_file
@@ -135,7 +136,7 @@ def train_teacher(
     run_dir = Path(run_dir or cfg.run_dir)
     result_path = run_dir / RESULT_FILE
     if result_path.is_file() and not retrain:
-        result = json.loads(result_path.read_text())
+        result = read_json(result_path, "teacher result")
         print(
             f"raptor teacher: already trained ({result_path}), val top-1 {result['val_top1']:.4f}"
         )
