@@ -462,6 +462,20 @@ def _shard_samples(
     counter.shard_end(url, tar, expected, share)
 
 
+def validation_complete(missing: int, what: str) -> bool:
+    """Whether a validation pass scored every sample (`missing`: the sum of its batches'
+    "missing"); warns, saying `what` is not over the full set, when it did not."""
+    if missing:
+        warnings.warn(
+            f"validation incomplete ({what} not over the full set): {missing} samples of the "
+            "validation set were missing from their shards or skipped as bad (see the "
+            "bad-sample warnings; `raptor shards verify DIR` checks the shards)",
+            BadSampleWarning,
+            stacklevel=2,
+        )
+    return not missing
+
+
 def _collate(
     images: List[torch.Tensor],
     labels: List[int],
