@@ -11,6 +11,7 @@ import subprocess
 import sys
 import tarfile
 import textwrap
+import warnings
 from collections import Counter
 from pathlib import Path
 
@@ -440,6 +441,44 @@ def test_manifest_overstating_a_count_is_reported(digits_shards, tmp_path):
         batches = list(dm.val_dataloader())
     assert sum(int(b["valid"].sum()) for b in batches) == 359
     assert sum(int(b["missing"]) for b in batches) == 7
+
+
+def test_incomplete_validation_is_flagged_where_top1_is_reported(digits_shards, tmp_path):
+    """A validation set with samples missing: the Distiller's validation (what `raptor fit`
+    and `raptor evaluate` report) and the teacher's val top-1 say it is incomplete."""
+    from test_distill import config, write_teacher
+    from test_teacher_train import TINY
+
+    from raptor.distill import phase_boundaries
+    from raptor.evaluate import run_validation
+    from raptor.surrogate import Raptor
+    from raptor.teacher import Teacher, default_data_config
+    from raptor.teacher_train import TeacherTraining
+
+    read = damaged_copy(digits_shards, tmp_path / "cut", "val-000001.tar", inside=False)
+    cfg = config(write_teacher(tmp_path / "teacher.safetensors"), tmp_path / "cut")
+    cfg.data.max_bad_fraction = 1.0
+    teacher = Teacher.from_config(cfg.teacher)
+    raptor = Raptor.from_config(cfg.model, teacher, phase_boundaries(cfg, teacher.num_layers))
+    tiny = tmp_path / "tiny.yaml"
+    tiny.write_text(TINY.format(shards=tmp_path / "cut"))
+    tcfg = load_config(str(tiny), ["data.max_bad_fraction=1.0"])
+    vit = TeacherTraining(tcfg)
+    for folder, missing in ((digits_shards, 0), (tmp_path / "cut", 103 - read)):
+        cfg.data.shards_dir = tcfg.data.shards_dir = str(folder)
+        dm = ShardDataModule(cfg.data, teacher.data_config, teacher.num_classes)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            res = run_validation(cfg, teacher, raptor, tmp_path / "run", datamodule=dm)
+            tdm = ShardDataModule(tcfg.data, default_data_config(vit.vit), 10)
+            tres = trainer(tmp_path).validate(vit, tdm, verbose=False)[0]
+        flagged = [w for w in caught if "validation incomplete" in str(w.message)]
+        assert res["images"] == 359 - missing and res["missing"] == missing
+        assert res["complete"] is (missing == 0) and res["metrics"]["val/complete"] == (
+            missing == 0
+        )
+        assert tres["val/complete"] == (missing == 0)
+        assert len(flagged) == (2 if missing else 0)
 
 
 def test_bad_manifest_and_missing_shard_are_user_errors(digits_shards, tmp_path):
