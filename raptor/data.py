@@ -899,7 +899,8 @@ class ShardDataModule(L.LightningDataModule):
 
     def skip_stats(self) -> Dict[str, Dict[str, int]]:
         """{"train"|"val": {"read": n, "skipped": k}}: samples read and skipped on this rank
-        since the module was made (all epochs and evaluations, all workers)."""
+        since the module was made (all epochs and evaluations, all workers); samples a
+        manifest lists but a shard did not hold count in both."""
         return {
             split: {"read": int(sum(a[0::2])), "skipped": int(sum(a[1::2]))}
             for split, a in self._stats.items()

@@ -455,12 +455,15 @@ def check_shard(path: Path, expected: int, sha256: Optional[str], bar=None) -> O
     manifest). Reads the file once: sha256 and the tar walk share the bytes."""
     if not path.is_file():
         return "missing"
-    with open(path, "rb") as fh:
-        reader = _HashingReader(fh, bar)
-        tar = TarSamples(reader, str(path))
-        read = sum(1 for _ in tar)
-        while reader.read(1 << 20):  # the rest (end marker, padding) for the checksum
-            pass
+    try:
+        with open(path, "rb") as fh:
+            reader = _HashingReader(fh, bar)
+            tar = TarSamples(reader, str(path))
+            read = sum(1 for _ in tar)
+            while reader.read(1 << 20):  # the rest (end marker, padding) for the checksum
+                pass
+    except OSError as exc:
+        return f"unreadable: {exc}"
     problems = [count_problem(expected, read, tar.error)]
     digest = reader.sha.hexdigest()
     if sha256 and digest != sha256:
@@ -579,7 +582,10 @@ def verify_main(folder: str, progress: Optional[bool] = None) -> int:
             f"{len(bad)} of {len(results)} shards are bad; rewrite them (`raptor shards`) or restore them"
         )
         return 1
-    print(f"all {len(results)} shards match {Path(folder) / MANIFEST} (sha256 and sample counts)")
+    print(
+        f"all {len(results)} shards match {Path(folder) / MANIFEST} "
+        "(sample counts, tar ends, sha256 where listed)"
+    )
     return 0
 
 
