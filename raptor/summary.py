@@ -45,12 +45,13 @@ def summary_tables(steps: Dict[str, Dict[str, Any]]) -> Dict[str, str]:
     for k, ev in evals.items():
         top1 = ev.get("top1") or {}
         r2 = ev["student"]["r2"]["all"]
+        partial = "" if ev.get("complete", True) else " (incomplete)"  # val samples missing
         headline_rows.append(
             [
                 str(k),
                 str(ev["boundaries"]),
-                _pct(top1.get("teacher")),
-                _pct(top1.get("student")),
+                _pct(top1.get("teacher")) + partial,
+                _pct(top1.get("student")) + partial,
                 _num(top1.get("ratio")),
                 _num(r2[-1]),
                 _num(ev["identity"]["r2"]["all"][-1]),
