@@ -18,7 +18,8 @@ complete. On every run the pipeline first prints its plan, step by step:
           or resumes what is there);
 - rerun:  its inputs changed; the plan names the changed keys (old -> new) or the
           upstream steps. The old folder is moved aside to `NAME.stale-STAMP` (never
-          mixed with, or resumed into, the new run) and so is the root config.yaml.
+          mixed with, or resumed into, the new run), the root config.yaml and summary
+          to `run.stale-STAMP/`.
 Keys in `NO_RESULT_KEYS` (logging, devices, threads, workers, checkpoint cadence...)
 never rerun anything. `--plan` prints the plan and stops, to check a change first.
 The root config.yaml is written when every step is complete, so it describes the
@@ -43,10 +44,12 @@ from raptor.cli import add_config_arguments, config_from_args
 from raptor.config import save_config
 from raptor.errors import read_json
 from raptor.runs import _global_rank
+from raptor.summary import report_files, write_summary
 
 STEP_FILE = "step.json"  # written last: the step is complete
 INPUTS_FILE = "inputs.json"  # written first: what the step's folder was made from
 CONFIG_FILE = "config.yaml"
+MAX_LISTED = 8  # changed keys the plan lists per step
 
 # Config keys each kind of step depends on: a key names a leaf or a whole section, "!key"
 # leaves it out. Steps consume data, teacher and phases either from an upstream step
@@ -363,6 +366,8 @@ def plan_steps(steps: List[Step]) -> Dict[str, Tuple[str, List[str]]]:
                 for key in sorted(set(old) | set(step.values))
                 if old.get(key, "(unset)") != step.values.get(key, "(unset)")
             ]
+            if len(why) > MAX_LISTED:
+                why[MAX_LISTED - 1 :] = [f"... and {len(why) - MAX_LISTED + 1} more keys"]
             why += [
                 f"{name} reruns" if name in reruns else f"input from {name} changed"
                 for name in step.after
@@ -374,6 +379,7 @@ def plan_steps(steps: List[Step]) -> Dict[str, Tuple[str, List[str]]]:
 
 
 def print_plan(plan: Dict[str, Tuple[str, List[str]]], steps: List[Step], stamp: str) -> None:
+    """One line per step and reason, then where the folders of the steps that rerun go."""
     width = max(len(s.name) for s in steps)
     print("[pipeline] plan:")
     for step in steps:
@@ -381,9 +387,9 @@ def print_plan(plan: Dict[str, Tuple[str, List[str]]], steps: List[Step], stamp:
         print(f"  {step.name:<{width}}  {action:<5}  {why[0]}")
         for line in why[1:]:
             print(f"  {'':<{width}}  {'':<5}  {line}")
-    moved = [s.folder for s in steps if plan[s.name][0] == "rerun"]
-    for folder in moved:
-        print(f"[pipeline] {folder} is moved aside to {_stale(folder, stamp).name}")
+    for step in steps:
+        if plan[step.name][0] == "rerun":
+            print(f"[pipeline] {step.name}: old folder goes to {_stale(step.folder, stamp)}")
 
 
 def _stale(path: Path, stamp: str) -> Path:
@@ -427,22 +433,26 @@ def run_pipeline(cfg: DictConfig, plan_only: bool = False) -> Optional[Dict[str,
     plan = plan_steps(steps)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     print_plan(plan, steps, stamp)
+    reruns = [s.folder for s in steps if plan[s.name][0] == "rerun"]
+    report = [root / CONFIG_FILE] if (root / CONFIG_FILE).is_file() else []
+    report += report_files(root)
+    if reruns and report:  # they describe the results being replaced
+        print(f"[pipeline] old config.yaml and summary go to {_stale(root / 'run', stamp)}")
     if plan_only:
+        print("[pipeline] --plan: nothing was run or moved")
         return None
     if _global_rank() == 0:  # other ranks re-run the pipeline into the folders rank 0 made
-        root.mkdir(parents=True, exist_ok=True)
-        moved = [s.folder for s in steps if plan[s.name][0] == "rerun"]
-        if moved and (root / CONFIG_FILE).is_file():
-            moved.append(root / CONFIG_FILE)  # it described the results being replaced
-        for path in moved:
+        for path in reruns:
             shutil.move(str(path), str(_stale(path, stamp)))
+        if reruns and report:
+            _stale(root / "run", stamp).mkdir(parents=True)
+            for path in report:
+                shutil.move(str(path), str(_stale(root / "run", stamp) / path.name))
 
     done: Dict[str, Dict[str, Any]] = {}
     for step in steps:
         done[step.name] = run_step(step, plan[step.name][0], done)
     if _global_rank() == 0:
         save_config(cfg, root, CONFIG_FILE)  # every step is complete: it describes them
-
-    from raptor.summary import write_summary
 
     return write_summary(cfg, root, done)

@@ -123,6 +123,13 @@ def write_summary(cfg: DictConfig, root: Path, steps: Dict[str, Dict[str, Any]])
     return {"table": table, "where": "\n".join(where), "tables": tables}
 
 
+def report_files(root: Path) -> List[Path]:
+    """The files `write_summary` leaves in `root`: summary.md, summary.json, the plots."""
+    return [p for p in (root / "summary.md", root / "summary.json") if p.is_file()] + sorted(
+        root.glob("*.png")
+    )
+
+
 def _collect_plots(root: Path, steps: Dict[str, Dict[str, Any]]) -> List[Path]:
     """Copy the final plots (phases heat-map; per Raptor: fidelity per layer, DMD
     eigenvalues and DMD vs student) to the run root as `<step>_<name>.png`."""

@@ -162,8 +162,9 @@ def test_pipeline_reruns_what_a_change_reaches(tmp_path, capsys, monkeypatch):
     assert ev["checkpoint"] == str(run / "k2/stage2/checkpoints/last.ckpt")
     assert len(list((run / "k2").glob("*.stale-*"))) == 3
     assert root_config(run).train.stage2.lr == 5e-4
-    (old_root,) = run.glob("config.yaml.stale-*")
-    assert OmegaConf.load(old_root).train.stage2.lr == 1e-3
+    (old_root,) = run.glob("run.stale-*")  # the old config.yaml and summary, moved aside
+    assert OmegaConf.load(old_root / "config.yaml").train.stage2.lr == 1e-3
+    assert (old_root / "summary.md").is_file() and (old_root / "k2_eval_fidelity.png").is_file()
 
     # 3. a teacher value: --plan only prints; the run retrains the teacher and all after it
     teacher_epochs = torch.load(run / "teacher/checkpoints/last.ckpt", weights_only=True)["epoch"]
