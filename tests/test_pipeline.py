@@ -146,6 +146,7 @@ def test_pipeline_reruns_what_a_change_reaches(tmp_path, capsys, monkeypatch):
     args += ["train.stage2.lr=5e-4"]
     assert cli_main(args) == 0
     out = capsys.readouterr().out
+    assert out.count("running in") == 3, out
     for step in ("shards", "teacher", "phases", "k2/stage1"):
         assert f"{step}: complete, skipped" in out, out
     for step in ("k2/stage2", "k2/eval", "k2/export"):
