@@ -206,8 +206,9 @@ def pipeline_steps(cfg: DictConfig, root: Path) -> List[Step]:
     """Every step of the module docstring, in order, with what it depends on."""
     steps: List[Step] = []
 
-    def add(name, folder, keys, after, run) -> None:
-        steps.append(Step(name, Path(folder), depend_values(cfg, keys), tuple(after), run))
+    def add(name, folder, keys, after, run, source: DictConfig = cfg) -> None:
+        """Append a step depending on `keys` of `source` and on the steps `after`."""
+        steps.append(Step(name, Path(folder), depend_values(source, keys), tuple(after), run))
 
     def given(done: Dict[str, Dict[str, Any]], **updates: Any) -> DictConfig:
         """cfg with what the finished upstream steps provide, plus `updates`."""
@@ -285,6 +286,10 @@ def raptor_steps(add, given, cfg: DictConfig, base: Path, reads, inputs: List[st
     from raptor.export import export_backbone
 
     k = cfg.model.k
+
+    def add_k(*args) -> None:  # values read from this Raptor's config (model.k = k)
+        add(*args, source=cfg)
+
     s1, s2 = base / "stage1", base / "stage2"
     n1, n2 = f"k{k}/stage1", f"k{k}/stage2"
 
@@ -293,7 +298,7 @@ def raptor_steps(add, given, cfg: DictConfig, base: Path, reads, inputs: List[st
             done, **{"model.k": k, "train.stage": 2, "train.init_from": str(s1)}, **updates
         )
 
-    add(
+    add_k(
         n1,
         s1,
         reads + DEPENDS["stage1"],
@@ -302,7 +307,7 @@ def raptor_steps(add, given, cfg: DictConfig, base: Path, reads, inputs: List[st
             given(done, **{"model.k": k, "train.stage": 1, "run_dir": str(folder)}), folder
         ),
     )
-    add(
+    add_k(
         n2,
         s2,
         reads + DEPENDS["stage2"],
@@ -310,7 +315,7 @@ def raptor_steps(add, given, cfg: DictConfig, base: Path, reads, inputs: List[st
         lambda done, folder: fit(stage2_cfg(done, run_dir=str(folder)), folder),
     )
     if cfg.pipeline.evaluate:
-        add(
+        add_k(
             f"k{k}/eval",
             base / "eval",
             reads + DEPENDS["eval"],
@@ -320,7 +325,7 @@ def raptor_steps(add, given, cfg: DictConfig, base: Path, reads, inputs: List[st
             ),
         )
     if cfg.pipeline.export:
-        add(
+        add_k(
             f"k{k}/export",
             base / "export",
             DEPENDS["export"],

@@ -188,6 +188,7 @@ def test_pipeline_reruns_what_a_change_reaches(tmp_path, capsys, monkeypatch):
         )
     cfg = root_config(run)
     assert (cfg.teacher.train.epochs, cfg.train.stage2.lr) == (3, 5e-4)
+    assert json.loads((run / "k2/stage1/inputs.json").read_text())["values"]["model.k"] == 2
     for step in all_steps:  # the values each step recorded are the root config's
         inputs = json.loads((run / step / "inputs.json").read_text())["values"]
         for key, value in inputs.items():
