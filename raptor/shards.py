@@ -589,10 +589,11 @@ def verify_main(folder: str, progress: Optional[bool] = None) -> int:
     return 0
 
 
-def ensure_shards(cfg: Any, default_dir: str | Path) -> Any:
+def ensure_shards(cfg: Any, default_dir: str | Path, overwrite: bool = False) -> Any:
     """For data.source digits or imagefolder:PATH, write the shards into data.shards_dir
     (default `default_dir`) unless a complete folder (manifest.json) is there; returns a
-    copy of cfg that reads them (data.source=shards). cfg is a RaptorConfig."""
+    copy of cfg that reads them (data.source=shards). cfg is a RaptorConfig. `overwrite`:
+    an incomplete folder may hold other files (its earlier shards are replaced)."""
     source = cfg.data.source
     if source == "shards":
         return cfg
@@ -606,6 +607,7 @@ def ensure_shards(cfg: Any, default_dir: str | Path) -> Any:
             val_fraction=d.val_fraction,
             seed=d.split_seed,
             crop=d.store_crop,
+            overwrite=overwrite,
         )
     cfg = copy.deepcopy(cfg)
     cfg.data.source, cfg.data.shards_dir = "shards", str(out)
