@@ -27,6 +27,7 @@ from typing import Any, Dict, Optional
 import torch
 from torch import Tensor, nn
 
+from raptor.errors import UserError
 from raptor.surrogate import Raptor
 
 FORMAT = "raptor-backbone"
@@ -36,7 +37,7 @@ WEIGHTS_NAME = "model.safetensors"
 ONNX_NAME = "model.onnx"
 
 
-class BackboneFormatError(ValueError):
+class BackboneFormatError(UserError):
     """A backbone folder is missing a file, or a file is corrupted or inconsistent."""
 
 
@@ -257,7 +258,9 @@ class RaptorBackbone(nn.Module):
             state = read_weights(folder / WEIGHTS_NAME)
             check_state(state, model.state_dict())
         except BackboneFormatError as exc:
-            raise BackboneFormatError(f"{folder}: {exc}") from None
+            raise BackboneFormatError(
+                f"{folder}: {exc} (export it again with `raptor export`)"
+            ) from None
         model.load_state_dict(state, strict=True)
         return model.to(map_location).eval()
 

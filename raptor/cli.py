@@ -5,14 +5,24 @@ Each sub-command lives in the module named in COMMANDS, which provides
 command's module is imported, so `raptor config show` starts without torch.
 Commands that take a config accept `CONFIG [key=value ...]`; `stage=N` is
 shorthand for `train.stage=N`.
+
+Expected failures (`raptor.errors`) print one message and exit 2 (`UserError`: bad
+input) or 1 (`RunFailed`); so do a full disk, a permission or read-only error, a
+missing file, and a JSON file that does not parse (exit 2). The traceback is shown
+with `raptor --debug COMMAND ...` or `RAPTOR_DEBUG=1`; any other exception keeps it.
+DDP workers re-run this same command line, so every rank reports the same way.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
+import json
+import os
 import sys
-from typing import List, Optional
+import traceback
+from typing import List, Optional, Tuple
 
 # name -> (module, one-line help)
 COMMANDS = {
@@ -61,6 +71,11 @@ def build_parser(command: Optional[str]) -> argparse.ArgumentParser:
         prog="raptor",
         description="Distil ViTs into block-recurrent Raptors and fit DMD baselines along depth.",
     )
+    parser.add_argument(
+        "--debug",
+        action="store_true",
+        help="show the traceback of an expected failure (also RAPTOR_DEBUG=1)",
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module, help_) in COMMANDS.items():
         p = sub.add_parser(name, help=help_, description=help_)
@@ -69,21 +84,73 @@ def build_parser(command: Optional[str]) -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Optional[List[str]] = None) -> int:
-    from raptor.config import ConfigError
+# errno -> what to do, for the OSErrors a user can fix
+_OS_ADVICE = {
+    errno.ENOSPC: "free space on that disk or point run_dir (or --out) at another one",
+    errno.EDQUOT: "free space within your quota or point run_dir (or --out) at another disk",
+    errno.EACCES: "fix its permissions or choose a path you can write (e.g. run_dir=...)",
+    errno.EPERM: "fix its permissions or choose a path you can write (e.g. run_dir=...)",
+    errno.EROFS: "choose a path on a writable file system (e.g. run_dir=...)",
+    errno.ENOENT: "check the path in the config or on the command line",
+    errno.ENOTDIR: "a file is in the way of a folder: move it or choose another path",
+    errno.EEXIST: "something is in the way (a file where a folder goes?): move it or choose another path",
+    errno.EISDIR: "a folder is where a file was expected: choose another path",
+}
 
+# the same, for these OSErrors raised with a message and no errno
+_OS_CLASS_ERRNO = {
+    FileNotFoundError: errno.ENOENT,
+    PermissionError: errno.EACCES,
+    FileExistsError: errno.EEXIST,
+    NotADirectoryError: errno.ENOTDIR,
+    IsADirectoryError: errno.EISDIR,
+}
+
+
+def describe_failure(exc: BaseException) -> Optional[Tuple[int, str]]:
+    """(exit status, one-line message) for an expected failure; None for a bug."""
+    from raptor.errors import RunFailed, UserError
+
+    if isinstance(exc, UserError):
+        return 2, str(exc)
+    if isinstance(exc, RunFailed):
+        return 1, str(exc)
+    if isinstance(exc, json.JSONDecodeError):
+        return 2, f"a JSON file is not valid JSON ({exc}); rerun with --debug to see which"
+    if isinstance(exc, OSError) and exc.errno in _OS_ADVICE:
+        paths = [str(p) for p in (exc.filename, exc.filename2) if p is not None]
+        what = os.strerror(exc.errno)
+        where = f"{' -> '.join(paths)}: {what}" if paths else what
+        return 2, f"{where} [{errno.errorcode[exc.errno]}]; {_OS_ADVICE[exc.errno]}"
+    if exc.__class__ in _OS_CLASS_ERRNO and exc.errno is None:  # raised with a message only
+        return 2, f"{exc}; {_OS_ADVICE[_OS_CLASS_ERRNO[exc.__class__]]}"
+    return None
+
+
+def main(argv: Optional[List[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    command = argv[0] if argv and argv[0] in COMMANDS else None
+    command = next((a for a in argv if not a.startswith("-")), None)
+    command = command if command in COMMANDS else None
     parser = build_parser(command)
     args = parser.parse_args(argv)
     if command is None:
         parser.print_help()
         return 0 if not argv or argv[0] in ("-h", "--help") else 2
+    debug = args.debug or os.environ.get("RAPTOR_DEBUG", "") not in ("", "0")
+    if debug:  # processes this one starts (DDP workers, pipeline steps) show tracebacks too
+        os.environ["RAPTOR_DEBUG"] = "1"
+    name = " ".join(["raptor", command] + ([args.action] if getattr(args, "action", None) else []))
     try:
         rc = importlib.import_module(COMMANDS[command][0]).main(args)
-    except ConfigError as exc:
-        print(f"raptor {command}: {exc}", file=sys.stderr)
-        return 2
+    except Exception as exc:
+        failure = describe_failure(exc)
+        if failure is None:
+            raise
+        if debug:
+            traceback.print_exc()
+        status, message = failure
+        print(f"{name}: {message}", file=sys.stderr)
+        return status
     return int(rc or 0)
 
 

@@ -5,7 +5,9 @@ keys (a YAML may name others to compose under `defaults: [file.yaml, ...]`,
 later files win); `key=value` overrides from the command line win over both.
 Every key is typed: an unknown key or a value of the wrong type fails in
 `load_config`, at start-up, with the key's full dotted name and the nearest
-valid keys.
+valid keys. A key with a valid range or a set of choices declares it next to its
+field (`valid(default, rule)`); `load_config` rejects a value outside it, naming
+the key, the value and the range. `None` is always valid for an Optional key.
 
 Sections: data, teacher, model, phases, train, dmd, logging, trainer (passed
 through to `lightning.Trainer`), export, pipeline.
@@ -13,7 +15,11 @@ through to `lightning.Trainer`), export, pipeline.
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import difflib
+import functools
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional
@@ -28,6 +34,129 @@ from omegaconf.errors import (
 
 from raptor.errors import UserError
 
+# --------------------------------------------------------------------------- valid values
+
+
+@dataclass(frozen=True)
+class Range:
+    """Numbers from `low` to `high` (None: unbounded); `open_low`/`open_high` exclude an end."""
+
+    low: Optional[float] = None
+    high: Optional[float] = None
+    open_low: bool = False
+    open_high: bool = False
+
+    def ok(self, value: Any) -> bool:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
+            return False  # not a number, or NaN
+        if self.low is not None and (value <= self.low if self.open_low else value < self.low):
+            return False
+        return self.high is None or (value < self.high if self.open_high else value <= self.high)
+
+    def describe(self, value: Any) -> str:
+        kind = "an integer" if isinstance(value, int) else "a number"
+        lo = None if self.low is None else _num(self.low)
+        hi = None if self.high is None else _num(self.high)
+        if hi is None:
+            return f"{kind} {'>' if self.open_low else '>='} {lo}"
+        if lo is None:
+            return f"{kind} {'<' if self.open_high else '<='} {hi}"
+        left, right = "(" if self.open_low else "[", ")" if self.open_high else "]"
+        return f"{kind} in {left}{lo}, {hi}{right}"
+
+
+@dataclass(frozen=True)
+class OneOf:
+    """One of `choices`, or a string `prefix` + non-empty text (e.g. `imagefolder:PATH`)."""
+
+    choices: tuple
+    prefixes: tuple = ()
+
+    def ok(self, value: Any) -> bool:
+        if value in self.choices:
+            return True
+        text = str(value)
+        return any(text.startswith(p) and len(text) > len(p) for p in self.prefixes)
+
+    def describe(self, value: Any) -> str:
+        names = [str(c) for c in self.choices] + [f"{p}PATH" for p in self.prefixes]
+        close = difflib.get_close_matches(str(value), names, n=1, cutoff=0.8)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        return f"one of {', '.join(names)}{hint}"
+
+
+@dataclass(frozen=True)
+class Devices:
+    """`trainer.devices` as Lightning takes it: auto, a count, -1 (all), or device indices."""
+
+    def ok(self, value: Any) -> bool:
+        if isinstance(value, bool):
+            return False
+        if isinstance(value, int):
+            return value >= 1 or value == -1
+        if isinstance(value, list):
+            return bool(value) and all(
+                isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in value
+            )
+        text = str(value).strip()
+        if text == "auto":
+            return True
+        if "," in text:
+            parts = [p.strip() for p in text.split(",") if p.strip()]
+            return bool(parts) and all(p.isdigit() for p in parts)
+        try:
+            return self.ok(int(text))
+        except ValueError:
+            return False
+
+    def describe(self, value: Any) -> str:
+        return (
+            "auto, a device count >= 1, -1 (all devices), or a list of device indices like [0, 1]"
+        )
+
+
+def _num(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else str(x)
+
+
+def valid(default: Any = None, rule: Any = None, *, nonempty: bool = False) -> Any:
+    """A dataclass field with its valid values: `rule` (Range/OneOf/Devices) applies to the
+    value, or to each item of a list; `nonempty` rejects "" and []. A callable `default`
+    is a factory (for lists)."""
+    meta = {"rule": rule, "nonempty": nonempty}
+    if callable(default):
+        return field(default_factory=default, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+POSITIVE = Range(1)  # an integer count >= 1
+NON_NEGATIVE = Range(0)
+GREATER_THAN_0 = Range(0, open_low=True)
+FRACTION = Range(0, 1, open_high=True)  # [0, 1)
+PROBABILITY = Range(0, 1)
+SEED = Range(0, 2**32 - 1)  # what Lightning's seed_everything and numpy accept
+# Lightning's precision strings (lightning.fabric.connector._PRECISION_INPUT), checked by a test
+PRECISIONS = (
+    "transformer-engine",
+    "transformer-engine-float16",
+    "16-true",
+    "16-mixed",
+    "bf16-true",
+    "bf16-mixed",
+    "32-true",
+    "64-true",
+    "64",
+    "32",
+    "16",
+    "bf16",
+)
+# the same names as raptor.phases.METHODS/TOKEN_MODES and dmd's SOLVERS/SELECTIONS (a test
+# checks), written out so that `raptor config show` imports neither torch nor dmd
+PHASE_METHODS = ("dp", "bisect")
+TOKEN_MODES = ("all", "cls+patchmean")
+DMD_SOLVERS = ("ridge", "pcr", "rrr")
+DMD_SELECTIONS = ("span", "anchor", "endpoint", "identity")
+
 # --------------------------------------------------------------------------- sections
 
 
@@ -36,11 +165,13 @@ class TransformConfig:
     """Evaluation-style preprocessing; every unset key is taken from the teacher's
     timm data config (`timm.data.resolve_data_config`)."""
 
-    input_size: Optional[int] = None  # square side in pixels after crop
-    crop_pct: Optional[float] = None  # resize side = input_size / crop_pct, then center crop
-    interpolation: Optional[str] = None  # bicubic | bilinear | nearest
+    input_size: Optional[int] = valid(None, POSITIVE)  # square side in pixels after crop
+    crop_pct: Optional[float] = valid(None, GREATER_THAN_0)  # resize = input_size / crop_pct
+    interpolation: Optional[str] = valid(
+        None, OneOf(("bicubic", "bilinear", "nearest", "box", "hamming", "lanczos"))
+    )
     mean: Optional[List[float]] = None
-    std: Optional[List[float]] = None
+    std: Optional[List[float]] = valid(None, GREATER_THAN_0)
     train_augment: bool = False  # random-resized-crop + flip for training (teacher training)
 
 
@@ -55,25 +186,27 @@ class DataConfig:
     local folder holding a `manifest.json` is also accepted.
     """
 
-    source: str = "shards"
+    source: str = valid("shards", OneOf(("shards", "digits"), prefixes=("imagefolder:",)))
     shards_dir: str = ""
     train_urls: str = ""
     val_urls: str = ""
-    batch_size: int = 64  # per device
-    val_batch_size: Optional[int] = None  # per device; default batch_size
-    num_workers: int = 4
-    shuffle_buffer: int = 2000
-    seed: int = 0
-    train_samples: Optional[int] = None  # samples per training epoch, all ranks; default: manifest
-    val_samples: Optional[int] = None  # default: manifest, else count by reading
+    batch_size: int = valid(64, POSITIVE)  # per device
+    val_batch_size: Optional[int] = valid(None, POSITIVE)  # per device; default batch_size
+    num_workers: int = valid(4, NON_NEGATIVE)
+    shuffle_buffer: int = valid(2000, NON_NEGATIVE)
+    seed: int = valid(0, SEED)
+    # samples per training epoch, all ranks; default: manifest
+    train_samples: Optional[int] = valid(None, POSITIVE)
+    val_samples: Optional[int] = valid(None, POSITIVE)  # default: manifest, else count by reading
     allow_pipe: bool = False  # `pipe:` URLs run shell commands: opt in explicitly
-    max_bad_fraction: float = 0.01  # stop when more than this fraction of samples fail
+    # stop when more than this fraction of samples fail
+    max_bad_fraction: float = valid(0.01, PROBABILITY)
     require_labels: bool = False  # a sample without a valid .cls label is skipped as bad
     # writing shards (`raptor shards`, pipeline)
-    shard_size: int = 1000  # samples per shard
-    val_fraction: float = 0.2  # digits only
-    split_seed: int = 0
-    store_crop: Optional[int] = None  # store resize+center-crop JPEGs of this side
+    shard_size: int = valid(1000, POSITIVE)  # samples per shard
+    val_fraction: float = valid(0.2, FRACTION)  # digits only
+    split_seed: int = valid(0, SEED)
+    store_crop: Optional[int] = valid(None, POSITIVE)  # store resize+center-crop JPEGs of this side
     transform: TransformConfig = field(default_factory=TransformConfig)
 
 
@@ -81,14 +214,12 @@ class DataConfig:
 class TeacherTrainConfig:
     """Training a small teacher from scratch (`raptor teacher`)."""
 
-    epochs: int = 30
-    lr: float = 1e-3
-    weight_decay: float = 0.05
-    warmup_epochs: int = 2
-    label_smoothing: float = 0.1
-    batch_size: Optional[int] = None  # default data.batch_size
-    # torch CPU threads while training (default: torch's); tiny models train fastest on 1,
-    # and a shared CPU makes several threads per process spin against each other
+    epochs: int = valid(30, POSITIVE)
+    lr: float = valid(1e-3, NON_NEGATIVE)
+    weight_decay: float = valid(0.05, NON_NEGATIVE)
+    warmup_epochs: int = valid(2, NON_NEGATIVE)
+    label_smoothing: float = valid(0.1, FRACTION)
+    batch_size: Optional[int] = valid(None, POSITIVE)  # default data.batch_size
 
 
 @dataclass
@@ -102,22 +233,22 @@ class TeacherConfig:
     The architecture keys below override timm's defaults for `name` when set.
     """
 
-    name: str = "vit_base_patch14_reg4_dinov2.lvd142m"
+    name: str = valid("vit_base_patch14_reg4_dinov2.lvd142m", nonempty=True)
     pretrained: bool = False
     weights: str = ""
     head: str = ""  # optional separate linear head on [cls ; mean(patch)] (safetensors/.pth)
     train_from_scratch: bool = False
-    img_size: Optional[int] = None
-    patch_size: Optional[int] = None
-    in_chans: Optional[int] = None
-    embed_dim: Optional[int] = None
-    depth: Optional[int] = None
-    num_heads: Optional[int] = None
-    mlp_ratio: Optional[float] = None
-    reg_tokens: Optional[int] = None
-    num_classes: Optional[int] = None
-    drop_path_rate: Optional[float] = None
-    init_values: Optional[float] = None  # LayerScale init of the teacher
+    img_size: Optional[int] = valid(None, POSITIVE)
+    patch_size: Optional[int] = valid(None, POSITIVE)
+    in_chans: Optional[int] = valid(None, POSITIVE)
+    embed_dim: Optional[int] = valid(None, POSITIVE)
+    depth: Optional[int] = valid(None, POSITIVE)
+    num_heads: Optional[int] = valid(None, POSITIVE)
+    mlp_ratio: Optional[float] = valid(None, GREATER_THAN_0)
+    reg_tokens: Optional[int] = valid(None, NON_NEGATIVE)
+    num_classes: Optional[int] = valid(None, NON_NEGATIVE)  # 0: no classifier head
+    drop_path_rate: Optional[float] = valid(None, FRACTION)
+    init_values: Optional[float] = valid(None, NON_NEGATIVE)  # LayerScale init of the teacher
     train: TeacherTrainConfig = field(default_factory=TeacherTrainConfig)
 
 
@@ -125,16 +256,16 @@ class TeacherConfig:
 class ModelConfig:
     """The Raptor surrogate: k weight-tied `RecurrentBlock`s over the phases."""
 
-    k: int = 3
-    num_heads: Optional[int] = None  # default: the teacher's
-    mlp: str = "swiglu"  # swiglu | gelu
-    mlp_ratio: float = 4.0
+    k: int = valid(3, POSITIVE)
+    num_heads: Optional[int] = valid(None, POSITIVE)  # default: the teacher's
+    mlp: str = valid("swiglu", OneOf(("swiglu", "gelu")))
+    mlp_ratio: float = valid(4.0, GREATER_THAN_0)
     qkv_bias: bool = True
-    ln_eps: float = 1e-5
-    layerscale_init: float = 1e-5
+    ln_eps: float = valid(1e-5, GREATER_THAN_0)
+    layerscale_init: float = valid(1e-5, NON_NEGATIVE)
     depth_conditioning: bool = True
-    depth_hidden: int = 16
-    depth_init_std: float = 1e-4
+    depth_hidden: int = valid(16, POSITIVE)
+    depth_init_std: float = valid(1e-4, NON_NEGATIVE)
 
 
 @dataclass
@@ -142,14 +273,15 @@ class PhasesConfig:
     """Phase discovery. `boundaries` fixes the partition for `model.k` (skipping
     discovery); otherwise `file` (a phases.json) or the discovery run supplies it."""
 
-    ks: List[int] = field(default_factory=lambda: [2, 3, 4])
-    method: str = "dp"  # dp | bisect
-    token_mode: str = "cls+patchmean"  # all | cls+patchmean
-    num_images: int = 512
-    min_length: int = 1
-    random_partitions: int = 8  # random contiguous baselines per k (seeded by seed + k)
-    seed: int = 0
-    boundaries: Optional[List[int]] = None
+    ks: List[int] = valid(lambda: [2, 3, 4], POSITIVE, nonempty=True)
+    method: str = valid("dp", OneOf(PHASE_METHODS))
+    token_mode: str = valid("cls+patchmean", OneOf(TOKEN_MODES))
+    num_images: int = valid(512, POSITIVE)
+    min_length: int = valid(1, POSITIVE)
+    # random contiguous baselines per k (seeded by seed + k)
+    random_partitions: int = valid(8, NON_NEGATIVE)
+    seed: int = valid(0, SEED)
+    boundaries: Optional[List[int]] = valid(None, POSITIVE)  # last layer of each phase but the last
     file: str = ""
 
 
@@ -161,44 +293,49 @@ class StageConfig:
     scaled linearly with the global batch (per-device batch x devices x nodes)
     when `scale_lr` is set (peak lr = lr x global batch / lr_reference_batch; min_lr
     is not scaled). Schedule: linear warmup over `warmup_steps`, cosine to `min_lr`
-    at `steps`; AdamW; `grad_clip` is the gradient-norm limit (per block in stage 1).
-    Resuming with a different schedule is refused unless `train.schedule_change=apply`.
-    Loss per state: w_cls*mean(cls) + w_reg*mean(reg) + w_patch*mean(patch) of the
-    squared error (`weighted`) or the plain MSE (`mse`).
+    at `steps`; AdamW; `grad_clip` is the gradient-norm limit (per block in stage 1;
+    0: none). Loss per state: w_cls*mean(cls) + w_reg*mean(reg) + w_patch*mean(patch)
+    of the squared error (`weighted`) or the plain MSE (`mse`). Resuming with a different
+    schedule is refused unless `train.schedule_change=apply`.
     """
 
-    steps: int = 10000
-    lr: float = 3e-4
-    min_lr: float = 1e-6
-    weight_decay: float = 1e-4
-    warmup_steps: int = 500
-    grad_clip: float = 1.0
-    anneal_steps: Optional[int] = None  # teacher-forcing anneal (stage 1); default steps // 4
-    w_cls: float = 0.34
-    w_reg: float = 0.33
-    w_patch: float = 0.33
-    loss: str = "weighted"  # weighted | mse | weighted_final (stage 1: weighted for the last phase, mse for the others)
-    noise_sigma: float = 0.0  # std of Gaussian noise added to every block input
-    lr_reference_batch: int = 256
+    steps: int = valid(10000, POSITIVE)
+    lr: float = valid(3e-4, NON_NEGATIVE)
+    min_lr: float = valid(1e-6, NON_NEGATIVE)
+    weight_decay: float = valid(1e-4, NON_NEGATIVE)
+    warmup_steps: int = valid(500, NON_NEGATIVE)
+    grad_clip: float = valid(1.0, NON_NEGATIVE)
+    # teacher-forcing anneal (stage 1); default steps // 4; 0: no teacher forcing
+    anneal_steps: Optional[int] = valid(None, NON_NEGATIVE)
+    w_cls: float = valid(0.34, NON_NEGATIVE)
+    w_reg: float = valid(0.33, NON_NEGATIVE)
+    w_patch: float = valid(0.33, NON_NEGATIVE)
+    # weighted | mse | weighted_final (stage 1: weighted for the last phase, mse for the others)
+    loss: str = valid("weighted", OneOf(("weighted", "mse", "weighted_final")))
+    noise_sigma: float = valid(
+        0.0, NON_NEGATIVE
+    )  # std of Gaussian noise added to every block input
+    lr_reference_batch: int = valid(256, POSITIVE)
     scale_lr: bool = False
 
 
 @dataclass
 class TrainConfig:
-    stage: int = 1
-    blocks: Optional[List[int]] = None  # stage 1: train only these blocks (1-based)
+    stage: int = valid(1, OneOf((1, 2)))
+    blocks: Optional[List[int]] = valid(None, POSITIVE)  # stage 1: train only these (1-based)
     init_from: str = ""  # stage 2: stage-1 run folder(s)/checkpoint(s), comma-separated
-    seed: int = 0
-    resume: str = "auto"  # auto | never | PATH to a checkpoint
+    seed: int = valid(0, SEED)
+    resume: str = valid("auto", nonempty=True)  # auto | never | PATH to a checkpoint
     # a resume whose schedule (the stage's steps, lr, min_lr, warmup_steps, anneal_steps,
     # weight_decay, or the peak lr from scale_lr x global batch) differs from the
     # checkpoint's: `refuse` (names the keys, old -> new) or `apply`: from the resumed step
     # s on, lr = the new warmup + cosine at s (as if the run had used it from step 0),
     # the new weight decay, and the teacher-forcing ratio of the new anneal_steps
-    schedule_change: str = "refuse"
-    ckpt_every_n_steps: int = 500
-    val_every_n_steps: int = 1000
-    val_batches: Optional[int] = None  # limit validation batches per evaluation (per rank)
+    schedule_change: str = valid("refuse", OneOf(("refuse", "apply")))
+    ckpt_every_n_steps: int = valid(500, POSITIVE)
+    val_every_n_steps: int = valid(1000, POSITIVE)
+    # limit validation batches per evaluation (per rank)
+    val_batches: Optional[int] = valid(None, POSITIVE)
     stage1: StageConfig = field(default_factory=StageConfig)
     stage2: StageConfig = field(
         default_factory=lambda: StageConfig(w_cls=0.45, w_reg=0.10, w_patch=0.45)
@@ -210,14 +347,14 @@ class DmdSweepConfig:
     """One fitting choice varied at a time around the base fit (the first span, selection
     `span`, the first of `solvers` (rrr when listed), `rank`, `alpha`); empty lists skip."""
 
-    ranks: List[int] = field(default_factory=list)  # for each of pcr/rrr in solvers
-    alphas: List[float] = field(default_factory=list)  # for each solver
-    budgets: List[int] = field(default_factory=list)  # calibration images; error(B) = C / B^gamma
-    cut_starts: List[int] = field(default_factory=list)  # span (i, p_base), every selection
-    prune_lengths: List[int] = field(default_factory=list)  # span (i_base, p), every selection
-    token_groups: List[str] = field(
-        default_factory=list
-    )  # fit on one group's tokens: cls|reg|patch|all
+    ranks: List[int] = valid(list, POSITIVE)  # for each of pcr/rrr in solvers
+    alphas: List[float] = valid(list, NON_NEGATIVE)  # for each solver
+    # calibration images; error(B) = C / B^gamma
+    budgets: List[int] = valid(list, POSITIVE)
+    cut_starts: List[int] = valid(list, NON_NEGATIVE)  # span (i, p_base), every selection
+    prune_lengths: List[int] = valid(list, POSITIVE)  # span (i_base, p), every selection
+    # fit on one group's tokens
+    token_groups: List[str] = valid(list, OneOf(("cls", "reg", "patch", "all")))
 
 
 @dataclass
@@ -225,32 +362,33 @@ class DmdConfig:
     """DMD baselines along depth (`dmd/`), standalone (`raptor dmd`) and as a callback."""
 
     enabled: bool = True  # attach the callback to stage 2
-    calib_images: int = 1000
-    eval_images: int = 500
-    solvers: List[str] = field(default_factory=lambda: ["ridge", "rrr"])
-    selections: List[str] = field(
-        default_factory=lambda: ["span", "anchor", "endpoint", "identity"]
+    calib_images: int = valid(1000, POSITIVE)
+    eval_images: int = valid(500, POSITIVE)
+    solvers: List[str] = valid(lambda: ["ridge", "rrr"], OneOf(DMD_SOLVERS), nonempty=True)
+    selections: List[str] = valid(
+        lambda: ["span", "anchor", "endpoint", "identity"], OneOf(DMD_SELECTIONS), nonempty=True
     )
-    rank: Optional[int] = None  # pcr/rrr rank; None = full (ridge ignores it)
-    alpha: float = 1e-4  # ridge, relative to the mean eigenvalue of C_xx (alpha * tr(C_xx) / d)
+    rank: Optional[int] = valid(None, POSITIVE)  # pcr/rrr rank; None = full (ridge ignores it)
+    # ridge, relative to the mean eigenvalue of C_xx (alpha * tr(C_xx) / d)
+    alpha: float = valid(1e-4, NON_NEGATIVE)
     center: bool = False  # fit y ~ K x + b on centred moments
-    spans: List[List[int]] = field(default_factory=list)  # [[i, p], ...]; default: the phases
-    refit_every_n_steps: int = 0
+    # [[i, p], ...]; default: the phases; checked against the teacher's depth by `raptor dmd`
+    spans: List[List[int]] = field(default_factory=list)
+    refit_every_n_steps: int = valid(0, NON_NEGATIVE)  # 0: fit once
     downstream: bool = True  # span-end predictions through the teacher's remaining blocks (+ top-1)
     log_groups: bool = False  # callback: also log per-token-group metrics (the CSV table has them)
-    compute_dtype: str = (
-        "float64"  # per-batch moment products: float64 | float32 (sums stay float64)
-    )
+    # per-batch moment products (sums stay float64)
+    compute_dtype: str = valid("float64", OneOf(("float64", "float32")))
     sweep: DmdSweepConfig = field(default_factory=DmdSweepConfig)
 
 
 @dataclass
 class LoggingConfig:
-    wandb: str = "disabled"  # online | offline | disabled
+    wandb: str = valid("disabled", OneOf(("online", "offline", "disabled")))
     project: str = "raptor"
     entity: Optional[str] = None
     run_name: Optional[str] = None
-    log_every_n_steps: int = 10
+    log_every_n_steps: int = valid(10, POSITIVE)
     progress_bar: bool = True
 
 
@@ -258,14 +396,16 @@ class LoggingConfig:
 class TrainerConfig:
     """Passed to `lightning.Trainer`; `extra` carries any other Trainer argument."""
 
-    accelerator: str = "auto"
-    devices: Any = "auto"
-    num_nodes: int = 1
-    strategy: str = "auto"  # auto -> ddp when more than one device
-    precision: Optional[str] = None  # default: bf16-mixed on GPU, 32-true on CPU
+    accelerator: str = valid("auto", OneOf(("auto", "cpu", "gpu", "cuda", "mps", "tpu")))
+    devices: Any = valid("auto", Devices())
+    num_nodes: int = valid(1, POSITIVE)
+    strategy: str = "auto"  # auto -> ddp when more than one device; any Lightning strategy name
+    # default: bf16-mixed on GPU, 32-true on CPU
+    precision: Optional[str] = valid(None, OneOf(PRECISIONS))
     deterministic: bool = False
     benchmark: bool = False
-    num_threads: Optional[int] = None  # torch CPU threads per process; default torch's own
+    # torch CPU threads per process; default torch's own
+    num_threads: Optional[int] = valid(None, POSITIVE)
     extra: Dict[str, Any] = field(default_factory=dict)
 
 
@@ -277,21 +417,22 @@ class ExportConfig:
 
     out: str = ""
     onnx: bool = False
-    onnx_opset: int = 18
+    onnx_opset: int = valid(18, POSITIVE)
     overwrite: bool = False
 
 
 @dataclass
 class PipelineConfig:
-    ks: List[int] = field(default_factory=lambda: [3])  # Raptors trained, one per k
+    ks: List[int] = valid(lambda: [3], POSITIVE, nonempty=True)  # Raptors trained, one per k
     evaluate: bool = True
     export: bool = True
 
 
 @dataclass
 class RaptorConfig:
-    name: str = "raptor"
-    run_dir: str = "runs/${name}"  # the run folder; every command writes its resolved config here
+    name: str = valid("raptor", nonempty=True)
+    # the run folder; every command writes its resolved config here
+    run_dir: str = valid("runs/${name}", nonempty=True)
     data: DataConfig = field(default_factory=DataConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -384,7 +525,7 @@ def load_config(
 
     Raises ConfigError naming the offending key and the nearest valid keys.
     """
-    cfg = OmegaConf.structured(RaptorConfig)
+    cfg = copy.deepcopy(_schema())
     sources = []
     if path is not None:
         sources.append((str(path), _read_yaml(Path(path))))
@@ -396,11 +537,59 @@ def load_config(
         except OmegaConfBaseException as exc:
             raise _fail(exc, where) from None
     try:
-        OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+        values = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
     except OmegaConfBaseException as exc:
         raise _fail(exc, "config") from None
+    check_values(values)
     OmegaConf.set_readonly(cfg, False)
     return cfg
+
+
+@functools.cache
+def _schema() -> DictConfig:
+    """The structured default config, built once (a copy is several times faster)."""
+    return OmegaConf.structured(RaptorConfig)
+
+
+@functools.cache
+def _hints(schema: type) -> Dict[str, Any]:
+    return typing.get_type_hints(schema)
+
+
+def check_values(values: Dict[str, Any], schema: type = RaptorConfig, prefix: str = "") -> None:
+    """Every key of the resolved `values` against the rule declared by its field in the
+    schema; raises ConfigError naming the key, the value and the valid range."""
+    hints = _hints(schema)
+    for f in dataclasses.fields(schema):
+        key, value = prefix + f.name, values[f.name]
+        if dataclasses.is_dataclass(hints[f.name]):
+            check_values(value, hints[f.name], key + ".")
+            continue
+        if value is None:
+            continue
+        if f.metadata.get("nonempty") and value in ("", []):
+            what = "a non-empty list" if isinstance(value, list) else "a non-empty string"
+            raise ConfigError(f"{key}={_show(value)} is empty: expected {what}")
+        rule = f.metadata.get("rule")
+        if rule is None:
+            continue
+        items = (
+            enumerate(value)
+            if isinstance(value, list) and not isinstance(rule, Devices)
+            else [(None, value)]
+        )
+        for i, item in items:
+            if not rule.ok(item):
+                at = key if i is None else f"{key}[{i}]"
+                problem = "is not a valid choice" if isinstance(rule, OneOf) else "is out of range"
+                raise ConfigError(f"{at}={_show(item)} {problem}: expected {rule.describe(item)}")
+
+
+def _show(value: Any) -> str:
+    """A value as it would be written in a `key=value` override."""
+    if isinstance(value, str):
+        return value if value and value.strip() == value else repr(value)
+    return str(value)
 
 
 def to_yaml(cfg: DictConfig) -> str:

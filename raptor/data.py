@@ -3,7 +3,10 @@
 Batches are dicts::
 
     {"image": float (B, 3, H, W) normalized, "label": long (B,) (-1: no label),
-     "valid": bool (B,) (False only for validation padding rows)}
+     "valid": bool (B,) (False only for validation padding rows),
+     "missing": long () (validation: samples of the reader's planned share that it could
+                not deliver, missing from a shard or skipped as bad; set on its last batch
+                only, so the sum over a pass is 0 exactly when every sample was scored)}
 
 Shards come from a URL pattern with brace expansion (`/data/train-{000000..000127}.tar`,
 several patterns joined by `::`), or from a local folder with a `manifest.json` written by
@@ -24,10 +27,15 @@ Splitting, with R ranks and W dataloader workers per rank (G = R x W readers):
   pads its last batches with valid=False rows and adds all-padding batches up to the
   largest rank's count, so all ranks run the same number of batches.
 
-A sample whose image cannot be decoded or whose label is missing/bad (when
-`data.require_labels`) is skipped, counted (`skip_stats()`) and reported by a
-rate-limited warning; when more than `data.max_bad_fraction` of a worker's samples fail
-(after at least 50 read and 3 bad) the run stops with `BadDataError` naming the shard.
+A sample whose image cannot be decoded, whose label is outside the head's classes
+(`num_classes`), or whose label is missing/bad (when `data.require_labels`) is skipped,
+counted (`skip_stats()`) and reported by a rate-limited warning naming shard and key.
+Every shard's samples are counted as it is read; at its end a count below the manifest's
+(a tar cut inside a header or a member, or a manifest that overstates it) is warned about,
+naming the shard with the expected and read counts, and the missing samples count as
+bad. A tar that breaks off without a manifest count counts as one bad sample. When more
+than `data.max_bad_fraction` of a worker's samples are bad (after at least 50 read and 3
+bad) the run stops with `BadDataError` naming the shard and the reasons.
 
 The training loader is resumable mid-epoch: `state_dict()` holds (epoch, batches consumed)
 and Lightning stores it in checkpoints; after `load_state_dict` the next iteration replays
@@ -40,13 +48,11 @@ from __future__ import annotations
 
 import io
 import itertools
-import json
 import math
 import multiprocessing
 import os
 import posixpath
 import random
-import tarfile
 import time
 import warnings
 from collections import Counter
@@ -61,15 +67,16 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from raptor.shards import MANIFEST, read_manifest
+from raptor.errors import RunFailed, UserError
+from raptor.shards import MANIFEST, TarSamples, count_problem, parse_manifest, read_manifest
 
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp", "bmp", "ppm", "tif", "tiff")
 MIN_SEEN, MIN_BAD = 50, 3  # the bad-fraction limit applies after this many read / bad
 WARN_FIRST, WARN_EVERY_S = 5, 60.0  # warn for the first bad samples, then once a minute
 
 
-class BadDataError(RuntimeError):
-    """Too many unreadable samples: the data (or a shard) is broken."""
+class BadDataError(RunFailed):
+    """Too many bad samples: the data (or a shard) is broken."""
 
 
 class BadSampleWarning(UserWarning):
@@ -94,7 +101,7 @@ class ShardSet:
 
 def check_url(url: str, allow_pipe: bool) -> None:
     if url.startswith("pipe:") and not allow_pipe:
-        raise ValueError(
+        raise UserError(
             f"shard URL '{url}' is a pipe: URL, which runs a shell command; "
             "set data.allow_pipe=true to allow it"
         )
@@ -112,21 +119,34 @@ def resolve_shards(spec: str, split: str, allow_pipe: bool = False) -> ShardSet:
     if _is_local(spec) and Path(spec).is_dir():
         manifest = read_manifest(spec)
         if split not in manifest["splits"]:
-            raise ValueError(
+            raise UserError(
                 f"{Path(spec) / MANIFEST} has no '{split}' split (it has {sorted(manifest['splits'])})"
             )
         shards = manifest["splits"][split]["shards"]
-        return ShardSet(
+        found = ShardSet(
             [str(Path(spec) / s["name"]) for s in shards],
             [int(s["num_samples"]) for s in shards],
             manifest.get("classes"),
         )
-    urls = wds.shardlists.expand_urls(spec)
-    if not urls:
-        raise ValueError(f"shard pattern '{spec}' names no shards")
-    for url in urls:
-        check_url(url, allow_pipe)
-    return ShardSet(urls, *_manifest_counts(urls))
+    else:
+        urls = wds.shardlists.expand_urls(spec)
+        if not urls:
+            raise UserError(f"shard pattern '{spec}' names no shards")
+        for url in urls:
+            check_url(url, allow_pipe)
+        found = ShardSet(urls, *_manifest_counts(urls))
+    _check_local_files(found.urls)
+    return found
+
+
+def _check_local_files(urls: Sequence[str]) -> None:
+    """UserError naming the local shard files that do not exist (checked before reading)."""
+    missing = [u for u in urls if _is_local(u) and not Path(_local_path(u)).is_file()]
+    if missing:
+        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+        raise UserError(
+            f"{len(missing)} of {len(urls)} shards not found: {', '.join(missing[:3])}{more}"
+        )
 
 
 def _manifest_counts(urls: List[str]) -> Tuple[Optional[List[int]], Optional[List[str]]]:
@@ -136,50 +156,59 @@ def _manifest_counts(urls: List[str]) -> Tuple[Optional[List[int]], Optional[Lis
         return None, None
     import fsspec
 
+    path = posixpath.join(folders.pop(), MANIFEST)
     try:
-        with fsspec.open(posixpath.join(folders.pop(), MANIFEST), "rt") as fh:
-            manifest = json.load(fh)
-        counts = {
-            s["name"]: int(s["num_samples"])
-            for sp in manifest["splits"].values()
-            for s in sp["shards"]
-        }
-    except (OSError, ImportError, ValueError, KeyError):  # no (readable) manifest: count later
+        with fsspec.open(path, "rt") as fh:
+            text = fh.read()
+    except (OSError, ImportError, UnicodeDecodeError):  # no (readable) manifest: count later
         return None, None
+    manifest = parse_manifest(text, path)
+    counts = {
+        s["name"]: s["num_samples"] for sp in manifest["splits"].values() for s in sp["shards"]
+    }
     names = [posixpath.basename(u) for u in urls]
     if not all(n in counts for n in names):
         return None, None
     return [counts[n] for n in names], manifest.get("classes")
 
 
+def _local_path(url: str) -> str:
+    return urlparse(url).path if url.startswith("file:") else url
+
+
 def open_url(url: str):
-    """A binary stream for a shard URL (local file, `pipe:` command, or fsspec URL)."""
+    """A binary stream for a shard URL (local file, `pipe:` command, or fsspec URL);
+    UserError naming a shard that does not exist."""
     if url.startswith("pipe:"):
         from webdataset.gopen import gopen
 
         return gopen(url, "rb")
-    if _is_local(url):
-        return open(urlparse(url).path if url.startswith("file:") else url, "rb")
-    import fsspec
-
-    return fsspec.open(url, "rb").open()
-
-
-def iter_shard(url: str) -> Iterator[Dict[str, Any]]:
-    """Raw samples of one tar shard: dicts {"__key__", "__url__", ext: bytes, ...}."""
-    from webdataset.tariterators import group_by_keys, tar_file_iterator
-
-    stream = open_url(url)
     try:
-        files = ({**f, "__url__": url} for f in tar_file_iterator(stream))
-        yield from group_by_keys(files)
+        if _is_local(url):
+            return open(_local_path(url), "rb")
+        import fsspec
+
+        return fsspec.open(url, "rb").open()
+    except FileNotFoundError:
+        raise UserError(f"shard {url} not found") from None
+
+
+def shard_samples(url: str) -> Iterator[Dict[str, Any]]:
+    """Raw samples of one tar shard, dicts {"__key__", "__url__", ext: bytes, ...}; returns
+    (as the generator's value) its TarSamples: the count read and why the tar broke off."""
+    stream = open_url(url)
+    tar = TarSamples(stream, url)
+    try:
+        yield from tar
     finally:
         stream.close()
+    return tar
 
 
 def count_samples(urls: Sequence[str]) -> int:
-    """Samples in the shards, by reading them (used only when no manifest lists them)."""
-    return sum(1 for url in urls for _ in iter_shard(url))
+    """Samples in the shards, by reading them (used only when no manifest lists them); a
+    damaged tar counts the samples before the damage, which readers then report."""
+    return sum(1 for url in urls for _ in shard_samples(url))
 
 
 # --------------------------------------------------------------------------- splitting
@@ -307,36 +336,46 @@ def val_batches_per_rank(plan: List[List[ValPart]], batch_size: int) -> List[int
 
 
 class _Bad(Exception):
-    """A sample that cannot be used; the message says why."""
+    """A sample that cannot be used: `kind` (e.g. "missing label") and a detail."""
+
+    def __init__(self, kind: str, detail: str = ""):
+        super().__init__(f"{kind}{': ' + detail if detail else ''}")
+        self.kind = kind
 
 
 def decode_sample(
-    sample: Dict[str, Any], transform: Callable, require_labels: bool
+    sample: Dict[str, Any],
+    transform: Callable,
+    require_labels: bool,
+    num_classes: Optional[int] = None,
 ) -> Tuple[torch.Tensor, int]:
-    """(transformed image, label) of a raw sample; raises _Bad for a corrupt one."""
+    """(transformed image, label) of a raw sample; raises _Bad for a corrupt one, or for a
+    label outside 0..num_classes-1 (when num_classes is given)."""
     ext = next((k for k in IMAGE_KEYS if k in sample), None)
     if ext is None:
         found = sorted(k for k in sample if not k.startswith("__"))
-        raise _Bad(f"no image (expected one of .{'/.'.join(IMAGE_KEYS)}, found {found})")
+        raise _Bad("no image", f"expected one of .{'/.'.join(IMAGE_KEYS)}, found {found}")
     try:
         with Image.open(io.BytesIO(sample[ext])) as img:
             img.load()  # full decode: a truncated file fails here
             rgb = img.convert("RGB")
     except Exception as exc:  # noqa: BLE001 - PIL raises many types for corrupt files
-        raise _Bad(f"undecodable .{ext}: {exc}") from None
+        raise _Bad("undecodable image", f".{ext}: {exc}") from None
     label = -1
     raw = sample.get("cls")
     try:
         label = int(raw.decode("ascii").strip()) if raw is not None else -1
     except (ValueError, UnicodeDecodeError, AttributeError):
         if require_labels:
-            raise _Bad(f"bad label .cls={raw[:20]!r}") from None
+            raise _Bad("bad label", f".cls={raw[:20]!r}") from None
     if require_labels and label < 0:
-        raise _Bad("missing label (.cls)")
+        raise _Bad("missing label", "no .cls member" if raw is None else f".cls={raw[:20]!r}")
+    if num_classes and label >= num_classes:
+        raise _Bad("label out of range", f"{label} is not a class of the {num_classes}-way head")
     try:
         return transform(rgb), label
     except Exception as exc:  # noqa: BLE001
-        raise _Bad(f"transform failed: {exc}") from None
+        raise _Bad("transform failed", str(exc)) from None
 
 
 class BadSampleCounter:
@@ -348,16 +387,41 @@ class BadSampleCounter:
         self.max_fraction, self.stats, self.slot = max_fraction, stats, slot
         self.seen = self.bad = self._suppressed = 0
         self.by_shard: Counter = Counter()
+        self.by_kind: Counter = Counter()
         self._last_warn = -math.inf
         self._base = (stats[2 * slot], stats[2 * slot + 1]) if stats is not None else (0, 0)
 
-    def record(self, url: str, key: Optional[str] = None, reason: Optional[str] = None) -> None:
-        """One sample read from `url`; `reason` set when it was skipped."""
+    def record(self, url: str, key: Optional[str] = None, bad: Optional[_Bad] = None) -> None:
+        """One sample read from `url`; `bad` set when it was skipped."""
         self.seen += 1
-        if reason is not None:
+        if bad is not None:
             self.bad += 1
             self.by_shard[url] += 1
-            self._warn(url, key, reason)
+            self.by_kind[bad.kind] += 1
+            self._warn(f"skipped sample {key} of {url}: {bad}")
+        self._update(url)
+
+    def shard_end(self, url: str, tar: TarSamples, expected: Optional[int], share=(1, 0)):
+        """Shard `url` was read to its end: samples the manifest lists (`expected`) but the
+        tar did not hold count as bad (only those of this reader's `share` (stride, offset)
+        of the shard); without a count, a tar that broke off counts as one bad sample."""
+        if expected is None:
+            missing = 1 if tar.error else 0
+            message = f"shard {url} broke off after {tar.count} samples: {tar.error}"
+        else:
+            stride, offset = share
+            missing = len(range(offset, expected, stride)) - len(range(offset, tar.count, stride))
+            message = f"shard {url}: {count_problem(expected, tar.count, tar.error)}"
+        if missing <= 0:
+            return
+        self.seen, self.bad = self.seen + missing, self.bad + missing
+        self.by_shard[url] += missing
+        self.by_kind["missing from its shard"] += missing
+        self._warn(f"{message}; {missing} samples counted as bad", always=True)
+        self._update(url)
+
+    def _update(self, url: str) -> None:
+        """Publish the totals; BadDataError past the limit."""
         if self.stats is not None:
             self.stats[2 * self.slot] = self._base[0] + self.seen
             self.stats[2 * self.slot + 1] = self._base[1] + self.bad
@@ -367,41 +431,57 @@ class BadSampleCounter:
             and self.bad > self.max_fraction * self.seen
         ):
             worst = ", ".join(f"{u} ({n})" for u, n in self.by_shard.most_common(5))
+            kinds = ", ".join(f"{k}: {n}" for k, n in self.by_kind.most_common())
             raise BadDataError(
-                f"{self.bad} of {self.seen} samples read by this worker are unreadable "
-                f"({self.bad / self.seen:.1%} > data.max_bad_fraction={self.max_fraction}); "
+                f"{self.bad} of {self.seen} samples read by this worker are bad ({kinds}; "
+                f"{self.bad / self.seen:.1%} > data.max_bad_fraction={self.max_fraction}); "
                 f"stopped in shard {url}. Shards with bad samples: {worst}"
             )
 
-    def _warn(self, url: str, key: Optional[str], reason: str) -> None:
+    def _warn(self, message: str, always: bool = False) -> None:
         now = time.monotonic()
-        if self.bad > WARN_FIRST and now - self._last_warn < WARN_EVERY_S:
+        if not always and self.bad > WARN_FIRST and now - self._last_warn < WARN_EVERY_S:
             self._suppressed += 1
             return
         more = (
             f"; {self._suppressed} more skipped since the last warning" if self._suppressed else ""
         )
         warnings.warn(
-            f"skipped sample {key} of {url}: {reason} ({self.bad} skipped of {self.seen} read by this worker{more})",
+            f"{message} ({self.bad} skipped of {self.seen} read by this worker{more})",
             BadSampleWarning,
             stacklevel=3,
         )
         self._last_warn, self._suppressed = now, 0
 
 
-def _shard_samples(url: str, counter: BadSampleCounter) -> Iterator[Dict[str, Any]]:
-    """Samples of a shard; a shard that breaks off mid-way (truncated tar) counts as one bad
-    sample and ends early. A shard that cannot be opened raises, naming it."""
-    try:
-        yield from iter_shard(url)
-    except FileNotFoundError:
-        raise
-    except (tarfile.TarError, OSError, EOFError, ValueError) as exc:
-        counter.record(url, "<rest of shard>", f"unreadable tar: {exc}")
+def _shard_samples(
+    url: str, counter: BadSampleCounter, expected: Optional[int] = None, share=(1, 0)
+) -> Iterator[Dict[str, Any]]:
+    """Samples of a shard, then its count checked against `expected` (`counter.shard_end`)."""
+    tar = yield from shard_samples(url)
+    counter.shard_end(url, tar, expected, share)
+
+
+def validation_complete(missing: int, what: str) -> bool:
+    """Whether a validation pass scored every sample (`missing`: the sum of its batches'
+    "missing"); warns, saying `what` is not over the full set, when it did not."""
+    if missing:
+        warnings.warn(
+            f"validation incomplete ({what} not over the full set): {missing} samples of the "
+            "validation set were missing from their shards or skipped as bad (see the "
+            "bad-sample warnings; `raptor shards verify DIR` checks the shards)",
+            BadSampleWarning,
+            stacklevel=2,
+        )
+    return not missing
 
 
 def _collate(
-    images: List[torch.Tensor], labels: List[int], size: int, shape: Tuple[int, ...]
+    images: List[torch.Tensor],
+    labels: List[int],
+    size: int,
+    shape: Tuple[int, ...],
+    missing: int = 0,
 ) -> Dict[str, torch.Tensor]:
     """A batch of `size` rows: the samples, then padding rows (zeros, label -1, valid False)."""
     pad = size - len(images)
@@ -409,6 +489,7 @@ def _collate(
         "image": torch.stack(images + [torch.zeros(shape)] * pad),
         "label": torch.tensor(labels + [-1] * pad, dtype=torch.long),
         "valid": torch.tensor([True] * len(images) + [False] * pad),
+        "missing": torch.tensor(missing, dtype=torch.long),
     }
 
 
@@ -436,6 +517,7 @@ class _ShardStream(IterableDataset):
         require_labels: bool,
         max_bad_fraction: float,
         stats=None,
+        num_classes: Optional[int] = None,
     ):
         self.shards, self.transform, self.image_shape = shards, transform, tuple(image_shape)
         self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
@@ -445,6 +527,11 @@ class _ShardStream(IterableDataset):
             max_bad_fraction,
             stats,
         )
+        self.num_classes = num_classes
+
+    def _expected(self, index: int) -> Optional[int]:
+        """Samples the manifest lists for shard `index` (None without one)."""
+        return None if self.shards.counts is None else self.shards.counts[index]
 
     def _counter(self, slot: int) -> BadSampleCounter:
         return BadSampleCounter(self.max_bad_fraction, self.stats, slot)
@@ -453,9 +540,11 @@ class _ShardStream(IterableDataset):
         """(image, label) of every good sample; bad ones are counted and dropped."""
         for s in samples:
             try:
-                image, label = decode_sample(s, self.transform, self.require_labels)
+                image, label = decode_sample(
+                    s, self.transform, self.require_labels, self.num_classes
+                )
             except _Bad as exc:
-                counter.record(s.get("__url__", "?"), s.get("__key__"), str(exc))
+                counter.record(s.get("__url__", "?"), s.get("__key__"), exc)
                 continue
             counter.record(s["__url__"])
             yield image, label
@@ -494,7 +583,9 @@ class TrainStream(_ShardStream):
             n = 0
             for sl in slices:
                 url = self.shards.urls[sl.index]
-                for i, sample in enumerate(_shard_samples(url, counter)):
+                share = (sl.stride, sl.offset)
+                samples = _shard_samples(url, counter, self._expected(sl.index), share)
+                for i, sample in enumerate(samples):
                     if i % sl.stride == sl.offset:
                         n += 1
                         yield sample
@@ -544,28 +635,29 @@ class ValStream(_ShardStream):
         counter = self._counter(worker)
         planned = math.ceil(part.num_samples / self.batch_size) + (self.extra if worker == 0 else 0)
         stream = itertools.islice(self._read(part, counter), part.offset, None, part.stride)
-        emitted, images, labels = 0, [], []
-        for image, label in self._decoded(self._checked(stream, part), counter):
-            images.append(image)
-            labels.append(label)
-            if len(images) == self.batch_size:
-                yield _collate(images, labels, self.batch_size, self.image_shape)
-                emitted, images, labels = emitted + 1, [], []
-        if images:
-            yield _collate(images, labels, self.batch_size, self.image_shape)
-            emitted += 1
-        for _ in range(planned - emitted):
-            yield _collate([], [], self.batch_size, self.image_shape)
+        rows = self._decoded(self._checked(stream, part), counter)
+        batches = iter(lambda: [list(c) for c in zip(*itertools.islice(rows, self.batch_size))], [])
+        # each batch is held back until the next one is read, so that the last one (or the
+        # first padding batch) can carry how many planned samples never arrived
+        held, delivered, emitted = None, 0, 0
+        for batch in batches:
+            if held is not None:
+                yield _collate(*held, self.batch_size, self.image_shape)
+            held, delivered, emitted = batch, delivered + len(batch[0]), emitted + 1
+        rest = ([held] if held is not None else []) + [([], [])] * (planned - emitted)
+        for i, (images, labels) in enumerate(rest):
+            missing = part.num_samples - delivered if i == 0 else 0
+            yield _collate(images, labels, self.batch_size, self.image_shape, missing)
 
     def _read(self, part: ValPart, counter: BadSampleCounter):
         for i in part.shards:
-            yield from _shard_samples(self.shards.urls[i], counter)
+            yield from _shard_samples(self.shards.urls[i], counter, self._expected(i))
 
     def _checked(self, stream, part: ValPart):
         for n, sample in enumerate(stream, 1):
             if n > part.num_samples:
                 names = [self.shards.urls[i] for i in part.shards]
-                raise ValueError(
+                raise UserError(
                     f"validation shards {names} hold more samples than expected ({part.num_samples}): "
                     f"the {MANIFEST} (or data.val_samples) does not match the shards"
                 )
@@ -687,12 +779,19 @@ class ShardDataModule(L.LightningDataModule):
     """Train/val loaders over webdataset shards (see the module docstring).
 
     data_cfg: the `data` config section. data_config: timm's resolved data config of the
-    teacher (overridden key by key by data_cfg.transform).
+    teacher (overridden key by key by data_cfg.transform). num_classes: the classes of the
+    head the labels feed (a label outside 0..num_classes-1 is a bad sample); None or 0: no
+    head, labels unchecked.
     """
 
-    def __init__(self, data_cfg: Any, data_config: Optional[Dict[str, Any]] = None):
+    def __init__(
+        self,
+        data_cfg: Any,
+        data_config: Optional[Dict[str, Any]] = None,
+        num_classes: Optional[int] = None,
+    ):
         super().__init__()
-        self.cfg = data_cfg
+        self.cfg, self.num_classes = data_cfg, num_classes
         self.transform_config = resolve_transform_config(data_config, data_cfg.transform)
         self._shards: Dict[str, ShardSet] = {}
         self._counted: Dict[str, int] = {}
@@ -708,7 +807,7 @@ class ShardDataModule(L.LightningDataModule):
         if split not in self._shards:
             spec = str(self.cfg.get(f"{split}_urls") or self.cfg.shards_dir or "")
             if not spec:
-                raise ValueError(f"no {split} shards: set data.{split}_urls or data.shards_dir")
+                raise UserError(f"no {split} shards: set data.{split}_urls or data.shards_dir")
             self._shards[split] = resolve_shards(spec, split, bool(self.cfg.allow_pipe))
         return self._shards[split]
 
@@ -754,6 +853,7 @@ class ShardDataModule(L.LightningDataModule):
             require_labels=bool(self.cfg.require_labels),
             max_bad_fraction=float(self.cfg.max_bad_fraction),
             stats=self._stats[split],
+            num_classes=self.num_classes,
         )
 
     # -- loaders
@@ -799,7 +899,8 @@ class ShardDataModule(L.LightningDataModule):
 
     def skip_stats(self) -> Dict[str, Dict[str, int]]:
         """{"train"|"val": {"read": n, "skipped": k}}: samples read and skipped on this rank
-        since the module was made (all epochs and evaluations, all workers)."""
+        since the module was made (all epochs and evaluations, all workers); samples a
+        manifest lists but a shard did not hold count in both."""
         return {
             split: {"read": int(sum(a[0::2])), "skipped": int(sum(a[1::2]))}
             for split, a in self._stats.items()

@@ -43,6 +43,9 @@ Logged metrics (CSV, W&B), layers l 1-based:
   teacher's input, then the teacher's remaining blocks). Stage 1 validates the
   layers of the trained phases, each block from the teacher's phase input;
   stage 2 (and `raptor.evaluate`) rolls the whole student out from a_0.
+  val/complete is 0 (with a warning) when samples of the validation set were missing
+  from their shards or skipped as bad, else 1 (a pass cut short by train.val_batches is
+  partial by choice and not flagged).
 The latest validation is also written to RUN/val_metrics.json.
 
 Runs: RUN = cfg.run_dir; checkpoints in RUN/checkpoints/last.ckpt every
@@ -83,6 +86,7 @@ import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from omegaconf import DictConfig
 from torchmetrics import Metric
+from torchmetrics.aggregation import SumMetric
 
 from dmd.metrics import TrajectoryMetrics
 from raptor import losses
@@ -94,7 +98,6 @@ CKPT_DIR = "checkpoints"
 LAST_CKPT = "last.ckpt"
 PENDING_CKPT = "pending.ckpt"
 VAL_FILE = "val_metrics.json"
-SCHEDULE_CHANGES = ("refuse", "apply")
 
 
 class NonFiniteLossError(RunFailed):
@@ -235,9 +238,6 @@ def schedule(cfg: DictConfig, world: int) -> Dict[str, Any]:
 def check_resume(cfg: DictConfig, path: Optional[Path], world: int) -> int:
     """The step a run resumed from `path` (None: a fresh run) starts at, once the checkpoint
     is known to be of this stage and its schedule unchanged, or `train.schedule_change=apply`."""
-    mode = str(cfg.train.schedule_change)
-    if mode not in SCHEDULE_CHANGES:
-        raise ConfigError(f"train.schedule_change must be refuse or apply, got '{mode}'")
     if path is None:
         return 0
     ckpt = read_checkpoint(path)
@@ -253,7 +253,7 @@ def check_resume(cfg: DictConfig, path: Optional[Path], world: int) -> int:
     )
     new = schedule(cfg, world)
     changed = {k: (old.get(k), v) for k, v in new.items() if old.get(k) != v}
-    if changed and mode == "refuse":
+    if changed and cfg.train.schedule_change == "refuse":
         diff = ", ".join(f"{k}: {a} -> {b}" for k, (a, b) in changed.items())
         raise ConfigError(
             f"resuming {path} (step {step}) with a different schedule ({diff}): set the old "
@@ -396,6 +396,7 @@ class Distiller(L.LightningModule):
             else [f"student_B{j + 1}" for j in self.trained]
         )
         self.val_top1 = MeanVector(len(self.top1_names))
+        self.val_missing = SumMetric()  # validation samples the data could not deliver
         self.last_val: Dict[str, float] = {}
         self.results: Dict[str, Any] = {}
         self.val_file: Optional[Path] = None  # where to write the latest validation (JSON)
@@ -619,6 +620,8 @@ class Distiller(L.LightningModule):
             for i, layer in enumerate(self.val_layers)
         ]
         self.val_loss.update(torch.stack(per_layer, dim=1)[valid])
+        if "missing" in batch:
+            self.val_missing.update(batch["missing"])
         if self.teacher.num_classes:
             keep = valid & (labels >= 0)
             L_ = self.raptor.num_layers
@@ -673,7 +676,18 @@ class Distiller(L.LightningModule):
         if self.teacher.num_classes and int(self.val_top1.count) > 0:
             results["top1"] = {n: float(v) for n, v in zip(self.top1_names, top1)}
             flat.update({f"val/top1_{n}": float(v) for n, v in zip(self.top1_names, top1)})
-        for m in (self.val_student, self.val_identity, self.val_loss, self.val_top1):
+        from raptor.data import validation_complete
+
+        results["missing"] = int(self.val_missing.compute())
+        results["complete"] = validation_complete(results["missing"], "top-1 and all metrics")
+        flat["val/complete"] = float(results["complete"])
+        for m in (
+            self.val_student,
+            self.val_identity,
+            self.val_loss,
+            self.val_top1,
+            self.val_missing,
+        ):
             m.reset()
         return flat, results
 
@@ -730,7 +744,7 @@ def fit(
     if datamodule is None:
         from raptor.data import ShardDataModule
 
-        datamodule = ShardDataModule(cfg.data, teacher.data_config)
+        datamodule = ShardDataModule(cfg.data, teacher.data_config, teacher.num_classes)
     module = Distiller(cfg, teacher, raptor, blocks)
     module.val_file = run_dir / VAL_FILE
     module.good_ckpt = (ckpt_path, start) if ckpt_path is not None else None
@@ -786,6 +800,8 @@ def main(args: argparse.Namespace) -> int:
         m = out["metrics"]
         last = max((int(k.rsplit("L", 1)[1]) for k in m if k.startswith("val/r2/L")), default=None)
         r2 = f", val R^2 at layer {last}: {m[f'val/r2/L{last}']:.4f}" if last else ""
+        if m.get("val/complete") == 0:
+            r2 += " (validation INCOMPLETE: samples missing, see the warnings)"
         print(
             f"stage {out['stage']} done at step {out['step']}{r2}; checkpoint {out['checkpoint']}"
         )

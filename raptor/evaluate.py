@@ -8,6 +8,7 @@ same batches, and writes into `run_dir`:
   (metrics r2, r2_ref, cos, rel_l2, norm_ratio of `dmd.metrics`; groups all, cls,
   reg, patch; identity = a_l predicted as a_0), "loss": [per layer],
   "top1": {"teacher", "student", "ratio"} or null (no head or no labels),
+  "complete": false when validation samples were missing or bad ("missing": how many),
   "dmd": DMD baselines fitted on the teacher (one span per phase, `cfg.dmd`) and
   scored on the same batches, {variant: {metric: {group: [value or None per layer]}}},
   or null when dmd.enabled is false};
@@ -50,7 +51,7 @@ def run_validation(
     if datamodule is None:
         from raptor.data import ShardDataModule
 
-        datamodule = ShardDataModule(cfg.data, teacher.data_config)
+        datamodule = ShardDataModule(cfg.data, teacher.data_config, teacher.num_classes)
     module = Distiller(cfg, teacher, raptor, rollout=rollout)
     trainer = make_trainer(
         cfg,
@@ -125,6 +126,8 @@ def evaluate(
         "identity": res["identity"],
         "loss": res["loss"],
         "top1": top1,
+        "complete": res["complete"],
+        "missing": res["missing"],
         "dmd": dmd_per_layer(dmd.last_results, res["layers"]) if dmd else None,
     }
     if rank_zero_only.rank == 0:

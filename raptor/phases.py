@@ -60,6 +60,7 @@ import torch
 from torch import Tensor
 
 from raptor.config import ConfigError
+from raptor.errors import UserError, read_json
 
 TOKEN_MODES = ("all", "cls+patchmean")
 METHODS = ("dp", "bisect")
@@ -138,7 +139,10 @@ class LayerSimilarity:
 
     def compute(self) -> np.ndarray:
         if self.num_images == 0:
-            raise ValueError("LayerSimilarity.compute: no image was added")
+            raise UserError(
+                "LayerSimilarity.compute: no image was added (is the validation data empty? "
+                "check data.val_urls)"
+            )
         return (self.sum / (self.num_images * self.num_vectors)).cpu().numpy()
 
 
@@ -148,12 +152,12 @@ class LayerSimilarity:
 def dissimilarity(matrix: np.ndarray, kind: str = "similarity") -> np.ndarray:
     """The symmetrised pair weights W (L, L) of a similarity or distance matrix."""
     if kind not in KINDS:
-        raise ValueError(f"matrix kind must be one of {KINDS}, got '{kind}'")
+        raise UserError(f"matrix kind must be one of {KINDS}, got '{kind}'")
     m = np.asarray(matrix, dtype=np.float64)
     if m.ndim != 2 or m.shape[0] != m.shape[1] or m.shape[0] < 1:
-        raise ValueError(f"expected a square L x L matrix, got shape {m.shape}")
+        raise UserError(f"expected a square L x L matrix, got shape {m.shape}")
     if not np.all(np.isfinite(m)):
-        raise ValueError("the matrix holds NaN or infinite values")
+        raise UserError("the matrix holds NaN or infinite values")
     w = 1.0 - m if kind == "similarity" else m
     return (w + w.T) / 2
 
@@ -172,9 +176,9 @@ def _block_sum(p: np.ndarray, r0, r1, c0, c1):
 
 def _check_k(num_layers: int, k: int, min_length: int) -> None:
     if min_length < 1:
-        raise ValueError(f"min_length must be >= 1, got {min_length}")
+        raise UserError(f"min_length must be >= 1, got {min_length}")
     if k < 1 or k * min_length > num_layers:
-        raise ValueError(
+        raise UserError(
             f"cannot split {num_layers} layers into k={k} phases of at least {min_length} layer(s)"
         )
 
@@ -270,7 +274,7 @@ def partition(
 ) -> list[int]:
     """Boundaries of a k-phase partition of a layer similarity/distance matrix."""
     if method not in METHODS:
-        raise ValueError(f"partition method must be one of {METHODS}, got '{method}'")
+        raise UserError(f"partition method must be one of {METHODS}, got '{method}'")
     w = dissimilarity(matrix, kind)
     solve = partition_dp if method == "dp" else partition_bisect
     return solve(w, int(k), int(min_length))
@@ -317,7 +321,7 @@ def read_matrix(path: str | Path) -> np.ndarray:
     """An L x L matrix from a .npy file or whitespace-separated text."""
     path = Path(path)
     if not path.is_file():
-        raise ValueError(f"matrix file not found: {path}")
+        raise UserError(f"matrix file not found: {path} (check --matrix)")
     try:
         m = (
             np.load(path, allow_pickle=False)
@@ -325,10 +329,10 @@ def read_matrix(path: str | Path) -> np.ndarray:
             else np.loadtxt(path, ndmin=2)
         )
     except ValueError as exc:
-        raise ValueError(f"cannot read matrix file {path}: {exc}") from None
+        raise UserError(f"cannot read matrix file {path}: {exc}") from None
     m = np.asarray(m, dtype=np.float64)
     if m.ndim != 2 or m.shape[0] != m.shape[1]:
-        raise ValueError(f"matrix file {path}: expected a square L x L matrix, got shape {m.shape}")
+        raise UserError(f"matrix file {path}: expected a square L x L matrix, got shape {m.shape}")
     return m
 
 
@@ -409,7 +413,7 @@ def discover_phases(
     out = run_dir / PHASES_FILE
     if out.is_file():
         print(f"[phases] {out} exists: skipped (delete it to recompute)")
-        return json.loads(out.read_text())
+        return read_json(out, "phases file")
     pc = cfg.phases
     _check_phases_config(pc)
 

@@ -1,59 +1,197 @@
-"""`raptor pipeline CONFIG`: the whole job, one sub-folder per step, resumable.
+"""`raptor pipeline CONFIG [--plan]`: the whole job, one sub-folder per step, resumable.
 
     shards/    webdataset shards   (when data.source is digits or imagefolder:PATH)
     teacher/   small teacher       (when teacher.train_from_scratch and no teacher.weights)
     phases/    similarity matrix, phases.json, heat-map
     k{K}/stage1, k{K}/stage2, k{K}/eval, k{K}/export   for every K in pipeline.ks
-    summary.md, summary.json, *.png
+    config.yaml, summary.md, summary.json, *.png
 
-A step is complete when its folder holds `step.json` (written last, with the step's
-result and wall time); a rerun of the same command skips complete steps, and the
-training steps resume from their own last checkpoint, so a killed pipeline resumes
-by rerunning it.
+Results cannot go stale. Each step depends on the config keys listed for it in `DEPENDS`
+(the files named by teacher.weights, teacher.head and phases.file count by their
+content) and on the input hashes of the steps it consumes (`after`), so a change
+reaches everything downstream. When a step starts it records those values and their
+hash in `inputs.json`; `step.json` (written last, with the result and wall time) marks it
+complete. On every run the pipeline first prints its plan, step by step:
+- skip:   complete, with the same input hash;
+- run:    never started, or interrupted with the same input hash (training resumes
+          from its last checkpoint), or a folder without an input record (the step reuses
+          or resumes what is there);
+- rerun:  its inputs changed; the plan names the changed keys (old -> new) or the
+          upstream steps. The old folder is moved aside to `NAME.stale-STAMP` (never
+          mixed with, or resumed into, the new run), the root config.yaml and summary
+          to `run.stale-STAMP/`.
+Keys in `NO_RESULT_KEYS` (logging, devices, threads, workers, checkpoint cadence...)
+never rerun anything. `--plan` prints the plan and stops, to check a change first.
+The root config.yaml is written when every step is complete, so it describes the
+results in the folder; each step folder keeps its own config.yaml as well.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import hashlib
 import json
+import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from omegaconf import DictConfig, OmegaConf
 
 from raptor.cli import add_config_arguments, config_from_args
-from raptor.runs import prepare_run_dir
+from raptor.config import save_config
+from raptor.errors import read_json
+from raptor.runs import _global_rank
+from raptor.summary import report_files, write_summary
 
-STEP_FILE = "step.json"
+STEP_FILE = "step.json"  # written last: the step is complete
+INPUTS_FILE = "inputs.json"  # written first: what the step's folder was made from
+CONFIG_FILE = "config.yaml"
+MAX_LISTED = 8  # changed keys the plan lists per step
+
+# Config keys each kind of step depends on: a key names a leaf or a whole section, "!key"
+# leaves it out. Steps consume data, teacher and phases either from an upstream step
+# (then they depend on its hash) or as given in the config (the `given_*` entries).
+_FIT = ("train.seed", "train.val_batches", "trainer.precision", "trainer.extra")
+_DMD = ("dmd", "!dmd.log_groups", "!dmd.eval_images", "!dmd.sweep")
+DEPENDS: Dict[str, Tuple[str, ...]] = {
+    "shards": ("data.source", "data.shard_size", "data.val_fraction", "data.split_seed")
+    + ("data.store_crop",),
+    # how every step reads its images
+    "data": ("data.batch_size", "data.val_batch_size", "data.shuffle_buffer", "data.seed")
+    + ("data.train_samples", "data.val_samples", "data.require_labels", "data.transform"),
+    "given_data": ("data.source", "data.shards_dir", "data.train_urls", "data.val_urls"),
+    "teacher": ("teacher", "train.seed", "trainer.precision", "trainer.extra"),
+    "given_teacher": ("teacher", "!teacher.train"),
+    "phases": ("phases", "!phases.boundaries", "!phases.file"),
+    "given_phases": ("phases.boundaries", "phases.file"),
+    "stage1": ("model", "train.stage1", "train.blocks") + _FIT,
+    "stage2": ("model", "train.stage2") + _FIT + _DMD,
+    "eval": ("trainer.precision", "trainer.extra") + _DMD,
+    "export": ("export.onnx", "export.onnx_opset"),
+}
+# Keys no step's results depend on: changing them reruns nothing. With DEPENDS these cover
+# every key of the schema (tests/test_pipeline.py checks), so a new key must be placed.
+NO_RESULT_KEYS = (
+    "name",
+    "run_dir",
+    "logging",
+    "pipeline",  # which steps exist, not what they compute
+    "data.num_workers",
+    "data.allow_pipe",
+    "data.max_bad_fraction",  # when to give up, not what is computed
+    "trainer.accelerator",
+    "trainer.devices",
+    "trainer.num_nodes",
+    "trainer.strategy",
+    "trainer.deterministic",
+    "trainer.benchmark",
+    "trainer.num_threads",
+    "train.stage",  # set by the pipeline per step
+    "train.init_from",  # set by the pipeline: stage 2 starts from stage 1 (its hash)
+    "train.resume",
+    "train.ckpt_every_n_steps",
+    "train.val_every_n_steps",  # the reported metrics come from a final validation
+    "dmd.log_groups",
+    "dmd.eval_images",  # `raptor dmd` only
+    "dmd.sweep",  # `raptor dmd` only
+    "export.out",  # the pipeline exports into k{K}/export/backbone
+    "export.overwrite",
+)
+# Keys naming a file: their value in a record is the file's content hash, not its path.
+FILE_KEYS = ("teacher.weights", "teacher.head", "phases.file")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_config_arguments(parser)
+    parser.add_argument(
+        "--plan",
+        action="store_true",
+        help="print which steps would run, rerun (and why) or be skipped, and stop",
+    )
 
 
 def main(args: argparse.Namespace) -> int:
-    summary = run_pipeline(config_from_args(args))
-    print(summary["table"])
-    print(summary["where"])
+    summary = run_pipeline(config_from_args(args), plan_only=args.plan)
+    if summary is not None:
+        print(summary["table"])
+        print(summary["where"])
     return 0
 
 
-def run_step(name: str, folder: Path, fn: Callable[[], Dict[str, Any]]) -> Dict[str, Any]:
-    """Run `fn()` unless `folder/step.json` says it already finished; returns the
-    step record {"step", "wall_s", "result"}."""
-    marker = folder / STEP_FILE
-    if marker.is_file():
-        print(f"[pipeline] {name}: complete, skipped ({folder})")
-        return json.loads(marker.read_text())
-    print(f"[pipeline] {name}: running in {folder}")
-    folder.mkdir(parents=True, exist_ok=True)
-    start = time.perf_counter()
-    result = fn()
-    done = {"step": name, "wall_s": round(time.perf_counter() - start, 1), "result": result}
-    marker.write_text(json.dumps(done, indent=2, default=str))
-    return done
+# --------------------------------------------------------------------------- input records
+
+
+def _file_digest(path: str) -> str:
+    p = Path(path).expanduser()
+    if not p.is_file():
+        return f"missing: {path}"
+    h = hashlib.sha256()
+    with open(p, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return "sha256:" + h.hexdigest()
+
+
+def _leaves(node: Any, prefix: str = "") -> Dict[str, Any]:
+    """Dotted key -> value of every leaf of a plain container (empty sections kept as {})."""
+    if isinstance(node, dict) and node:
+        out: Dict[str, Any] = {}
+        for k, v in node.items():
+            out.update(_leaves(v, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1]: node}
+
+
+def _selected(key: str, spec: Tuple[str, ...]) -> bool:
+    def hit(pattern: str) -> bool:
+        return key == pattern or key.startswith(pattern + ".")
+
+    return any(hit(p) for p in spec if p[0] != "!") and not any(
+        hit(p[1:]) for p in spec if p[0] == "!"
+    )
+
+
+def depend_values(cfg: DictConfig, spec: Tuple[str, ...]) -> Dict[str, Any]:
+    """The values of the config keys that `spec` selects (files by content hash)."""
+    leaves = _leaves(OmegaConf.to_container(cfg, resolve=True))
+    out = {k: v for k, v in leaves.items() if _selected(k, spec)}
+    for k in FILE_KEYS:
+        if out.get(k):
+            out[k] = _file_digest(str(out[k]))
+    return out
+
+
+def _hash(values: Dict[str, Any], after: Dict[str, str]) -> str:
+    text = json.dumps({"values": values, "after": after}, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _read(path: Path) -> Optional[Dict[str, Any]]:
+    return read_json(path, "pipeline step record") if path.is_file() else None
+
+
+def _show(value: Any) -> str:
+    text = json.dumps(value, default=str)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+# --------------------------------------------------------------------------- steps
+
+
+@dataclass
+class Step:
+    """One pipeline step: its folder, the config values and upstream steps its results
+    depend on, and `run(done, folder)` -> result, given the records of the steps done."""
+
+    name: str
+    folder: Path
+    values: Dict[str, Any]
+    after: Tuple[str, ...]
+    run: Callable[[Dict[str, Dict[str, Any]], Path], Dict[str, Any]]
+    hash: str = ""
 
 
 def _with(cfg: DictConfig, **updates: Any) -> DictConfig:
@@ -64,77 +202,139 @@ def _with(cfg: DictConfig, **updates: Any) -> DictConfig:
     return new
 
 
-def run_pipeline(cfg: DictConfig) -> Dict[str, Any]:
-    """Every step of the module docstring in order; returns `write_summary`'s result."""
-    root = prepare_run_dir(cfg)
-    steps: Dict[str, Dict[str, Any]] = {}
+def pipeline_steps(cfg: DictConfig, root: Path) -> List[Step]:
+    """Every step of the module docstring, in order, with what it depends on."""
+    steps: List[Step] = []
 
+    def add(name, folder, keys, after, run, source: DictConfig = cfg) -> None:
+        """Append a step depending on `keys` of `source` and on the steps `after`."""
+        steps.append(Step(name, Path(folder), depend_values(source, keys), tuple(after), run))
+
+    def given(done: Dict[str, Dict[str, Any]], **updates: Any) -> DictConfig:
+        """cfg with what the finished upstream steps provide, plus `updates`."""
+        new = {}
+        if "shards" in done:
+            new.update({"data.source": "shards", "data.shards_dir": str(shards_dir)})
+        if "teacher" in done:
+            new["teacher.weights"] = done["teacher"]["result"]["weights"]
+        if "phases" in done:
+            new["phases.file"] = str(root / "phases" / "phases.json")
+        return _with(cfg, **new, **updates)
+
+    data, teacher, phases = DEPENDS["data"], DEPENDS["given_teacher"], DEPENDS["given_phases"]
+    inputs: List[str] = []  # upstream steps every later step consumes
+    shards_dir = Path(cfg.data.shards_dir or root / "shards")
     if cfg.data.source != "shards":
         from raptor.shards import ensure_shards
 
-        folder = Path(cfg.data.shards_dir or root / "shards")
-        steps["shards"] = run_step(
-            "shards", folder, lambda: {"shards_dir": ensure_shards(cfg, folder).data.shards_dir}
+        add(
+            "shards",
+            shards_dir,
+            DEPENDS["shards"],
+            [],
+            # the folder holds this step's inputs.json, and partial shards when interrupted
+            lambda done, folder: {
+                "shards_dir": ensure_shards(cfg, folder, overwrite=True).data.shards_dir
+            },
         )
-        cfg = _with(cfg, **{"data.shards_dir": str(folder), "data.source": "shards"})
+        inputs.append("shards")
+    else:
+        data += DEPENDS["given_data"]
 
     if cfg.teacher.train_from_scratch and not cfg.teacher.weights:
         from raptor.teacher_train import train_teacher
 
-        folder = root / "teacher"
-        steps["teacher"] = run_step(
-            "teacher", folder, lambda: train_teacher(_with(cfg, run_dir=str(folder)), folder)
+        add(
+            "teacher",
+            root / "teacher",
+            data + DEPENDS["teacher"],
+            inputs,
+            lambda done, folder: train_teacher(given(done, run_dir=str(folder)), folder),
         )
-        cfg = _with(cfg, **{"teacher.weights": steps["teacher"]["result"]["weights"]})
+        teacher, inputs = (), inputs + ["teacher"]
 
     if cfg.phases.boundaries is None and not cfg.phases.file:
         from raptor.phases import discover_phases
 
-        folder = root / "phases"
-        steps["phases"] = run_step(
-            "phases", folder, lambda: discover_phases(_with(cfg, run_dir=str(folder)), folder)
+        add(
+            "phases",
+            root / "phases",
+            data + teacher + DEPENDS["phases"],
+            inputs,
+            lambda done, folder: discover_phases(given(done, run_dir=str(folder)), folder),
         )
-        cfg = _with(cfg, **{"phases.file": str(folder / "phases.json")})
+        phases, inputs = (), inputs + ["phases"]
 
     for k in cfg.pipeline.ks:
-        steps.update(raptor_steps(_with(cfg, **{"model.k": k}), root / f"k{k}"))
+        raptor_steps(
+            add,
+            given,
+            _with(cfg, **{"model.k": k}),
+            root / f"k{k}",
+            data + teacher + phases,
+            inputs,
+        )
+    return steps
 
-    from raptor.summary import write_summary
 
-    return write_summary(cfg, root, steps)
-
-
-def raptor_steps(cfg: DictConfig, base: Path) -> Dict[str, Dict[str, Any]]:
+def raptor_steps(add, given, cfg: DictConfig, base: Path, reads, inputs: List[str]) -> None:
     """Stage 1, stage 2, evaluation and export of the Raptor with k = cfg.model.k, in
-    `base/{stage1,stage2,eval,export}`; returns their step records."""
+    `base/{stage1,stage2,eval,export}`: `add`s them to the pipeline's steps. `reads` are
+    the data/teacher/phases keys and `inputs` the upstream steps every one consumes."""
     from raptor.distill import fit
     from raptor.evaluate import evaluate
     from raptor.export import export_backbone
 
-    k, steps = cfg.model.k, {}
+    k = cfg.model.k
+
+    def add_k(*args) -> None:  # values read from this Raptor's config (model.k = k)
+        add(*args, source=cfg)
+
     s1, s2 = base / "stage1", base / "stage2"
-    cfg1 = _with(cfg, run_dir=str(s1), **{"train.stage": 1})
-    cfg2 = _with(cfg, run_dir=str(s2), **{"train.stage": 2, "train.init_from": str(s1)})
-    steps[f"k{k}/stage1"] = run_step(f"k={k} stage 1", s1, lambda: fit(cfg1, s1))
-    steps[f"k{k}/stage2"] = run_step(f"k={k} stage 2", s2, lambda: fit(cfg2, s2))
+    n1, n2 = f"k{k}/stage1", f"k{k}/stage2"
+
+    def stage2_cfg(done: Dict[str, Dict[str, Any]], **updates: Any) -> DictConfig:
+        return given(
+            done, **{"model.k": k, "train.stage": 2, "train.init_from": str(s1)}, **updates
+        )
+
+    add_k(
+        n1,
+        s1,
+        reads + DEPENDS["stage1"],
+        inputs,
+        lambda done, folder: fit(
+            given(done, **{"model.k": k, "train.stage": 1, "run_dir": str(folder)}), folder
+        ),
+    )
+    add_k(
+        n2,
+        s2,
+        reads + DEPENDS["stage2"],
+        inputs + [n1],
+        lambda done, folder: fit(stage2_cfg(done, run_dir=str(folder)), folder),
+    )
     if cfg.pipeline.evaluate:
-        folder = base / "eval"
-        ckpt = steps[f"k{k}/stage2"]["result"]["checkpoint"]
-        steps[f"k{k}/eval"] = run_step(
-            f"k={k} evaluation",
-            folder,
-            lambda: evaluate(_with(cfg2, run_dir=str(folder)), ckpt, folder),
+        add_k(
+            f"k{k}/eval",
+            base / "eval",
+            reads + DEPENDS["eval"],
+            inputs + [n2],
+            lambda done, folder: evaluate(
+                stage2_cfg(done, run_dir=str(folder)), done[n2]["result"]["checkpoint"], folder
+            ),
         )
     if cfg.pipeline.export:
-        out = base / "export"
-        steps[f"k{k}/export"] = run_step(
-            f"k={k} export",
-            out,
-            lambda: {
+        add_k(
+            f"k{k}/export",
+            base / "export",
+            DEPENDS["export"],
+            [n2],
+            lambda done, folder: {
                 "dir": str(
                     export_backbone(
                         s2,
-                        out / "backbone",
+                        folder / "backbone",
                         onnx=cfg.export.onnx,
                         overwrite=True,
                         opset=cfg.export.onnx_opset,
@@ -142,4 +342,122 @@ def raptor_steps(cfg: DictConfig, base: Path) -> Dict[str, Dict[str, Any]]:
                 )
             },
         )
-    return steps
+
+
+# --------------------------------------------------------------------------- plan and run
+
+
+def plan_steps(steps: List[Step]) -> Dict[str, Tuple[str, List[str]]]:
+    """Step name -> (skip | run | rerun, reasons), from the records in the step folders.
+    Fills each step's `hash` (its values and its upstream steps' hashes)."""
+    hashes: Dict[str, str] = {}
+    reruns: set = set()
+    plan: Dict[str, Tuple[str, List[str]]] = {}
+    for step in steps:
+        after = {name: hashes[name] for name in step.after}
+        step.hash = hashes[step.name] = _hash(step.values, after)
+        record = _read(step.folder / INPUTS_FILE)
+        complete = (step.folder / STEP_FILE).is_file()
+        if record is None:
+            used = step.folder.is_dir() and any(step.folder.iterdir())
+            why = "no input record: reuses or resumes what its folder holds" if used else "new"
+            plan[step.name] = ("run", [why])
+        elif record["hash"] == step.hash:
+            plan[step.name] = ("skip", ["complete"]) if complete else ("run", ["resumes"])
+        else:
+            old = record.get("values", {})
+            why = [
+                f"{key}: {_show(old.get(key, '(unset)'))} -> {_show(step.values.get(key, '(unset)'))}"
+                for key in sorted(set(old) | set(step.values))
+                if old.get(key, "(unset)") != step.values.get(key, "(unset)")
+            ]
+            if len(why) > MAX_LISTED:
+                why[MAX_LISTED - 1 :] = [f"... and {len(why) - MAX_LISTED + 1} more keys"]
+            why += [
+                f"{name} reruns" if name in reruns else f"input from {name} changed"
+                for name in step.after
+                if record.get("after", {}).get(name) != after[name]
+            ]
+            plan[step.name] = ("rerun", why or ["its inputs changed"])
+            reruns.add(step.name)
+    return plan
+
+
+def print_plan(plan: Dict[str, Tuple[str, List[str]]], steps: List[Step], stamp: str) -> None:
+    """One line per step and reason, then where the folders of the steps that rerun go."""
+    width = max(len(s.name) for s in steps)
+    print("[pipeline] plan:")
+    for step in steps:
+        action, why = plan[step.name]
+        print(f"  {step.name:<{width}}  {action:<5}  {why[0]}")
+        for line in why[1:]:
+            print(f"  {'':<{width}}  {'':<5}  {line}")
+    for step in steps:
+        if plan[step.name][0] == "rerun":
+            print(f"[pipeline] {step.name}: old folder goes to {_stale(step.folder, stamp)}")
+
+
+def _stale(path: Path, stamp: str) -> Path:
+    return path.with_name(f"{path.name}.stale-{stamp}")
+
+
+def run_step(step: Step, action: str, done: Dict[str, Dict[str, Any]]) -> Dict[str, Any]:
+    """Run `step` unless the plan skips it; returns its record (step.json's content:
+    {"step", "folder", "hash", "wall_s", "result"})."""
+    if action == "skip":
+        print(f"[pipeline] {step.name}: complete, skipped ({step.folder})")
+        return _read(step.folder / STEP_FILE)
+    print(f"[pipeline] {step.name}: running in {step.folder}")
+    rank0 = _global_rank() == 0
+    if rank0:
+        step.folder.mkdir(parents=True, exist_ok=True)
+        (step.folder / STEP_FILE).unlink(missing_ok=True)
+        inputs = {"hash": step.hash, "values": step.values, "after": {}}
+        inputs["after"] = {name: done[name]["hash"] for name in step.after}
+        (step.folder / INPUTS_FILE).write_text(json.dumps(inputs, indent=1, default=str))
+    start = time.perf_counter()
+    result = step.run(done, step.folder)
+    record = {
+        "step": step.name,
+        "folder": str(step.folder),
+        "hash": step.hash,
+        "wall_s": round(time.perf_counter() - start, 1),
+        "result": result,
+    }
+    if rank0:
+        (step.folder / STEP_FILE).write_text(json.dumps(record, indent=2, default=str))
+    return record
+
+
+def run_pipeline(cfg: DictConfig, plan_only: bool = False) -> Optional[Dict[str, Any]]:
+    """Plan every step of the module docstring, print the plan, move the folders of steps
+    that rerun aside, then run them in order; returns `write_summary`'s result (None with
+    `plan_only`)."""
+    root = Path(cfg.run_dir)
+    steps = pipeline_steps(cfg, root)
+    plan = plan_steps(steps)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    print_plan(plan, steps, stamp)
+    reruns = [s.folder for s in steps if plan[s.name][0] == "rerun"]
+    report = [root / CONFIG_FILE] if (root / CONFIG_FILE).is_file() else []
+    report += report_files(root)
+    if reruns and report:  # they describe the results being replaced
+        print(f"[pipeline] old config.yaml and summary go to {_stale(root / 'run', stamp)}")
+    if plan_only:
+        print("[pipeline] --plan: nothing was run or moved")
+        return None
+    if _global_rank() == 0:  # other ranks re-run the pipeline into the folders rank 0 made
+        for path in reruns:
+            shutil.move(str(path), str(_stale(path, stamp)))
+        if reruns and report:
+            _stale(root / "run", stamp).mkdir(parents=True)
+            for path in report:
+                shutil.move(str(path), str(_stale(root / "run", stamp) / path.name))
+
+    done: Dict[str, Dict[str, Any]] = {}
+    for step in steps:
+        done[step.name] = run_step(step, plan[step.name][0], done)
+    if _global_rank() == 0:
+        save_config(cfg, root, CONFIG_FILE)  # every step is complete: it describes them
+
+    return write_summary(cfg, root, done)

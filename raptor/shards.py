@@ -31,6 +31,10 @@ quality 95. Readers with a center-crop transform then decode small files.
                           "shards": [{"name": "train-000000.tar", "num_samples": n,
                                       "sha256": "..."}, ...]}, ...},
      "skipped": {"count": k, "paths": [...]}}
+
+`raptor shards verify DIR` reads every shard of DIR's manifest once and checks its
+sha256 and sample count (and that the tar ends properly); exit 0 when all are good,
+1 naming each bad shard, 2 when the manifest is missing or unreadable.
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import sys
 import tarfile
 from multiprocessing import Pool
@@ -50,6 +55,8 @@ from typing import Any, Dict, Iterable, List, Optional, Tuple, Union
 import numpy as np
 from PIL import Image
 from tqdm import tqdm
+
+from raptor.errors import UserError
 
 MANIFEST = "manifest.json"
 FORMAT = "raptor-shards/1"
@@ -306,20 +313,205 @@ def _encoded(items: List[Item], crop: Optional[int], workers: int) -> Iterable[t
 
 
 def read_manifest(folder: str | Path) -> dict:
-    """The manifest of a local shard folder (FileNotFoundError naming it if absent)."""
+    """The manifest of a local shard folder; UserError naming the file when it is absent,
+    unreadable or malformed."""
     path = Path(folder) / MANIFEST
     if not path.is_file():
-        raise FileNotFoundError(f"{folder}: no {MANIFEST}; write shards with `raptor shards` first")
-    return json.loads(path.read_text())
+        raise UserError(f"{folder}: no {MANIFEST}; write shards with `raptor shards` first")
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UserError(f"{path}: cannot read the shard manifest: {exc}") from None
+    return parse_manifest(text, str(path))
+
+
+def parse_manifest(text: str, where: str) -> dict:
+    """The manifest in `text` (JSON), checked for what readers use: `splits`, each with
+    `shards` [{"name", "num_samples" >= 0, optional "sha256"}]. UserError names `where`."""
+    try:
+        manifest = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise UserError(
+            f"{where}: not valid JSON ({exc}); rewrite it with `raptor shards`"
+        ) from None
+    splits = manifest.get("splits") if isinstance(manifest, dict) else None
+    if not isinstance(splits, dict):
+        raise UserError(
+            f'{where}: expected a JSON object with "splits" {{split: {{"shards": [...]}}}}'
+        )
+    for split, info in splits.items():
+        shards = info.get("shards") if isinstance(info, dict) else None
+        if not isinstance(shards, list):
+            raise UserError(f'{where}: split "{split}" has no "shards" list')
+        for i, s in enumerate(shards):
+            n = s.get("num_samples") if isinstance(s, dict) else None
+            if not (
+                isinstance(s, dict)
+                and isinstance(s.get("name"), str)
+                and isinstance(n, int)
+                and not isinstance(n, bool)
+                and n >= 0
+            ):
+                raise UserError(
+                    f'{where}: split "{split}" shard {i} is {s!r}; expected '
+                    '{"name": FILE, "num_samples": N >= 0, "sha256": HEX}'
+                )
+    return manifest
+
+
+# --------------------------------------------------------------------------- reading
+
+
+class _EndTrackingTarInfo(tarfile.TarInfo):
+    """Records on the TarFile (`raptor_end`) the header error that ended its iteration:
+    tarfile stops silently on an empty, truncated or corrupt header after the first
+    member, exactly as on the end-of-archive marker."""
+
+    @classmethod
+    def fromtarfile(cls, tar):
+        try:
+            return super().fromtarfile(tar)
+        except tarfile.HeaderError as exc:
+            tar.raptor_end = exc
+            raise
+
+
+_META = re.compile(r"__[^/]*__($|/)")  # webdataset's metadata members, skipped
+
+
+def _end_problem(tar: tarfile.TarFile) -> Optional[str]:
+    """Why a tar whose iteration ended is incomplete, or None if it ended on its marker."""
+    end = getattr(tar, "raptor_end", None)
+    if isinstance(end, tarfile.EOFHeaderError):
+        return None
+    if isinstance(end, tarfile.EmptyHeaderError):
+        return f"the tar stops at byte {tar.offset} without its end-of-archive marker (cut there)"
+    if isinstance(end, tarfile.TruncatedHeaderError):
+        return f"the tar is cut inside the member header at byte {tar.offset}"
+    return f"bad member header at byte {tar.offset} ({end})"
+
+
+class TarSamples:
+    """The samples of one tar stream, read once in order: iterate for dicts {"__key__",
+    "__url__", ext: bytes} (members grouped by key as webdataset does). Afterwards
+    `count` is how many samples it yielded and `error` why the tar broke off early
+    (truncated or corrupt: the samples before the break were yielded), None when it
+    ended on its end-of-archive marker. Costs nothing per sample beyond reading."""
+
+    def __init__(self, stream, url: str):
+        self.stream, self.url = stream, url
+        self.count, self.error = 0, None
+
+    def __iter__(self):
+        from webdataset.tariterators import group_by_keys
+
+        try:
+            for sample in group_by_keys(self._files()):
+                self.count += 1
+                yield sample
+        except ValueError as exc:  # duplicate member names: the shard is not a webdataset
+            self.error = str(exc)
+
+    def _files(self):
+        try:
+            tar = tarfile.open(fileobj=self.stream, mode="r|*", tarinfo=_EndTrackingTarInfo)
+            for info in tar:
+                if info.isreg() and not _META.match(info.name):
+                    try:
+                        data = tar.extractfile(info).read()
+                    except tarfile.ReadError as exc:
+                        raise tarfile.ReadError(
+                            f"the tar is cut inside member {info.name} ({exc})"
+                        ) from None
+                    yield {"fname": info.name, "data": data, "__url__": self.url}
+                tar.members = []  # stream mode: keep no member list
+            self.error = _end_problem(tar)
+        except (tarfile.TarError, OSError, EOFError) as exc:  # zlib.error is a TarError here
+            self.error = f"unreadable tar: {exc}"
+
+
+def count_problem(expected: int, read: int, error: Optional[str]) -> Optional[str]:
+    """What differs between a shard as read and its manifest entry (None: nothing)."""
+    parts = [f"expected {expected} samples (manifest), read {read}"] if read != expected else []
+    return "; ".join(parts + ([error] if error else [])) or None
+
+
+class _HashingReader:
+    """A binary file that feeds what is read through sha256."""
+
+    def __init__(self, fh, bar=None):
+        self.fh, self.bar, self.sha = fh, bar, hashlib.sha256()
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.fh.read(n)
+        self.sha.update(data)
+        if self.bar is not None:
+            self.bar.update(len(data))
+        return data
+
+
+def check_shard(path: Path, expected: int, sha256: Optional[str], bar=None) -> Optional[str]:
+    """What is wrong with one shard file (None: its samples, tar end and sha256 match the
+    manifest). Reads the file once: sha256 and the tar walk share the bytes."""
+    if not path.is_file():
+        return "missing"
+    try:
+        with open(path, "rb") as fh:
+            reader = _HashingReader(fh, bar)
+            tar = TarSamples(reader, str(path))
+            read = sum(1 for _ in tar)
+            while reader.read(1 << 20):  # the rest (end marker, padding) for the checksum
+                pass
+    except OSError as exc:
+        return f"unreadable: {exc}"
+    problems = [count_problem(expected, read, tar.error)]
+    digest = reader.sha.hexdigest()
+    if sha256 and digest != sha256:
+        problems.append(f"sha256 {digest} differs from the manifest's {sha256}")
+    return "; ".join(p for p in problems if p) or None
+
+
+def verify_shards(
+    folder: str | Path, progress: Optional[bool] = None
+) -> List[Tuple[str, str, Optional[str]]]:
+    """(split, shard name, problem or None) for every shard listed in folder's manifest.
+    `progress`: a byte progress bar (None: only on a terminal)."""
+    folder = Path(folder)
+    manifest = read_manifest(folder)
+    listed = [(split, s) for split, info in manifest["splits"].items() for s in info["shards"]]
+    size = sum(
+        (folder / s["name"]).stat().st_size for _, s in listed if (folder / s["name"]).is_file()
+    )
+    results = []
+    with tqdm(
+        total=size,
+        desc=f"verify {folder}",
+        unit="B",
+        unit_scale=True,
+        disable=None if progress is None else not progress,
+    ) as bar:
+        for split, s in listed:
+            problem = check_shard(folder / s["name"], s["num_samples"], s.get("sha256"), bar)
+            results.append((split, s["name"], problem))
+    return results
 
 
 # --------------------------------------------------------------------------- CLI
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--source", required=True, help="digits | imagefolder:PATH")
+    actions = parser.add_subparsers(dest="action", metavar="verify")
+    verify = actions.add_parser(
+        "verify",
+        help="check every shard's sha256 and sample count against DIR/manifest.json",
+        description="Check every shard's sha256 and sample count against DIR/manifest.json; "
+        "exit 0 when all are good, 1 naming each bad shard, 2 without a readable manifest.",
+    )
+    verify.add_argument("dir", help="shard folder holding manifest.json")
+    verify.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--source", help="digits | imagefolder:PATH (required to write)")
     parser.add_argument(
-        "--out", required=True, help="output folder (must be empty unless --overwrite)"
+        "--out", help="output folder (must be empty unless --overwrite; required to write)"
     )
     parser.add_argument(
         "--shard-size", type=int, default=1000, help="samples per shard (default 1000)"
@@ -342,6 +534,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    if args.action == "verify":
+        return verify_main(args.dir, progress=False if args.no_progress else None)
+    if not (args.source and args.out):
+        print(
+            "raptor shards: --source and --out are required (or `raptor shards verify DIR`)",
+            file=sys.stderr,
+        )
+        return 2
     try:
         manifest = write_shards(
             args.source,
@@ -367,10 +567,33 @@ def main(args: argparse.Namespace) -> int:
     return 0
 
 
-def ensure_shards(cfg: Any, default_dir: str | Path) -> Any:
+def verify_main(folder: str, progress: Optional[bool] = None) -> int:
+    """`raptor shards verify DIR`: one line per bad shard, then a summary; the exit status."""
+    try:
+        results = verify_shards(folder, progress)
+    except UserError as exc:
+        print(f"raptor shards verify: {exc}", file=sys.stderr)
+        return 2
+    bad = [(split, name, problem) for split, name, problem in results if problem]
+    for split, name, problem in bad:
+        print(f"BAD {Path(folder) / name} ({split}): {problem}")
+    if bad:
+        print(
+            f"{len(bad)} of {len(results)} shards are bad; rewrite them (`raptor shards`) or restore them"
+        )
+        return 1
+    print(
+        f"all {len(results)} shards match {Path(folder) / MANIFEST} "
+        "(sample counts, tar ends, sha256 where listed)"
+    )
+    return 0
+
+
+def ensure_shards(cfg: Any, default_dir: str | Path, overwrite: bool = False) -> Any:
     """For data.source digits or imagefolder:PATH, write the shards into data.shards_dir
     (default `default_dir`) unless a complete folder (manifest.json) is there; returns a
-    copy of cfg that reads them (data.source=shards). cfg is a RaptorConfig."""
+    copy of cfg that reads them (data.source=shards). cfg is a RaptorConfig. `overwrite`:
+    an incomplete folder may hold other files (its earlier shards are replaced)."""
     source = cfg.data.source
     if source == "shards":
         return cfg
@@ -384,6 +607,7 @@ def ensure_shards(cfg: Any, default_dir: str | Path) -> Any:
             val_fraction=d.val_fraction,
             seed=d.split_seed,
             crop=d.store_crop,
+            overwrite=overwrite,
         )
     cfg = copy.deepcopy(cfg)
     cfg.data.source, cfg.data.shards_dir = "shards", str(out)

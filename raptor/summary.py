@@ -45,12 +45,13 @@ def summary_tables(steps: Dict[str, Dict[str, Any]]) -> Dict[str, str]:
     for k, ev in evals.items():
         top1 = ev.get("top1") or {}
         r2 = ev["student"]["r2"]["all"]
+        partial = "" if ev.get("complete", True) else " (incomplete)"  # val samples missing
         headline_rows.append(
             [
                 str(k),
                 str(ev["boundaries"]),
-                _pct(top1.get("teacher")),
-                _pct(top1.get("student")),
+                _pct(top1.get("teacher")) + partial,
+                _pct(top1.get("student")) + partial,
                 _num(top1.get("ratio")),
                 _num(r2[-1]),
                 _num(ev["identity"]["r2"]["all"][-1]),
@@ -97,7 +98,9 @@ def write_summary(cfg: DictConfig, root: Path, steps: Dict[str, Dict[str, Any]])
     tables = summary_tables(steps)
     plots = _collect_plots(root, steps)
     exports = [s["result"]["dir"] for n, s in steps.items() if n.endswith("/export")]
-    wandb_dirs = sorted(str(p) for p in root.glob("**/wandb/offline-run-*"))
+    wandb_dirs = sorted(  # the steps' own runs, not those of folders moved aside
+        str(p) for s in steps.values() for p in Path(s["folder"]).glob("wandb/offline-run-*")
+    )
 
     md = [f"# Raptor pipeline: {cfg.name}", ""]
     md += ["## Teacher vs Raptor", "", tables["headline"], ""]
@@ -118,6 +121,13 @@ def write_summary(cfg: DictConfig, root: Path, steps: Dict[str, Dict[str, Any]])
         t for t in (tables["headline"], tables["per_layer_r2"], tables["wall_time"]) if t
     )
     return {"table": table, "where": "\n".join(where), "tables": tables}
+
+
+def report_files(root: Path) -> List[Path]:
+    """The files `write_summary` leaves in `root`: summary.md, summary.json, the plots."""
+    return [p for p in (root / "summary.md", root / "summary.json") if p.is_file()] + sorted(
+        root.glob("*.png")
+    )
 
 
 def _collect_plots(root: Path, steps: Dict[str, Dict[str, Any]]) -> List[Path]:

@@ -21,7 +21,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from raptor.errors import UserError
+
 LayerIndex = Union[int, Tensor]
+
+
+class ArchitectureError(UserError):
+    """A Raptor's architecture or phase partition does not fit (config, checkpoint, export)."""
+
+
+_FIX_BOUNDARIES = "; fix phases.boundaries or phases.file, or rerun `raptor phases`"
 
 DEPTH_FORMULA = (
     "s = W2 silu(W1 t + b1) + b2 + 1, t = 1-based index of the layer produced (float); "
@@ -53,7 +62,10 @@ class SelfAttention(nn.Module):
     def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True) -> None:
         super().__init__()
         if dim % num_heads:
-            raise ValueError(f"attention: dim={dim} is not divisible by num_heads={num_heads}")
+            raise ArchitectureError(
+                f"attention: dim={dim} is not divisible by num_heads={num_heads}; "
+                f"set model.num_heads to a divisor of {dim}"
+            )
         self.num_heads = num_heads
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
@@ -82,7 +94,7 @@ class Mlp(nn.Module):
     def __init__(self, dim: int, mlp: str = "swiglu", mlp_ratio: float = 4.0) -> None:
         super().__init__()
         if mlp not in ("swiglu", "gelu"):
-            raise ValueError(f"mlp must be 'swiglu' or 'gelu', got '{mlp}'")
+            raise ArchitectureError(f"mlp must be 'swiglu' or 'gelu', got '{mlp}' (model.mlp)")
         self.kind = mlp
         self.hidden = int(dim * mlp_ratio)
         self.fc1 = nn.Linear(dim, self.hidden * (2 if mlp == "swiglu" else 1))
@@ -213,13 +225,16 @@ def check_boundaries(boundaries: Sequence[int], num_layers: int, k: int | None =
     b = [int(x) for x in boundaries]
     what = f"phase boundaries {b} for {num_layers} layers"
     if k is not None and len(b) != k - 1:
-        raise ValueError(f"{what}: k={k} phases need {k - 1} boundaries, got {len(b)}")
+        raise ArchitectureError(
+            f"{what}: k={k} phases need {k - 1} boundaries, got {len(b)}{_FIX_BOUNDARIES}"
+        )
     if any(x < 1 or x > num_layers - 1 for x in b):
-        raise ValueError(
-            f"{what}: every boundary must lie in 1..{num_layers - 1} (last layer of a phase but the last)"
+        raise ArchitectureError(
+            f"{what}: every boundary must lie in 1..{num_layers - 1} (last layer of a phase but "
+            f"the last){_FIX_BOUNDARIES}"
         )
     if any(b2 <= b1 for b1, b2 in zip(b, b[1:])):
-        raise ValueError(f"{what}: boundaries must be strictly increasing")
+        raise ArchitectureError(f"{what}: boundaries must be strictly increasing{_FIX_BOUNDARIES}")
     return b
 
 
@@ -242,11 +257,11 @@ class Raptor(nn.Module):
         super().__init__()
         unknown = set(block_kwargs) - set(_BLOCK_KEYS)
         if unknown:
-            raise ValueError(
+            raise ArchitectureError(
                 f"Raptor: unknown block option(s) {sorted(unknown)}; expected some of {list(_BLOCK_KEYS)}"
             )
         if num_layers < 1:
-            raise ValueError(f"Raptor: num_layers must be >= 1, got {num_layers}")
+            raise ArchitectureError(f"Raptor: num_layers must be >= 1, got {num_layers}")
         self.num_layers = int(num_layers)
         self.boundaries = check_boundaries(boundaries, self.num_layers)
         self.dim = int(dim)
@@ -300,7 +315,9 @@ class Raptor(nn.Module):
                 **arch,
             )
         except KeyError as exc:
-            raise ValueError(f"Raptor arch config lacks the key {exc}") from None
+            raise ArchitectureError(
+                f"Raptor arch config lacks the key {exc}: not written by `raptor fit`/`raptor export`"
+            ) from None
 
     @property
     def k(self) -> int:

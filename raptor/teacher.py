@@ -93,9 +93,15 @@ class Teacher(nn.Module):
         from timm.models.vision_transformer import VisionTransformer
 
         if not isinstance(vit, VisionTransformer):
-            raise TypeError(f"Teacher expects a timm VisionTransformer, got {type(vit).__name__}")
+            raise TeacherLoadError(
+                f"Teacher expects a timm VisionTransformer, got {type(vit).__name__}; "
+                "set teacher.name to a timm ViT (vit_*)"
+            )
         if not vit.has_class_token:
-            raise ValueError("Teacher needs a ViT with a class token (class_token=True)")
+            raise TeacherLoadError(
+                "Teacher needs a ViT with a class token (class_token=True); "
+                "set teacher.name to a ViT with one"
+            )
         self.vit = vit
         self.head = head
         self.num_layers = len(vit.blocks)

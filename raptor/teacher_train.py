@@ -10,7 +10,9 @@ block-recurrent structure that Raptor distils. This trains
 Run folder (`run_dir`): config.yaml, metrics.csv, checkpoints/ (resumable: a
 rerun continues from checkpoints/last.ckpt), and at the end
 `teacher.safetensors` (weights + architecture + data config; `teacher.weights=`
-this file rebuilds the teacher) and `teacher.json` {"val_top1", "weights"}.
+this file rebuilds the teacher) and `teacher.json` {"val_top1", "val_complete",
+"weights"}; val_complete (logged as val/complete) is false when validation samples were
+missing from their shards or skipped as bad, so val_top1 is not over the full set.
 When teacher.json exists the run is complete and is not repeated unless
 `--retrain` (then the old checkpoints and results are replaced).
 """
@@ -32,6 +34,7 @@ from omegaconf import DictConfig
 
 from raptor.cli import add_config_arguments, config_from_args
 from raptor.config import ConfigError
+from raptor.errors import read_json
 from raptor.runs import make_trainer, prepare_run_dir
 from raptor.shards import ensure_shards
 from raptor.teacher import create_vit, default_data_config, save_teacher_file
@@ -52,9 +55,11 @@ class TeacherTraining(L.LightningModule):
         self.vit, self.arch = create_vit(cfg.teacher)
         if self.vit.num_classes <= 0:
             raise ConfigError("teacher.num_classes must be > 0 to train a teacher from scratch")
+        from torchmetrics.aggregation import SumMetric
         from torchmetrics.classification import MulticlassAccuracy
 
         self.val_top1 = MulticlassAccuracy(num_classes=self.vit.num_classes, average="micro")
+        self.val_missing = SumMetric()  # validation samples the data could not deliver
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.vit(images)
@@ -81,6 +86,8 @@ class TeacherTraining(L.LightningModule):
         return loss
 
     def validation_step(self, batch: Dict[str, torch.Tensor], batch_idx: int) -> None:
+        if "missing" in batch:
+            self.val_missing.update(batch["missing"])
         images, labels = self._labelled(batch)
         if labels.numel() == 0:  # padding-only batch (equal batch counts across ranks)
             return
@@ -89,6 +96,13 @@ class TeacherTraining(L.LightningModule):
         loss = F.cross_entropy(logits, labels)
         self.log("val/loss", loss, sync_dist=True, batch_size=labels.numel())
         self.log("val/top1", self.val_top1, prog_bar=True)
+
+    def on_validation_epoch_end(self) -> None:
+        from raptor.data import validation_complete
+
+        missing = int(self.val_missing.compute())
+        self.val_missing.reset()
+        self.log("val/complete", float(validation_complete(missing, "val top-1")))
 
     def configure_optimizers(self):
         from timm.optim import param_groups_weight_decay
@@ -135,7 +149,7 @@ def train_teacher(
     run_dir = Path(run_dir or cfg.run_dir)
     result_path = run_dir / RESULT_FILE
     if result_path.is_file() and not retrain:
-        result = json.loads(result_path.read_text())
+        result = read_json(result_path, "teacher result")
         print(
             f"raptor teacher: already trained ({result_path}), val top-1 {result['val_top1']:.4f}"
         )
@@ -149,7 +163,7 @@ def train_teacher(
     L.seed_everything(cfg.train.seed, workers=True, verbose=False)
     module = TeacherTraining(cfg)
     cfg = ensure_shards(cfg, run_dir / "shards")
-    data = ShardDataModule(_data_cfg(cfg), default_data_config(module.vit))
+    data = ShardDataModule(_data_cfg(cfg), default_data_config(module.vit), module.vit.num_classes)
     epochs = int(cfg.teacher.train.epochs)
     checkpoint = ModelCheckpoint(
         dirpath=str(ckpt_dir),
@@ -167,15 +181,21 @@ def train_teacher(
     )
     last = ckpt_dir / "last.ckpt"
     trainer.fit(module, datamodule=data, ckpt_path=str(last) if last.is_file() else None)
-    top1 = trainer.callback_metrics.get("val/top1")
-    if top1 is None:  # resumed a finished run: nothing was fitted, evaluate once
-        top1 = trainer.validate(module, datamodule=data, verbose=False)[0]["val/top1"]
-    result = {"val_top1": float(top1), "weights": str(run_dir / WEIGHTS_FILE)}
+    metrics = trainer.callback_metrics
+    if metrics.get("val/top1") is None:  # resumed a finished run: nothing was fitted, evaluate once
+        metrics = trainer.validate(module, datamodule=data, verbose=False)[0]
+    result = {
+        "val_top1": float(metrics["val/top1"]),
+        "val_complete": float(metrics["val/complete"]) == 1.0,
+        "weights": str(run_dir / WEIGHTS_FILE),
+    }
     if trainer.is_global_zero:
         save_teacher_file(result["weights"], module.vit, module.arch, data.transform_config)
         result_path.write_text(json.dumps(result, indent=2) + "\n")
+        incomplete = "" if result["val_complete"] else " (INCOMPLETE: samples missing)"
         print(
-            f"raptor teacher: val top-1 {result['val_top1']:.4f} after {epochs} epochs -> {result['weights']}"
+            f"raptor teacher: val top-1 {result['val_top1']:.4f}{incomplete} after {epochs} epochs "
+            f"-> {result['weights']}"
         )
     return result
 

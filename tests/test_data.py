@@ -5,11 +5,13 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import tarfile
 import textwrap
+import warnings
 from collections import Counter
 from pathlib import Path
 
@@ -29,6 +31,7 @@ from raptor.data import (
     val_batches_per_rank,
     worker_batch_plan,
 )
+from raptor.errors import UserError
 from raptor.shards import _split_indices, digits_pixels
 
 SMALL = ["data.transform.input_size=8", "data.transform.crop_pct=1.0", "data.shuffle_buffer=64"]
@@ -90,6 +93,27 @@ def labelled(start: int, n: int) -> list:
         }
         for i in range(n)
     ]
+
+
+def cut_tar(path: Path, member: int, inside: bool) -> int:
+    """Truncate the tar at `path` at the header of its member `member`, or half-way through
+    that member's data (`inside`); returns the samples still whole or begun before the cut
+    (distinct keys of the members whose data is complete), counted on the intact tar."""
+    with tarfile.open(path) as tar:
+        members = tar.getmembers()
+    m = members[member]
+    at = m.offset_data + m.size // 2 if inside else m.offset
+    assert inside or at % 512 == 0  # a header cut lands on a 512-byte block boundary
+    whole = {x.name.split(".")[0] for x in members if x.offset_data + x.size <= at}
+    path.write_bytes(path.read_bytes()[:at])
+    return len(whole)
+
+
+def damaged_copy(digits_shards: Path, folder: Path, name: str, inside: bool) -> int:
+    """A copy of the digits shards with shard `name` cut before its 41st sample (at the
+    header, or inside the image's data); returns the samples still readable from it."""
+    shutil.copytree(digits_shards, folder)
+    return cut_tar(folder / name, 2 * 40, inside)
 
 
 def fingerprints(batches) -> list:
@@ -305,6 +329,170 @@ def test_too_many_bad_samples_stop_naming_the_shard(digits_shards, tmp_path):
     )
     with pytest.raises(BadDataError, match=r"stopped in shard \S*val-000001\.tar"):
         list(ShardDataModule(cfg).val_dataloader())
+
+
+def test_missing_labels_are_named_in_the_stop(digits_shards, tmp_path):
+    samples = read_tar(digits_shards / "val-000001.tar")[:60]
+    for sample in samples[::3]:  # 20 of 60 without .cls
+        del sample["cls"]
+    write_set(tmp_path / "nolabels", {"val": [samples]})
+    cfg = data_cfg(
+        f"data.val_urls={tmp_path / 'nolabels'}", "data.num_workers=0", "data.require_labels=true"
+    )
+    with pytest.warns(BadSampleWarning, match="missing label: no .cls member"):
+        # the limit applies from the 50th sample read: samples 0, 3, ..., 48 are bad by then
+        bad = len(range(0, 50, 3))
+        with pytest.raises(
+            BadDataError, match=rf"{bad} of 50 .* bad \(missing label: {bad};"
+        ) as caught:
+            list(ShardDataModule(cfg).val_dataloader())
+    assert "unreadable" not in str(caught.value)
+
+
+def test_label_outside_the_head_is_a_bad_sample(digits_shards, tmp_path):
+    shards = [read_tar(digits_shards / f"val-00000{j}.tar") for j in range(2)]
+    shards[1][7]["cls"] = b"99"
+    write_set(tmp_path / "labels", {"val": shards})
+    cfg = data_cfg(f"data.val_urls={tmp_path / 'labels'}", "data.num_workers=0")
+    key = shards[1][7]["__key__"]
+
+    def labels(num_classes):
+        dm = ShardDataModule(cfg, num_classes=num_classes)
+        batches = list(dm.val_dataloader())
+        got = torch.cat([b["label"][b["valid"]] for b in batches]).tolist()
+        return got, dm.skip_stats()["val"], sum(int(b["missing"]) for b in batches)
+
+    got, stats, missing = labels(None)  # no head: the label passes through
+    assert 99 in got and len(got) == 359 and stats["skipped"] == missing == 0
+    with pytest.warns(BadSampleWarning) as caught:
+        got, stats, missing = labels(10)
+    (message,) = [str(w.message) for w in caught if "label out of range" in str(w.message)]
+    assert f"skipped sample {key} of {tmp_path / 'labels' / 'val-000001.tar'}" in message
+    assert "99 is not a class of the 10-way head" in message
+    assert max(got) <= 9 and len(got) == 358 and stats == {"read": 359, "skipped": 1}
+    assert missing == 1  # validation knows it scored one sample fewer than the set holds
+
+
+# --------------------------------------------------------------------------- truncated shards
+
+
+@pytest.mark.parametrize("inside", [False, True], ids=["header-cut", "body-cut"])
+def test_truncated_val_shard_is_reported_and_counted(digits_shards, tmp_path, inside):
+    read = damaged_copy(digits_shards, tmp_path / "cut", "val-000001.tar", inside)
+    assert read == 40
+    lost = 103 - read
+    cfg = data_cfg(
+        f"data.shards_dir={tmp_path / 'cut'}", "data.num_workers=0", "data.max_bad_fraction=1"
+    )
+    dm = ShardDataModule(cfg)
+    with pytest.warns(BadSampleWarning) as caught:
+        batches = list(dm.val_dataloader())
+    (message,) = [str(w.message) for w in caught if "expected" in str(w.message)]
+    shard = tmp_path / "cut" / "val-000001.tar"
+    assert f"shard {shard}: expected 103 samples (manifest), read {read}" in message
+    assert ("cut inside member" if inside else "without its end-of-archive marker") in message
+    assert f"{lost} samples counted as bad" in message
+    assert sum(int(b["valid"].sum()) for b in batches) == 359 - lost
+    assert sum(int(b["missing"]) for b in batches) == lost
+    assert dm.skip_stats()["val"] == {"read": 359, "skipped": lost}
+
+    strict = data_cfg(f"data.shards_dir={tmp_path / 'cut'}", "data.num_workers=1")
+    with pytest.raises(BadDataError, match=rf"missing from its shard: {lost};.*val-000001\.tar"):
+        list(ShardDataModule(strict).val_dataloader())
+
+
+@pytest.mark.parametrize("inside", [False, True], ids=["header-cut", "body-cut"])
+def test_truncated_train_shard_is_reported_and_counted(digits_shards, tmp_path, inside):
+    read = damaged_copy(digits_shards, tmp_path / "cut", "train-000000.tar", inside)
+    assert read == 40
+    lost = 256 - read
+    url = tmp_path / "cut" / "train-000000.tar"  # one shard; its count from the manifest
+    common = [f"data.train_urls={url}", "data.batch_size=32", "data.shuffle_buffer=0"]
+    # 64 samples: the shard's 40, its end (the shortfall counted once), 24 of a second pass
+    cfg = data_cfg(
+        *common, "data.train_samples=64", "data.num_workers=0", "data.max_bad_fraction=1"
+    )
+    dm = ShardDataModule(cfg)
+    with pytest.warns(BadSampleWarning) as caught:
+        batches = list(dm.train_dataloader())
+    (message,) = [str(w.message) for w in caught if "expected" in str(w.message)]
+    assert f"shard {url}: expected 256 samples (manifest), read {read}" in message
+    assert len(batches) == 2 and all(bool(b["valid"].all()) for b in batches)
+    assert dm.skip_stats()["train"] == {"read": 64 + lost, "skipped": lost}
+
+    strict = data_cfg(*common, "data.train_samples=64", "data.num_workers=1")
+    with pytest.raises(BadDataError, match=rf"missing from its shard: {lost};.*stopped in shard"):
+        list(ShardDataModule(strict).train_dataloader())
+
+
+def test_manifest_overstating_a_count_is_reported(digits_shards, tmp_path):
+    shutil.copytree(digits_shards, tmp_path / "over")
+    path = tmp_path / "over" / "manifest.json"
+    manifest = json.loads(path.read_text())
+    manifest["splits"]["val"]["shards"][1]["num_samples"] = 110  # holds 103
+    path.write_text(json.dumps(manifest))
+    cfg = data_cfg(
+        f"data.shards_dir={tmp_path / 'over'}", "data.num_workers=0", "data.max_bad_fraction=1"
+    )
+    dm = ShardDataModule(cfg)
+    with pytest.warns(
+        BadSampleWarning, match=r"val-000001\.tar: expected 110 samples \(manifest\), read 103"
+    ):
+        batches = list(dm.val_dataloader())
+    assert sum(int(b["valid"].sum()) for b in batches) == 359
+    assert sum(int(b["missing"]) for b in batches) == 7
+
+
+def test_incomplete_validation_is_flagged_where_top1_is_reported(digits_shards, tmp_path):
+    """A validation set with samples missing: the Distiller's validation (what `raptor fit`
+    and `raptor evaluate` report) and the teacher's val top-1 say it is incomplete."""
+    from test_distill import config, write_teacher
+    from test_teacher_train import TINY
+
+    from raptor.distill import phase_boundaries
+    from raptor.evaluate import run_validation
+    from raptor.surrogate import Raptor
+    from raptor.teacher import Teacher, default_data_config
+    from raptor.teacher_train import TeacherTraining
+
+    read = damaged_copy(digits_shards, tmp_path / "cut", "val-000001.tar", inside=False)
+    cfg = config(write_teacher(tmp_path / "teacher.safetensors"), tmp_path / "cut")
+    cfg.data.max_bad_fraction = 1.0
+    teacher = Teacher.from_config(cfg.teacher)
+    raptor = Raptor.from_config(cfg.model, teacher, phase_boundaries(cfg, teacher.num_layers))
+    tiny = tmp_path / "tiny.yaml"
+    tiny.write_text(TINY.format(shards=tmp_path / "cut"))
+    tcfg = load_config(str(tiny), ["data.max_bad_fraction=1.0"])
+    vit = TeacherTraining(tcfg)
+    for folder, missing in ((digits_shards, 0), (tmp_path / "cut", 103 - read)):
+        cfg.data.shards_dir = tcfg.data.shards_dir = str(folder)
+        dm = ShardDataModule(cfg.data, teacher.data_config, teacher.num_classes)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            res = run_validation(cfg, teacher, raptor, tmp_path / "run", datamodule=dm)
+            tdm = ShardDataModule(tcfg.data, default_data_config(vit.vit), 10)
+            tres = trainer(tmp_path).validate(vit, tdm, verbose=False)[0]
+        flagged = [w for w in caught if "validation incomplete" in str(w.message)]
+        assert res["images"] == 359 - missing and res["missing"] == missing
+        assert res["complete"] is (missing == 0) and res["metrics"]["val/complete"] == (
+            missing == 0
+        )
+        assert tres["val/complete"] == (missing == 0)
+        assert len(flagged) == (2 if missing else 0)
+
+
+def test_bad_manifest_and_missing_shard_are_user_errors(digits_shards, tmp_path):
+    shutil.copytree(digits_shards, tmp_path / "set")
+    (tmp_path / "set" / "val-000001.tar").unlink()
+    cfg = data_cfg(f"data.shards_dir={tmp_path / 'set'}", "data.num_workers=0")
+    with pytest.raises(UserError, match=r"1 of 2 shards not found: \S*val-000001\.tar"):
+        ShardDataModule(cfg).val_dataloader()
+    (tmp_path / "set" / "manifest.json").write_text('{"splits": {"val": ')
+    with pytest.raises(UserError, match=r"\S*set/manifest\.json: not valid JSON"):
+        ShardDataModule(cfg).val_dataloader()
+    pattern = f"data.val_urls={tmp_path / 'set'}/val-{{000000..000001}}.tar"  # same manifest
+    with pytest.raises(UserError, match=r"\S*set/manifest\.json: not valid JSON"):
+        ShardDataModule(data_cfg(pattern)).val_dataloader()
 
 
 # --------------------------------------------------------------------------- resume in a Trainer

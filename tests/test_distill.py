@@ -325,7 +325,8 @@ def step_data(cfg, **kwargs):
     class Data(StepData, ShardDataModule):
         pass
 
-    return Data(cfg.data, Teacher.from_config(cfg.teacher).data_config, **kwargs)
+    teacher = Teacher.from_config(cfg.teacher)
+    return Data(cfg.data, teacher.data_config, teacher.num_classes, **kwargs)
 
 
 def test_non_finite_loss_names_the_checkpoint_that_exists(setup, tmp_path):

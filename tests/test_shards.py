@@ -5,12 +5,15 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import shutil
+import tarfile
 
 import numpy as np
 import pytest
 import webdataset as wds
 from PIL import Image
 from sklearn.datasets import load_digits
+from test_data import cut_tar
 
 from raptor.cli import main as cli_main
 from raptor.shards import MANIFEST, write_shards
@@ -157,3 +160,44 @@ def test_cli_writes_digits_and_refuses_non_empty_out(tmp_path, capsys):
 def test_bad_source_is_named():
     with pytest.raises(ValueError, match="expected 'digits' or 'imagefolder:PATH'"):
         write_shards("mnist", "/nonexistent")
+
+
+def test_verify_names_truncated_and_altered_shards(digits_shards, tmp_path, capsys):
+    folder = tmp_path / "set"
+    shutil.copytree(digits_shards, folder)
+    assert cli_main(["shards", "verify", str(folder), "--no-progress"]) == 0
+    assert "all 8 shards match" in capsys.readouterr().out
+
+    header = cut_tar(folder / "train-000002.tar", 2 * 100, inside=False)  # 100 samples left
+    body = cut_tar(folder / "val-000001.tar", 2 * 30, inside=True)  # in the 31st image
+    flipped = folder / "train-000004.tar"
+    with tarfile.open(flipped) as tar:
+        at = tar.getmembers()[20].offset_data + 30  # a byte inside an image
+    data = bytearray(flipped.read_bytes())
+    data[at] ^= 0x01
+    flipped.write_bytes(bytes(data))
+    assert (header, body) == (100, 30)
+
+    assert cli_main(["shards", "verify", str(folder), "--no-progress"]) == 1
+    lines = capsys.readouterr().out.splitlines()
+    bad = {line.split()[1]: line for line in lines if line.startswith("BAD ")}
+    assert sorted(bad) == [
+        str(folder / n) for n in ("train-000002.tar", "train-000004.tar", "val-000001.tar")
+    ]
+    assert (
+        f"expected 256 samples (manifest), read {header}" in bad[str(folder / "train-000002.tar")]
+    )
+    assert "end-of-archive marker" in bad[str(folder / "train-000002.tar")]
+    assert f"expected 103 samples (manifest), read {body}" in bad[str(folder / "val-000001.tar")]
+    assert "cut inside member" in bad[str(folder / "val-000001.tar")]
+    altered = bad[str(folder / "train-000004.tar")]
+    assert "sha256" in altered and "expected" not in altered  # every sample is still there
+    assert lines[-1].startswith("3 of 8 shards are bad")
+
+
+def test_verify_without_a_readable_manifest_exits_2(tmp_path, capsys):
+    assert cli_main(["shards", "verify", str(tmp_path), "--no-progress"]) == 2
+    assert f"{tmp_path}: no {MANIFEST}" in capsys.readouterr().err
+    (tmp_path / MANIFEST).write_text("{not json")
+    assert cli_main(["shards", "verify", str(tmp_path), "--no-progress"]) == 2
+    assert f"{tmp_path / MANIFEST}: not valid JSON" in capsys.readouterr().err
