@@ -533,7 +533,7 @@ class Distiller(L.LightningModule):
         last.ckpt."""
         step = self.global_step
         if step % int(self.cfg.train.ckpt_every_n_steps) == 0 or step == self.trainer.max_steps:
-            self.trainer.save_checkpoint(self._ckpt(PENDING_CKPT))
+            self.trainer.save_checkpoint(self._ckpt(PENDING_CKPT), weights_only=False)
             self.pending_step = step
 
     def on_train_end(self) -> None:
