@@ -36,7 +36,7 @@ from omegaconf import DictConfig
 from raptor import distributed
 from raptor.cli import add_config_arguments, config_from_args
 from raptor.config import ConfigError
-from raptor.errors import read_json
+from raptor.errors import UserError, read_json
 from raptor.runs import CKPT_DIR, LAST_CKPT, make_trainer, prepare_run_dir
 from raptor.shards import ensure_shards
 from raptor.teacher import create_vit, default_data_config, save_teacher_file
@@ -74,7 +74,7 @@ class TeacherTraining(L.LightningModule):
     def training_step(self, batch: Dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         images, labels = self._labelled(batch)
         if labels.numel() == 0:
-            raise ValueError(
+            raise UserError(
                 "teacher training needs labelled shards: a training batch has no sample with "
                 "label >= 0 (check data.train_urls / data.shards_dir)"
             )
