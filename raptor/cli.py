@@ -107,14 +107,24 @@ _OS_CLASS_ERRNO = {
 }
 
 
+def _own_message(exc: BaseException) -> str:
+    """The exception's message; for one re-raised from a DataLoader worker, whose message
+    torch prefixes with "Caught ... Original Traceback ...", the worker's own message."""
+    text = str(exc)
+    if "\nOriginal Traceback" not in text:
+        return text
+    marker = f"{type(exc).__name__}: "
+    return text[text.rindex(marker) + len(marker) :].strip() if marker in text else text
+
+
 def describe_failure(exc: BaseException) -> Optional[Tuple[int, str]]:
     """(exit status, one-line message) for an expected failure; None for a bug."""
     from raptor.errors import RunFailed, UserError
 
     if isinstance(exc, UserError):
-        return 2, str(exc)
+        return 2, _own_message(exc)
     if isinstance(exc, RunFailed):
-        return 1, str(exc)
+        return 1, _own_message(exc)
     if isinstance(exc, json.JSONDecodeError):
         return 2, f"a JSON file is not valid JSON ({exc}); rerun with --debug to see which"
     if isinstance(exc, OSError) and exc.errno in _OS_ADVICE:

@@ -63,7 +63,10 @@ one, a path resumes from that checkpoint. A resume drops the metrics.csv rows of
 the checkpoint's step and later (the run logs them again), and refuses a changed
 schedule (`schedule`: steps, lr, min_lr, warmup, anneal, weight decay, peak lr)
 unless `train.schedule_change=apply`, which follows the new schedule from the
-resumed step on. RUN/config.yaml is written once these checks pass.
+resumed step on. RUN/config.yaml is written once these checks pass. SIGTERM,
+SIGINT and SLURM's SIGUSR1 save last.ckpt on every rank and stop the run (exit 143,
+130, or 0 once requeued; see `raptor.preemption`); the final validation always
+evaluates last.ckpt.
 A non-finite loss or state stops the run (`NonFiniteLossError`, a `RunFailed`)
 before the optimizer step, naming the step and the last good checkpoint with its
 step, or saying that there is none.
@@ -89,13 +92,18 @@ from torchmetrics import Metric
 from torchmetrics.aggregation import SumMetric
 
 from dmd.metrics import TrajectoryMetrics
-from raptor import losses
+from raptor import distributed, losses
 from raptor.config import ConfigError, from_container, to_container
 from raptor.errors import RunFailed
-from raptor.runs import make_trainer, prepare_run_dir, truncate_metrics, world_size
+from raptor.runs import (
+    CKPT_DIR,
+    LAST_CKPT,
+    make_trainer,
+    prepare_run_dir,
+    truncate_metrics,
+    world_size,
+)
 
-CKPT_DIR = "checkpoints"
-LAST_CKPT = "last.ckpt"
 PENDING_CKPT = "pending.ckpt"
 VAL_FILE = "val_metrics.json"
 
@@ -731,7 +739,7 @@ def fit(
     `datamodule` defaults to `raptor.data.ShardDataModule(cfg.data, teacher.data_config)`.
     Returns {"run_dir", "checkpoint" (last.ckpt), "stage", "step", "metrics" (every value
     logged by the last validation: val/..., val_identity/..., val_dmd/... with the DMD
-    callback)}.
+    callback)}. A signal stops it with `raptor.preemption.Stopped` (a SystemExit).
     """
     hp = stage_config(cfg)
     run_dir = Path(run_dir or cfg.run_dir)
@@ -765,8 +773,9 @@ def fit(
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
-        if module.last_val_step != trainer.global_step:
-            trainer.validate(module, datamodule=datamodule, verbose=False)
+        if module.last_val_step != trainer.global_step:  # the final weights, never an hpc_ckpt
+            last = run_dir / CKPT_DIR / LAST_CKPT
+            trainer.validate(module, datamodule=datamodule, ckpt_path=last, verbose=False)
     return {
         "run_dir": str(run_dir),
         "checkpoint": str(run_dir / CKPT_DIR / LAST_CKPT),
@@ -796,7 +805,7 @@ def main(args: argparse.Namespace) -> int:
     except NonFiniteLossError as exc:
         print(f"raptor fit: {exc}", file=sys.stderr)
         return 1
-    if int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", 0))) == 0:
+    if distributed.is_rank_zero():
         m = out["metrics"]
         last = max((int(k.rsplit("L", 1)[1]) for k in m if k.startswith("val/r2/L")), default=None)
         r2 = f", val R^2 at layer {last}: {m[f'val/r2/L{last}']:.4f}" if last else ""

@@ -339,21 +339,6 @@ def read_matrix(path: str | Path) -> np.ndarray:
 # --------------------------------------------------------------------------- discovery
 
 
-def _check_phases_config(pc: Any) -> None:
-    if pc.method not in METHODS:
-        raise ConfigError(f"phases.method must be one of {list(METHODS)}, got '{pc.method}'")
-    if pc.token_mode not in TOKEN_MODES:
-        raise ConfigError(
-            f"phases.token_mode must be one of {list(TOKEN_MODES)}, got '{pc.token_mode}'"
-        )
-    if not pc.ks or any(int(k) < 1 for k in pc.ks):
-        raise ConfigError(f"phases.ks must be a non-empty list of positive ints, got {list(pc.ks)}")
-    if pc.num_images < 1:
-        raise ConfigError(f"phases.num_images must be >= 1, got {pc.num_images}")
-    if pc.min_length < 1 or pc.random_partitions < 0:
-        raise ConfigError("phases.min_length must be >= 1 and phases.random_partitions >= 0")
-
-
 def layer_similarity(
     teacher: Any,
     batches: Iterable[Mapping[str, Tensor]],
@@ -415,8 +400,6 @@ def discover_phases(
         print(f"[phases] {out} exists: skipped (delete it to recompute)")
         return read_json(out, "phases file")
     pc = cfg.phases
-    _check_phases_config(pc)
-
     from raptor.data import ShardDataModule
     from raptor.runs import log_figure, make_loggers
     from raptor.teacher import Teacher

@@ -2,7 +2,8 @@
 
 A run folder holds the resolved `config.yaml`, `metrics.csv` (always), the W&B
 files when W&B is on (with the run id kept in `wandb_id.txt`, so a resumed or
-requeued job continues the same W&B run), `checkpoints/` and PNG plots.
+requeued job continues the same W&B run), `checkpoints/` (with `last.ckpt`, the
+checkpoint a rerun resumes from) and PNG plots.
 """
 
 from __future__ import annotations
@@ -16,9 +17,12 @@ from typing import Any, Iterable, List, Optional
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from raptor import distributed
 from raptor.config import save_config
 
 WANDB_ID_FILE = "wandb_id.txt"
+CKPT_DIR = "checkpoints"
+LAST_CKPT = "last.ckpt"
 METRICS_FILE = "metrics.csv"
 
 
@@ -26,16 +30,9 @@ def prepare_run_dir(cfg: DictConfig, run_dir: Optional[str | Path] = None) -> Pa
     """Create the run folder (default `cfg.run_dir`) and write the resolved config."""
     path = Path(run_dir or cfg.run_dir)
     path.mkdir(parents=True, exist_ok=True)
-    if _global_rank() == 0:
+    if distributed.is_rank_zero():
         save_config(cfg, path)
     return path
-
-
-def _global_rank() -> int:
-    for var in ("RANK", "SLURM_PROCID", "LOCAL_RANK"):
-        if var in os.environ:
-            return int(os.environ[var])
-    return 0
 
 
 def wandb_run_id(run_dir: Path) -> str:
@@ -66,7 +63,7 @@ def truncate_metrics(run_dir: Path, step: int) -> None:
     """Drop the rows of `run_dir/metrics.csv` logged at `step` or later (rank 0): a run
     resumed from a checkpoint at `step` (0: a fresh start) logs them again."""
     path = Path(run_dir) / METRICS_FILE
-    if _global_rank() != 0 or not path.is_file():
+    if not distributed.is_rank_zero() or not path.is_file():
         return
     with open(path, newline="") as fh:
         reader = csv.DictReader(fh)
@@ -104,9 +101,7 @@ def _csv_logger(run_dir: Path):
 def make_loggers(cfg: DictConfig, run_dir: Path) -> List[Any]:
     """CSV always (`run_dir/metrics.csv`); W&B when `logging.wandb` is online/offline."""
     loggers: List[Any] = [_csv_logger(run_dir)]
-    mode = cfg.logging.wandb
-    if mode not in ("online", "offline", "disabled"):
-        raise ValueError(f"logging.wandb must be online, offline or disabled, got '{mode}'")
+    mode = cfg.logging.wandb  # online | offline | disabled (checked by the schema)
     if mode != "disabled":
         import wandb
         from lightning.pytorch.loggers import WandbLogger
@@ -160,14 +155,23 @@ def make_trainer(
     max_epochs: Optional[int] = None,
     callbacks: Iterable[Any] = (),
     loggers: Optional[List[Any]] = None,
+    plugins: Iterable[Any] = (),
     **overrides: Any,
 ):
     """A `lightning.Trainer` from `cfg.trainer` (ddp when several devices or nodes;
-    gloo on CPU, NCCL on GPU, chosen by Lightning)."""
+    gloo on CPU, NCCL on GPU, chosen by Lightning).
+
+    Every trainer gets `raptor.preemption.Preemption` (SIGTERM / SIGINT / SIGUSR1:
+    checkpoint to `run_dir/checkpoints/last.ckpt`, then stop or requeue); in a SLURM job
+    Lightning's own requeue handler is switched off (`SLURMEnvironment(auto_requeue=False)`)."""
     import lightning as L
+    from lightning.pytorch.plugins.environments import SLURMEnvironment
+
+    from raptor.preemption import Preemption
 
     t = cfg.trainer
     strategy = t.strategy
+    slurm = SLURMEnvironment.detect()  # srun-started tasks (Lightning's own test)
     if strategy == "auto" and world_size(cfg) > 1:
         strategy = "ddp"
     kwargs = dict(
@@ -182,11 +186,12 @@ def make_trainer(
         max_epochs=max_epochs if max_epochs is not None else -1,
         default_root_dir=str(run_dir),
         logger=loggers if loggers is not None else make_loggers(cfg, run_dir),
-        callbacks=list(callbacks),
+        callbacks=[*callbacks, Preemption(Path(run_dir) / CKPT_DIR / LAST_CKPT)],
         log_every_n_steps=cfg.logging.log_every_n_steps,
         enable_progress_bar=cfg.logging.progress_bar,
         use_distributed_sampler=False,  # webdataset splits by node and worker itself
         enable_model_summary=False,
+        plugins=[*plugins, *([SLURMEnvironment(auto_requeue=False)] if slurm else [])],
     )
     kwargs.update(OmegaConf.to_container(t.extra, resolve=True))
     kwargs.update(overrides)

@@ -38,6 +38,14 @@ def main(args):
         json.loads("{")
     if args.kind == "bug":
         return 1 // 0
+    if args.kind == "worker":  # raised in a DataLoader worker, re-raised by torch
+        import torch
+
+        class Data(torch.utils.data.IterableDataset):
+            def __iter__(self):
+                raise RunFailed("shard a.tar: 3 of 4 samples bad")
+
+        list(torch.utils.data.DataLoader(Data(), num_workers=1))
     if args.kind == "missing":
         raise FileNotFoundError(f"image folder not found: {args.path}")
     with open(args.path, "w") as fh:  # "write": an OSError from the file system
@@ -54,6 +62,14 @@ def failing(tmp_path, monkeypatch):
     monkeypatch.setitem(cli.COMMANDS, "failing", ("raptor_failing_command", "fails"))
     monkeypatch.delenv("RAPTOR_DEBUG", raising=False)
     return lambda *argv: cli_main(list(argv))
+
+
+def test_failure_in_a_dataloader_worker_is_its_own_one_line(failing, capsys):
+    """torch re-raises a worker's exception with "Caught ... Original Traceback" in its
+    message; the CLI prints the worker's own message only."""
+    assert failing("failing", "worker") == 1
+    err = capsys.readouterr().err
+    assert err == "raptor failing: shard a.tar: 3 of 4 samples bad\n"
 
 
 def test_user_error_exits_2_and_run_failed_1_in_one_line(failing, capsys):
