@@ -295,7 +295,8 @@ class StageConfig:
     is not scaled). Schedule: linear warmup over `warmup_steps`, cosine to `min_lr`
     at `steps`; AdamW; `grad_clip` is the gradient-norm limit (per block in stage 1;
     0: none). Loss per state: w_cls*mean(cls) + w_reg*mean(reg) + w_patch*mean(patch)
-    of the squared error (`weighted`) or the plain MSE (`mse`).
+    of the squared error (`weighted`) or the plain MSE (`mse`). Resuming with a different
+    schedule is refused unless `train.schedule_change=apply`.
     """
 
     steps: int = valid(10000, POSITIVE)
@@ -325,6 +326,12 @@ class TrainConfig:
     init_from: str = ""  # stage 2: stage-1 run folder(s)/checkpoint(s), comma-separated
     seed: int = valid(0, SEED)
     resume: str = valid("auto", nonempty=True)  # auto | never | PATH to a checkpoint
+    # a resume whose schedule (the stage's steps, lr, min_lr, warmup_steps, anneal_steps,
+    # weight_decay, or the peak lr from scale_lr x global batch) differs from the
+    # checkpoint's: `refuse` (names the keys, old -> new) or `apply`: from the resumed step
+    # s on, lr = the new warmup + cosine at s (as if the run had used it from step 0),
+    # the new weight decay, and the teacher-forcing ratio of the new anneal_steps
+    schedule_change: str = valid("refuse", OneOf(("refuse", "apply")))
     ckpt_every_n_steps: int = valid(500, POSITIVE)
     val_every_n_steps: int = valid(1000, POSITIVE)
     # limit validation batches per evaluation (per rank)

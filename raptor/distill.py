@@ -49,15 +49,27 @@ Logged metrics (CSV, W&B), layers l 1-based:
 The latest validation is also written to RUN/val_metrics.json.
 
 Runs: RUN = cfg.run_dir; checkpoints in RUN/checkpoints/last.ckpt every
-`train.ckpt_every_n_steps` and at the end (written atomically). `train.resume`:
+`train.ckpt_every_n_steps` and at the end (written atomically). A checkpoint is
+first written as pending.ckpt and becomes last.ckpt only when the next step's
+loss, computed from its weights, is finite (the final one: when training ends,
+after its validation), so a resume never skips a validation and never starts
+from weights known to fail. No checkpoint is written from NaN/inf weights or
+optimizer state. Lightning writes each logged row to metrics.csv at once.
+`train.resume`:
 `auto` continues from RUN's last.ckpt (or a newer `hpc_ckpt_*.ckpt` left by
 Lightning's SLURM requeue) when there is one (optimizer, schedule,
 step, RNG, data stream position), `never` refuses a run folder that already has
-one, a path resumes from that checkpoint. SIGTERM, SIGINT and SLURM's SIGUSR1 save
-last.ckpt on every rank and stop the run (exit 143, 130, or 0 once requeued; see
-`raptor.preemption`); the final validation always evaluates last.ckpt. A non-finite loss stops the run
-(`NonFiniteLossError`, naming the step) before the optimizer step, so the last
-checkpoint stays good.
+one, a path resumes from that checkpoint. A resume drops the metrics.csv rows of
+the checkpoint's step and later (the run logs them again), and refuses a changed
+schedule (`schedule`: steps, lr, min_lr, warmup, anneal, weight decay, peak lr)
+unless `train.schedule_change=apply`, which follows the new schedule from the
+resumed step on. RUN/config.yaml is written once these checks pass. SIGTERM,
+SIGINT and SLURM's SIGUSR1 save last.ckpt on every rank and stop the run (exit 143,
+130, or 0 once requeued; see `raptor.preemption`); the final validation always
+evaluates last.ckpt.
+A non-finite loss or state stops the run (`NonFiniteLossError`, a `RunFailed`)
+before the optimizer step, naming the step and the last good checkpoint with its
+step, or saying that there is none.
 """
 
 from __future__ import annotations
@@ -81,15 +93,23 @@ from torchmetrics.aggregation import SumMetric
 
 from dmd.metrics import TrajectoryMetrics
 from raptor import distributed, losses
-from raptor.config import ConfigError, to_container
+from raptor.config import ConfigError, from_container, to_container
 from raptor.errors import RunFailed
-from raptor.runs import CKPT_DIR, LAST_CKPT, make_trainer, prepare_run_dir
+from raptor.runs import (
+    CKPT_DIR,
+    LAST_CKPT,
+    make_trainer,
+    prepare_run_dir,
+    truncate_metrics,
+    world_size,
+)
 
+PENDING_CKPT = "pending.ckpt"
 VAL_FILE = "val_metrics.json"
 
 
 class NonFiniteLossError(RunFailed):
-    """The training loss became NaN or infinite; the run stops before the optimizer step."""
+    """The training loss, or the state about to be checkpointed, became NaN or infinite."""
 
 
 # --------------------------------------------------------------------------- pure helpers
@@ -212,8 +232,47 @@ def load_blocks(raptor: Any, init_from: str) -> List[int]:
     return sorted(owner)
 
 
+def schedule(cfg: DictConfig, world: int) -> Dict[str, Any]:
+    """What the optimizer and schedule follow, by config key: the stage's steps, lr, min_lr,
+    warmup_steps, anneal_steps (resolved), weight_decay, and the peak lr they give on
+    `world` ranks (`scale_lr`, `lr_reference_batch`, `data.batch_size`, devices x nodes)."""
+    hp, prefix = stage_config(cfg), f"train.stage{cfg.train.stage}."
+    out = {prefix + k: hp[k] for k in ("steps", "lr", "min_lr", "warmup_steps", "weight_decay")}
+    out[prefix + "anneal_steps"] = anneal_steps(hp)
+    out["peak lr"] = peak_lr(hp, int(cfg.data.batch_size) * world)
+    return out
+
+
+def check_resume(cfg: DictConfig, path: Optional[Path], world: int) -> int:
+    """The step a run resumed from `path` (None: a fresh run) starts at, once the checkpoint
+    is known to be of this stage and its schedule unchanged, or `train.schedule_change=apply`."""
+    if path is None:
+        return 0
+    ckpt = read_checkpoint(path)
+    stored = ckpt["hyper_parameters"].get("stage")
+    if stored != int(cfg.train.stage):
+        raise ConfigError(
+            f"{path} is a stage-{stored} checkpoint but train.stage={cfg.train.stage}: "
+            "give each stage its own run_dir (stage 2 reads stage 1 through train.init_from)"
+        )
+    step = int(ckpt["global_step"])
+    old = ckpt.get("schedule") or schedule(
+        from_container(ckpt["hyper_parameters"]["config"]), world
+    )
+    new = schedule(cfg, world)
+    changed = {k: (old.get(k), v) for k, v in new.items() if old.get(k) != v}
+    if changed and cfg.train.schedule_change == "refuse":
+        diff = ", ".join(f"{k}: {a} -> {b}" for k, (a, b) in changed.items())
+        raise ConfigError(
+            f"resuming {path} (step {step}) with a different schedule ({diff}): set the old "
+            "values back, or train.schedule_change=apply to follow the new schedule from step "
+            f"{step} on, or use another run_dir to start afresh"
+        )
+    return step
+
+
 def resume_path(cfg: DictConfig, run_dir: Path) -> Optional[Path]:
-    """The checkpoint `train.resume` asks to continue from, checked to be of this stage."""
+    """The checkpoint `train.resume` asks to continue from, if any."""
     mode = str(cfg.train.resume)
     last = run_dir / CKPT_DIR / LAST_CKPT
     if mode == "auto":  # newest of last.ckpt and Lightning's SLURM requeue checkpoints
@@ -228,14 +287,19 @@ def resume_path(cfg: DictConfig, run_dir: Path) -> Optional[Path]:
         path = None
     else:
         path = checkpoint_file(mode)
-    if path is not None:
-        stored = read_checkpoint(path)["hyper_parameters"].get("stage")
-        if stored != int(cfg.train.stage):
-            raise ConfigError(
-                f"{path} is a stage-{stored} checkpoint but train.stage={cfg.train.stage}: "
-                "give each stage its own run_dir (stage 2 reads stage 1 through train.init_from)"
-            )
     return path
+
+
+def first_non_finite(checkpoint: Dict[str, Any]) -> Optional[str]:
+    """The first NaN/inf weight or optimizer state in a checkpoint, named; None if all finite."""
+    tensors = {f"weight {k}": v for k, v in checkpoint["state_dict"].items()}
+    for opt in checkpoint.get("optimizer_states", []):
+        for p, state in opt["state"].items():
+            tensors.update({f"optimizer state {k} of parameter {p}": v for k, v in state.items()})
+    for name, t in tensors.items():
+        if torch.is_tensor(t) and t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            return name
+    return None
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -346,19 +410,35 @@ class Distiller(L.LightningModule):
         self.val_file: Optional[Path] = None  # where to write the latest validation (JSON)
         self.last_val_step: Optional[int] = None
         self._tick: Optional[float] = None
+        # the newest checkpoint known good (path, step), and the step of pending.ckpt
+        self.good_ckpt: Optional[tuple[Path, int]] = None
+        self.pending_step: Optional[int] = None
 
     # ---------------------------------------------------------------- optimisation
 
+    def _lr_schedule(self) -> tuple[float, float, int, int]:
+        """(peak, min_lr, warmup, total): the arguments of `lr_at` for this config."""
+        peak = peak_lr(self.hp, int(self.cfg.data.batch_size) * self.trainer.world_size)
+        return peak, float(self.hp.min_lr), int(self.hp.warmup_steps), int(self.hp.steps)
+
     def configure_optimizers(self):
-        global_batch = int(self.cfg.data.batch_size) * self.trainer.world_size
-        peak = peak_lr(self.hp, global_batch)
+        peak, min_lr, warmup, total = self._lr_schedule()
         params = [p for p in self.raptor.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=peak, weight_decay=float(self.hp.weight_decay))
-        min_lr, warmup, total = float(self.hp.min_lr), int(self.hp.warmup_steps), int(self.hp.steps)
         sched = torch.optim.lr_scheduler.LambdaLR(
             opt, lambda s: lr_at(s, peak, min_lr, warmup, total) / peak
         )
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def on_train_start(self) -> None:
+        """Set the restored optimizer and scheduler to this config's schedule at the resumed
+        step (a no-op unless `train.schedule_change=apply` let the schedule change)."""
+        peak, min_lr, warmup, total = self._lr_schedule()
+        opt = self.trainer.optimizers[0]
+        self.trainer.lr_scheduler_configs[0].scheduler.base_lrs = [peak] * len(opt.param_groups)
+        lr = lr_at(self.global_step, peak, min_lr, warmup, total)
+        for group in opt.param_groups:
+            group.update(lr=lr, initial_lr=peak, weight_decay=float(self.hp.weight_decay))
 
     def configure_gradient_clipping(
         self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None
@@ -429,13 +509,16 @@ class Distiller(L.LightningModule):
             )
         bad = not bool(torch.isfinite(loss.detach()))
         if self.trainer.strategy.reduce_boolean_decision(bad, all=False):
-            last = Path(self.trainer.default_root_dir) / CKPT_DIR / LAST_CKPT
+            if self.pending_step is not None and self.trainer.is_global_zero:
+                self._ckpt(PENDING_CKPT).unlink(missing_ok=True)  # the weights that gave it
             raise NonFiniteLossError(
                 f"non-finite training loss at step {self.global_step} (stage {self.stage}); "
-                f"stopped before the optimizer step. Last good checkpoint: {last}"
+                f"stopped before the optimizer step. {self._resume_hint()}"
             )
+        if self.pending_step is not None:  # its weights gave a finite loss: keep it
+            self._promote_pending()
         self.log("train/loss", loss.detach(), prog_bar=True, sync_dist=True, batch_size=B)
-        self.log("train/lr", self.lr_schedulers().get_last_lr()[0], batch_size=B)
+        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], batch_size=B)
         self.log_dict(logs, batch_size=B)
         return {"loss": loss, "trajectory": traj}
 
@@ -446,23 +529,60 @@ class Distiller(L.LightningModule):
             self.log("train/img_s", global_batch / max(now - self._tick, 1e-9), prog_bar=True)
         self._tick = now
 
-    def on_train_end(self) -> None:
-        """Checkpoint the final state (the periodic checkpoint may predate the last step)."""
-        self.trainer.save_checkpoint(
-            Path(self.trainer.default_root_dir) / CKPT_DIR / LAST_CKPT, weights_only=False
-        )
-
     # ---------------------------------------------------------------- checkpoints
 
+    def _ckpt(self, name: str) -> Path:
+        return Path(self.trainer.default_root_dir) / CKPT_DIR / name
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        """Every `train.ckpt_every_n_steps` steps and after the last, checkpoint to
+        pending.ckpt (here, like Lightning's ModelCheckpoint, so that a resume restores the
+        step counters exactly); the next training step, or the end of training, makes it
+        last.ckpt."""
+        step = self.global_step
+        if step % int(self.cfg.train.ckpt_every_n_steps) == 0 or step == self.trainer.max_steps:
+            self.trainer.save_checkpoint(self._ckpt(PENDING_CKPT), weights_only=False)
+            self.pending_step = step
+
+    def on_train_end(self) -> None:
+        if self.pending_step is not None:
+            self._promote_pending()
+
+    def _promote_pending(self) -> None:
+        """pending.ckpt -> last.ckpt."""
+        last = self._ckpt(LAST_CKPT)
+        if self.trainer.is_global_zero:
+            os.replace(self._ckpt(PENDING_CKPT), last)
+        self.good_ckpt, self.pending_step = (last, self.pending_step), None
+
+    def _resume_hint(self) -> str:
+        """Which checkpoint a rerun can continue from, with its step, and what to change."""
+        lr = f"train.stage{self.stage}.lr"
+        if self.good_ckpt is None:
+            return (
+                "No checkpoint of this run exists yet: lower "
+                f"{lr} or check the data, then run again (the run folder can be reused)."
+            )
+        path, step = self.good_ckpt
+        how = "train.resume=auto" if path == self._ckpt(LAST_CKPT) else f"train.resume={path}"
+        return (
+            f"Last good checkpoint: {path} (step {step}); to continue from it ({how}), lower "
+            f"{lr} with train.schedule_change=apply, or fix the data."
+        )
+
     def on_save_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
-        """Drop the teacher's weights (rebuilt from the config); keep the RNG states; flush
-        the loggers, so a killed run's CSV holds every step before its checkpoint (except
-        possibly the last one, logged by Lightning just after the checkpoint)."""
-        for logger in self.trainer.loggers:
-            logger.save()
+        """Refuse NaN/inf weights or optimizer state; drop the teacher's weights (rebuilt
+        from the config); keep the RNG states and the schedule followed."""
         checkpoint["state_dict"] = {
             k: v for k, v in checkpoint["state_dict"].items() if not k.startswith("teacher.")
         }
+        bad = first_non_finite(checkpoint)  # the same on every rank (DDP keeps them equal)
+        if bad is not None:
+            raise NonFiniteLossError(
+                f"non-finite {bad} at step {self.global_step} "
+                f"(stage {self.stage}): no checkpoint written. {self._resume_hint()}"
+            )
+        checkpoint["schedule"] = schedule(self.cfg, self.trainer.world_size)
         checkpoint["rng"] = {"torch": torch.get_rng_state()}
         if torch.cuda.is_available():
             checkpoint["rng"]["cuda"] = torch.cuda.get_rng_state_all()
@@ -602,22 +722,13 @@ def build(cfg: DictConfig, resuming: bool = False):
     return teacher, raptor, blocks
 
 
-def _callbacks(cfg: DictConfig, run_dir: Path) -> List[Any]:
-    from lightning.pytorch.callbacks import ModelCheckpoint
-
-    callbacks: List[Any] = [
-        ModelCheckpoint(
-            dirpath=str(run_dir / CKPT_DIR),
-            save_top_k=0,
-            save_last=True,
-            every_n_train_steps=int(cfg.train.ckpt_every_n_steps),
-        )
-    ]
+def _callbacks(cfg: DictConfig) -> List[Any]:
+    """The DMD callback in stage 2 when enabled (the Distiller writes its own checkpoints)."""
     if int(cfg.train.stage) == 2 and cfg.dmd.enabled:
         from dmd.callback import DMDCallback
 
-        callbacks.append(DMDCallback.from_config(cfg.dmd))
-    return callbacks
+        return [DMDCallback.from_config(cfg.dmd)]
+    return []
 
 
 def fit(
@@ -631,28 +742,33 @@ def fit(
     callback)}. A signal stops it with `raptor.preemption.Stopped` (a SystemExit).
     """
     hp = stage_config(cfg)
-    run_dir = prepare_run_dir(cfg, run_dir)
+    run_dir = Path(run_dir or cfg.run_dir)
     ckpt_path = resume_path(cfg, run_dir)
+    start = check_resume(cfg, ckpt_path, world_size(cfg))
     L.seed_everything(int(cfg.train.seed), verbose=False)
     teacher, raptor, blocks = build(cfg, resuming=ckpt_path is not None)
+    run_dir = prepare_run_dir(cfg, run_dir)  # config.yaml: only once the run can start
+    truncate_metrics(run_dir, start)  # what this run logs again
     if datamodule is None:
         from raptor.data import ShardDataModule
 
         datamodule = ShardDataModule(cfg.data, teacher.data_config, teacher.num_classes)
     module = Distiller(cfg, teacher, raptor, blocks)
     module.val_file = run_dir / VAL_FILE
+    module.good_ckpt = (ckpt_path, start) if ckpt_path is not None else None
     steps = int(hp.steps)
     trainer = make_trainer(
         cfg,
         run_dir,
         max_steps=steps,
-        callbacks=_callbacks(cfg, run_dir),
+        callbacks=_callbacks(cfg),
         gradient_clip_val=float(hp.grad_clip) or None,
         val_check_interval=max(1, min(int(cfg.train.val_every_n_steps), steps)),
         check_val_every_n_epoch=None,
         limit_val_batches=cfg.train.val_batches if cfg.train.val_batches is not None else 1.0,
         num_sanity_val_steps=0,
         plugins=[AtomicCheckpointIO()],
+        enable_checkpointing=False,  # the Distiller checkpoints (pending -> last)
     )
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")

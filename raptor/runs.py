@@ -9,6 +9,7 @@ checkpoint a rerun resumes from) and PNG plots.
 from __future__ import annotations
 
 import csv
+import os
 import uuid
 from pathlib import Path
 from typing import Any, Iterable, List, Optional
@@ -22,6 +23,7 @@ from raptor.config import save_config
 WANDB_ID_FILE = "wandb_id.txt"
 CKPT_DIR = "checkpoints"
 LAST_CKPT = "last.ckpt"
+METRICS_FILE = "metrics.csv"
 
 
 def prepare_run_dir(cfg: DictConfig, run_dir: Optional[str | Path] = None) -> Path:
@@ -55,6 +57,26 @@ class _AppendingCSVWriter:
         if self._fs.isfile(self.metrics_file_path):
             with self._fs.open(self.metrics_file_path, "r", newline="") as fh:
                 self.metrics_keys = next(csv.reader(fh), [])
+
+
+def truncate_metrics(run_dir: Path, step: int) -> None:
+    """Drop the rows of `run_dir/metrics.csv` logged at `step` or later (rank 0): a run
+    resumed from a checkpoint at `step` (0: a fresh start) logs them again."""
+    path = Path(run_dir) / METRICS_FILE
+    if not distributed.is_rank_zero() or not path.is_file():
+        return
+    with open(path, newline="") as fh:
+        reader = csv.DictReader(fh)
+        keys, rows = reader.fieldnames or [], list(reader)
+    keep = [r for r in rows if int(r["step"]) < step]
+    if len(keep) == len(rows):
+        return
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=keys)
+        writer.writeheader()
+        writer.writerows(keep)
+    os.replace(tmp, path)
 
 
 def _csv_logger(run_dir: Path):

@@ -20,6 +20,7 @@ import torch
 
 from raptor import distill
 from raptor.config import ConfigError, from_container, load_config
+from raptor.errors import RunFailed
 
 STAGE1_STEPS, STAGE2_STEPS = 40, 40
 
@@ -285,13 +286,138 @@ def test_non_finite_loss_stops_and_keeps_last_checkpoint(setup, stage1, tmp_path
             *overrides(setup["teacher"], setup["shards"]),
             f"run_dir={run}",
             "train.stage1.steps=50",
+            "train.schedule_change=apply",
             "train.stage1.noise_sigma=inf",
         ]
     )
     assert rc == 1
     err = capsys.readouterr().err
-    assert f"non-finite training loss at step {STAGE1_STEPS}" in err and "last.ckpt" in err
+    assert f"non-finite training loss at step {STAGE1_STEPS}" in err
+    assert f"{run / 'checkpoints' / 'last.ckpt'} (step {STAGE1_STEPS})" in err
     assert (run / "checkpoints" / "last.ckpt").read_bytes() == before
+
+
+class StepData:
+    """Mixin for the shard data module (test-only, through its real `on_after_batch_transfer`
+    hook): records the step of each training batch, makes the images of step `nan_at` NaN,
+    and at step `nan_block1_at` sets a weight of Raptor block 1 to NaN."""
+
+    def __init__(self, *args, nan_at=None, nan_block1_at=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.nan_at, self.nan_block1_at, self.steps = nan_at, nan_block1_at, []
+
+    def on_after_batch_transfer(self, batch, dataloader_idx):
+        if self.trainer.training:
+            step = self.trainer.global_step
+            self.steps.append(step)
+            if step == self.nan_at:
+                batch = {**batch, "image": torch.full_like(batch["image"], math.nan)}
+            if step == self.nan_block1_at:
+                block = self.trainer.lightning_module.raptor.blocks[0]
+                next(block.parameters()).data.fill_(math.nan)
+        return batch
+
+
+def step_data(cfg, **kwargs):
+    from raptor.data import ShardDataModule
+    from raptor.teacher import Teacher
+
+    class Data(StepData, ShardDataModule):
+        pass
+
+    teacher = Teacher.from_config(cfg.teacher)
+    return Data(cfg.data, teacher.data_config, teacher.num_classes, **kwargs)
+
+
+def test_non_finite_loss_names_the_checkpoint_that_exists(setup, tmp_path):
+    """Checkpoints every 5 steps and a NaN batch at step 10: the checkpoint taken at step 10
+    gave that loss, so the good one is step 5's; the run resumes from it."""
+    cfg = config(
+        setup["teacher"],
+        setup["shards"],
+        **{
+            "train.stage1.steps": 12,
+            "train.ckpt_every_n_steps": 5,
+            "train.val_every_n_steps": 12,
+            "train.val_batches": 1,
+        },
+    )
+    run = tmp_path / "run"
+    last = run / "checkpoints" / "last.ckpt"
+    with pytest.raises(RunFailed) as err:
+        distill.fit(cfg, run, step_data(cfg, nan_at=10))
+    assert isinstance(err.value, distill.NonFiniteLossError)
+    assert "non-finite training loss at step 10" in str(err.value)
+    assert f"{last} (step 5)" in str(err.value)
+    assert [p.name for p in last.parent.iterdir()] == ["last.ckpt"]
+    ckpt = torch.load(last, weights_only=True)
+    assert ckpt["global_step"] == 5 and distill.first_non_finite(ckpt) is None
+    data = step_data(cfg)
+    assert distill.fit(cfg, run, data)["step"] == 12
+    assert data.steps == list(range(5, 12))
+    logged = [int(r["step"]) for r in read_csv(run / "metrics.csv") if r.get("train/loss")]
+    assert logged == list(range(12))
+    # a NaN before the first checkpoint: the message says there is none
+    early = tmp_path / "early"
+    with pytest.raises(RunFailed, match="at step 3 .*No checkpoint of this run exists yet"):
+        distill.fit(cfg, early, step_data(cfg, nan_at=3))
+    assert not list(early.glob("checkpoints/*"))
+
+
+def test_non_finite_weights_are_never_checkpointed(setup, tmp_path):
+    """Only block 2 trains (its loss starts from the teacher's a_2, so block 1's weights do
+    not enter it): a NaN weight in frozen block 1 leaves the loss finite, and the
+    checkpoint after the step is refused, naming the weight and the step."""
+    cfg = config(
+        setup["teacher"],
+        setup["shards"],
+        **{
+            "train.blocks": "[2]",
+            "train.stage1.steps": 3,
+            "train.ckpt_every_n_steps": 1,
+            "train.val_batches": 1,
+        },
+    )
+    data = step_data(cfg, nan_block1_at=0)
+    with pytest.raises(RunFailed) as err:
+        distill.fit(cfg, tmp_path / "run", data)
+    first = next(iter(distill.build(cfg)[1].blocks[0].state_dict()))
+    assert f"non-finite weight raptor.blocks.0.{first} at step 1" in str(err.value)
+    assert "no checkpoint written" in str(err.value) and "No checkpoint of" in str(err.value)
+    assert not list((tmp_path / "run").glob("checkpoints/*"))
+    assert data.steps == [0]
+
+
+def test_resume_with_changed_schedule(setup, tmp_path):
+    """Refused by default, naming the keys and leaving config.yaml alone; with
+    train.schedule_change=apply the new schedule holds from the resumed step on."""
+    run = tmp_path / "run"
+
+    def cfg(**extra):
+        return config(
+            setup["teacher"],
+            setup["shards"],
+            **{"train.val_every_n_steps": 4, "train.val_batches": 1, **extra},
+        )
+
+    distill.fit(cfg(**{"train.stage1.steps": 4}), run)
+    saved = (run / "config.yaml").read_bytes()
+    longer = {"train.stage1.steps": 8, "train.stage1.lr": 1e-3}
+    with pytest.raises(ConfigError) as err:
+        distill.fit(cfg(**longer), run)
+    for change in ("stage1.steps: 4 -> 8", "stage1.lr: 0.003 -> 0.001", "anneal_steps: 1 -> 2"):
+        assert change in str(err.value)
+    assert "train.schedule_change=apply" in str(err.value)
+    assert (run / "config.yaml").read_bytes() == saved
+    assert distill.fit(cfg(**longer, **{"train.schedule_change": "apply"}), run)["step"] == 8
+    assert load_config(run / "config.yaml", []).train.stage1.lr == 1e-3
+    lrs = {
+        int(r["step"]): float(r["train/lr"]) for r in read_csv(run / "metrics.csv") if r["train/lr"]
+    }
+    assert sorted(lrs) == list(range(8))
+    for step, lr in lrs.items():
+        peak, total = (3e-3, 4) if step < 4 else (1e-3, 8)
+        assert lr == pytest.approx(distill.lr_at(step, peak, 1e-6, 2, total), rel=1e-6), step
 
 
 def test_run_folder_errors(setup, stage1, tmp_path):

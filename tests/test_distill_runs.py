@@ -190,8 +190,65 @@ def test_killed_or_stopped_run_resumes_equal_to_uninterrupted_run(teacher, digit
         b"val/top1_student_B2",
     ):
         assert key in data, key
-    rows = read_csv(run / "metrics.csv")
-    logged = {int(r["step"]) for r in rows if r.get("train/loss")}
-    assert set(range(steps)) - logged <= {killed_at - 1}, sorted(logged)
-    # validations after 15 and 30 optimizer steps, logged at their last batch's step
-    assert {int(r["step"]) for r in rows if r.get("val/r2/L4")} == {14, 29}
+    assert_same_rows(run, ref, steps)
+
+
+def rows_by_step(run_dir: Path) -> dict[int, list[dict]]:
+    """metrics.csv rows by step: their non-empty values, timing (train/img_s) left out."""
+    out: dict[int, list[dict]] = {}
+    for row in read_csv(run_dir / "metrics.csv"):
+        values = {k: float(v) for k, v in row.items() if v and k not in ("step", "train/img_s")}
+        out.setdefault(int(row["step"]), []).append(values)
+    return out
+
+
+def assert_same_rows(run: Path, ref: Path, steps: int) -> None:
+    """metrics.csv: one training row per step and one validation row per validation (after
+    15 and 30 optimizer steps, logged at their last batch's step), equal to the reference's."""
+    got, want = rows_by_step(run), rows_by_step(ref)
+    assert sorted(s for s, rows in got.items() for r in rows if "train/loss" in r) == list(
+        range(steps)
+    )
+    assert sorted(s for s, rows in got.items() for r in rows if "val/r2/L4" in r) == [14, 29]
+    assert got.keys() == want.keys()
+    for step, rows in want.items():
+        assert len(got[step]) == len(rows), step
+        for a, b in zip(got[step], rows):
+            assert a.keys() == b.keys(), step
+            assert a == pytest.approx(b, rel=1e-5, abs=1e-6, nan_ok=True), step
+
+
+def test_sigkill_right_after_validation_keeps_its_row(teacher, digits_shards, tmp_path):
+    """The checkpoint after a validation becomes last.ckpt only after it: a run killed as
+    the validation at step 15 ends resumes from before it and validates again."""
+    steps = 30
+    common = overrides(
+        teacher,
+        digits_shards,
+        **{
+            "train.stage1.steps": steps,
+            "train.ckpt_every_n_steps": 5,
+            "train.val_every_n_steps": 15,
+            "train.val_batches": 2,
+            "trainer.deterministic": True,
+        },
+    )
+    ref = tmp_path / "ref"
+    distill.fit(load_config(None, common), ref)
+    cfg, run = config_file(tmp_path), tmp_path / "run"
+    args = [*common, f"run_dir={run}"]
+    proc = subprocess.Popen(
+        cli(cfg, args), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
+    done = run / "val_metrics.json"
+    deadline = time.monotonic() + TIMEOUT
+    while not done.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    alive = proc.poll() is None
+    proc.send_signal(signal.SIGKILL)
+    err = proc.communicate(timeout=60)[1]
+    assert alive and done.exists(), f"run ended before its validation: {err[-2000:]}"
+    assert ckpt_step(run / "checkpoints" / "last.ckpt") <= 15
+    run_cli(cfg, args)
+    assert_same_weights(raptor_state(run), raptor_state(ref), atol=1e-6)
+    assert_same_rows(run, ref, steps)

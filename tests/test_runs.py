@@ -3,7 +3,7 @@
 import csv
 
 from raptor.config import load_config
-from raptor.runs import make_loggers, wandb_run_id
+from raptor.runs import make_loggers, truncate_metrics, wandb_run_id
 
 
 def test_csv_metrics_append_across_resumes(tmp_path):
@@ -18,6 +18,27 @@ def test_csv_metrics_append_across_resumes(tmp_path):
     assert [r["a"] for r in rows] == ["1.0", "2.0", ""]
     assert [r["step"] for r in rows] == ["0", "1", "2"]
     assert rows[2]["b"] == "5.0"
+
+
+def test_truncate_metrics_drops_what_a_resume_logs_again(tmp_path):
+    cfg = load_config(None, [])
+    logger = make_loggers(cfg, tmp_path)[0]
+    for step in range(4):
+        logger.log_metrics({"a": float(step)}, step=step)
+    logger.log_metrics({"b": 9.0}, step=3)
+    logger.save()
+    truncate_metrics(tmp_path, 2)  # resumed from a checkpoint at step 2
+    resumed = make_loggers(cfg, tmp_path)[0]
+    resumed.log_metrics({"a": 2.5}, step=2)
+    resumed.save()
+    rows = list(csv.DictReader(open(tmp_path / "metrics.csv")))
+    assert [(r["step"], r["a"], r["b"]) for r in rows] == [
+        ("0", "0.0", ""),
+        ("1", "1.0", ""),
+        ("2", "2.5", ""),
+    ]
+    truncate_metrics(tmp_path, 0)  # a fresh start in the same folder
+    assert list(csv.DictReader(open(tmp_path / "metrics.csv"))) == []
 
 
 def test_wandb_id_is_stable(tmp_path):
