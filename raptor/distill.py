@@ -50,7 +50,9 @@ Runs: RUN = cfg.run_dir; checkpoints in RUN/checkpoints/last.ckpt every
 `auto` continues from RUN's last.ckpt (or a newer `hpc_ckpt_*.ckpt` left by
 Lightning's SLURM requeue) when there is one (optimizer, schedule,
 step, RNG, data stream position), `never` refuses a run folder that already has
-one, a path resumes from that checkpoint. A non-finite loss stops the run
+one, a path resumes from that checkpoint. SIGTERM, SIGINT and SLURM's SIGUSR1 save
+last.ckpt on every rank and stop the run (exit 143, 130, or 0 once requeued; see
+`raptor.preemption`); the final validation always evaluates last.ckpt. A non-finite loss stops the run
 (`NonFiniteLossError`, naming the step) before the optimizer step, so the last
 checkpoint stays good.
 """
@@ -74,12 +76,10 @@ from omegaconf import DictConfig
 from torchmetrics import Metric
 
 from dmd.metrics import TrajectoryMetrics
-from raptor import losses
+from raptor import distributed, losses
 from raptor.config import ConfigError, to_container
-from raptor.runs import make_trainer, prepare_run_dir
+from raptor.runs import CKPT_DIR, LAST_CKPT, make_trainer, prepare_run_dir
 
-CKPT_DIR = "checkpoints"
-LAST_CKPT = "last.ckpt"
 VAL_FILE = "val_metrics.json"
 
 
@@ -609,7 +609,7 @@ def fit(
     `datamodule` defaults to `raptor.data.ShardDataModule(cfg.data, teacher.data_config)`.
     Returns {"run_dir", "checkpoint" (last.ckpt), "stage", "step", "metrics" (every value
     logged by the last validation: val/..., val_identity/..., val_dmd/... with the DMD
-    callback)}.
+    callback)}. A signal stops it with `raptor.preemption.Stopped` (a SystemExit).
     """
     hp = stage_config(cfg)
     run_dir = prepare_run_dir(cfg, run_dir)
@@ -638,8 +638,9 @@ def fit(
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
-        if module.last_val_step != trainer.global_step:
-            trainer.validate(module, datamodule=datamodule, verbose=False)
+        if module.last_val_step != trainer.global_step:  # the final weights, never an hpc_ckpt
+            last = run_dir / CKPT_DIR / LAST_CKPT
+            trainer.validate(module, datamodule=datamodule, ckpt_path=last, verbose=False)
     return {
         "run_dir": str(run_dir),
         "checkpoint": str(run_dir / CKPT_DIR / LAST_CKPT),
@@ -669,7 +670,7 @@ def main(args: argparse.Namespace) -> int:
     except NonFiniteLossError as exc:
         print(f"raptor fit: {exc}", file=sys.stderr)
         return 1
-    if int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", 0))) == 0:
+    if distributed.is_rank_zero():
         m = out["metrics"]
         last = max((int(k.rsplit("L", 1)[1]) for k in m if k.startswith("val/r2/L")), default=None)
         r2 = f", val R^2 at layer {last}: {m[f'val/r2/L{last}']:.4f}" if last else ""

@@ -46,6 +46,7 @@ from dmd.metrics import METRICS
 from dmd.moments import moment_dtype
 from dmd.plots import curve_figure, eigenvalue_figure, power_law_figure, save_figure, sweep_figure
 from dmd.sweeps import FitSpec, plan_sweeps, power_law, sweep_rows
+from raptor import distributed
 from raptor.cli import add_config_arguments, config_from_args
 from raptor.config import ConfigError
 from raptor.runs import prepare_run_dir
@@ -426,7 +427,7 @@ def _plots(run_dir: Path, entries: List[Entry], results, tables, budget_fit) -> 
 
 def _device(cfg: DictConfig) -> torch.device:
     if cfg.trainer.accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        return torch.device("cuda", distributed.local_rank())
     return torch.device("cpu")
 
 
@@ -496,7 +497,7 @@ def main(args: argparse.Namespace) -> int:
             "nccl" if torch.cuda.is_available() and cfg.trainer.accelerator != "cpu" else "gloo"
         )
         if backend == "nccl":
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+            torch.cuda.set_device(distributed.local_rank())
         torch.distributed.init_process_group(backend)
     try:
         report = run_dmd(cfg, overwrite=args.overwrite)

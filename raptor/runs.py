@@ -2,13 +2,13 @@
 
 A run folder holds the resolved `config.yaml`, `metrics.csv` (always), the W&B
 files when W&B is on (with the run id kept in `wandb_id.txt`, so a resumed or
-requeued job continues the same W&B run), `checkpoints/` and PNG plots.
+requeued job continues the same W&B run), `checkpoints/` (with `last.ckpt`, the
+checkpoint a rerun resumes from) and PNG plots.
 """
 
 from __future__ import annotations
 
 import csv
-import os
 import uuid
 from pathlib import Path
 from typing import Any, Iterable, List, Optional
@@ -16,25 +16,21 @@ from typing import Any, Iterable, List, Optional
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from raptor import distributed
 from raptor.config import save_config
 
 WANDB_ID_FILE = "wandb_id.txt"
+CKPT_DIR = "checkpoints"
+LAST_CKPT = "last.ckpt"
 
 
 def prepare_run_dir(cfg: DictConfig, run_dir: Optional[str | Path] = None) -> Path:
     """Create the run folder (default `cfg.run_dir`) and write the resolved config."""
     path = Path(run_dir or cfg.run_dir)
     path.mkdir(parents=True, exist_ok=True)
-    if _global_rank() == 0:
+    if distributed.is_rank_zero():
         save_config(cfg, path)
     return path
-
-
-def _global_rank() -> int:
-    for var in ("RANK", "SLURM_PROCID", "LOCAL_RANK"):
-        if var in os.environ:
-            return int(os.environ[var])
-    return 0
 
 
 def wandb_run_id(run_dir: Path) -> str:
@@ -139,14 +135,23 @@ def make_trainer(
     max_epochs: Optional[int] = None,
     callbacks: Iterable[Any] = (),
     loggers: Optional[List[Any]] = None,
+    plugins: Iterable[Any] = (),
     **overrides: Any,
 ):
     """A `lightning.Trainer` from `cfg.trainer` (ddp when several devices or nodes;
-    gloo on CPU, NCCL on GPU, chosen by Lightning)."""
+    gloo on CPU, NCCL on GPU, chosen by Lightning).
+
+    Every trainer gets `raptor.preemption.Preemption` (SIGTERM / SIGINT / SIGUSR1:
+    checkpoint to `run_dir/checkpoints/last.ckpt`, then stop or requeue); in a SLURM job
+    Lightning's own requeue handler is switched off (`SLURMEnvironment(auto_requeue=False)`)."""
     import lightning as L
+    from lightning.pytorch.plugins.environments import SLURMEnvironment
+
+    from raptor.preemption import Preemption
 
     t = cfg.trainer
     strategy = t.strategy
+    slurm = SLURMEnvironment.detect()  # srun-started tasks (Lightning's own test)
     if strategy == "auto" and world_size(cfg) > 1:
         strategy = "ddp"
     kwargs = dict(
@@ -161,11 +166,12 @@ def make_trainer(
         max_epochs=max_epochs if max_epochs is not None else -1,
         default_root_dir=str(run_dir),
         logger=loggers if loggers is not None else make_loggers(cfg, run_dir),
-        callbacks=list(callbacks),
+        callbacks=[*callbacks, Preemption(Path(run_dir) / CKPT_DIR / LAST_CKPT)],
         log_every_n_steps=cfg.logging.log_every_n_steps,
         enable_progress_bar=cfg.logging.progress_bar,
         use_distributed_sampler=False,  # webdataset splits by node and worker itself
         enable_model_summary=False,
+        plugins=[*plugins, *([SLURMEnvironment(auto_requeue=False)] if slurm else [])],
     )
     kwargs.update(OmegaConf.to_container(t.extra, resolve=True))
     kwargs.update(overrides)

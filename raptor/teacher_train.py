@@ -8,7 +8,8 @@ block-recurrent structure that Raptor distils. This trains
 (per step), label smoothing, and reports validation top-1 every epoch.
 
 Run folder (`run_dir`): config.yaml, metrics.csv, checkpoints/ (resumable: a
-rerun continues from checkpoints/last.ckpt), and at the end
+rerun continues from checkpoints/last.ckpt, which SIGTERM / SIGINT / SIGUSR1 also
+save before the run stops, see `raptor.preemption`), and at the end
 `teacher.safetensors` (weights + architecture + data config; `teacher.weights=`
 this file rebuilds the teacher) and `teacher.json` {"val_top1", "weights"}.
 When teacher.json exists the run is complete and is not repeated unless
@@ -30,9 +31,10 @@ import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig
 
+from raptor import distributed
 from raptor.cli import add_config_arguments, config_from_args
 from raptor.config import ConfigError
-from raptor.runs import make_trainer, prepare_run_dir
+from raptor.runs import CKPT_DIR, LAST_CKPT, make_trainer, prepare_run_dir
 from raptor.shards import ensure_shards
 from raptor.teacher import create_vit, default_data_config, save_teacher_file
 
@@ -136,11 +138,12 @@ def train_teacher(
     result_path = run_dir / RESULT_FILE
     if result_path.is_file() and not retrain:
         result = json.loads(result_path.read_text())
-        print(
-            f"raptor teacher: already trained ({result_path}), val top-1 {result['val_top1']:.4f}"
-        )
+        if distributed.is_rank_zero():
+            print(
+                f"raptor teacher: already trained ({result_path}), val top-1 {result['val_top1']:.4f}"
+            )
         return result
-    ckpt_dir = run_dir / "checkpoints"
+    ckpt_dir = run_dir / CKPT_DIR
     if retrain:
         for old in (result_path, run_dir / WEIGHTS_FILE):
             old.unlink(missing_ok=True)
@@ -165,11 +168,12 @@ def train_teacher(
         callbacks=[checkpoint, LearningRateMonitor("step")],
         num_sanity_val_steps=0,
     )
-    last = ckpt_dir / "last.ckpt"
+    last = ckpt_dir / LAST_CKPT
     trainer.fit(module, datamodule=data, ckpt_path=str(last) if last.is_file() else None)
     top1 = trainer.callback_metrics.get("val/top1")
-    if top1 is None:  # resumed a finished run: nothing was fitted, evaluate once
-        top1 = trainer.validate(module, datamodule=data, verbose=False)[0]["val/top1"]
+    if top1 is None:  # resumed a finished run: nothing was fitted, evaluate its last.ckpt once
+        metrics = trainer.validate(module, datamodule=data, ckpt_path=last, verbose=False)
+        top1 = metrics[0]["val/top1"]
     result = {"val_top1": float(top1), "weights": str(run_dir / WEIGHTS_FILE)}
     if trainer.is_global_zero:
         save_teacher_file(result["weights"], module.vit, module.arch, data.transform_config)

@@ -1,10 +1,11 @@
 """`raptor fit` as a user runs it (the CLI in a subprocess): 2-process DDP on CPU (gloo)
-against one process, and SIGKILL + resume against an uninterrupted run, W&B offline."""
+against one process, and SIGKILL / SIGTERM / SIGINT + resume against an uninterrupted run,
+W&B offline."""
 
 from __future__ import annotations
 
-import csv
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -96,7 +97,37 @@ def test_ddp_two_processes_match_one_process(teacher, digits_shards, tmp_path):
         assert float(val[0][key]) == pytest.approx(float(val[1][key]), rel=1e-4, abs=1e-6), key
 
 
-def test_sigkill_then_resume_equals_uninterrupted_run(teacher, digits_shards, tmp_path):
+def wait_for_new_checkpoint(path: Path, procs: list, after: float = 0.0) -> None:
+    """Until `path` exists with an mtime > `after` (a periodic checkpoint: training runs)."""
+    deadline = time.monotonic() + TIMEOUT
+    while time.monotonic() < deadline and all(p.poll() is None for p in procs):
+        if path.exists() and path.stat().st_mtime > after:
+            return
+        time.sleep(0.02)
+    errors = [p.communicate(timeout=60)[1][-2000:] for p in procs if p.poll() is not None]
+    pytest.fail(f"no new checkpoint {path} while the run was alive: {errors}")
+
+
+def ckpt_step(path: Path) -> int:
+    return int(torch.load(path, map_location="cpu", weights_only=True)["global_step"])
+
+
+STOP_LINE = re.compile(
+    r"raptor: (SIG\w+) received, stopped after step (\d+); checkpoint (\S+); (.*)"
+)
+
+
+def stop_line(stderr: str) -> re.Match:
+    """The one line a stopped run prints: (signal, step, checkpoint, what to do)."""
+    lines = [m for m in map(STOP_LINE.search, stderr.splitlines()) if m]
+    assert len(lines) == 1, stderr[-3000:]
+    return lines[0]
+
+
+def test_killed_or_stopped_run_resumes_equal_to_uninterrupted_run(teacher, digits_shards, tmp_path):
+    """The same command four times: SIGKILL mid-run (resumes from the last periodic
+    checkpoint), SIGTERM and SIGINT (checkpoint at the stopping step, exit 143 / 130, one
+    line naming it), then to the end: the weights of an uninterrupted run, one W&B run."""
     steps = 30
     common = overrides(
         teacher,
@@ -115,26 +146,38 @@ def test_sigkill_then_resume_equals_uninterrupted_run(teacher, digits_shards, tm
     cfg, run = config_file(tmp_path), tmp_path / "run"
     args = [*common, f"run_dir={run}", "logging.wandb=offline"]
     env = {**os.environ, "WANDB_SILENT": "true"}
-    proc = subprocess.Popen(
-        cli(cfg, args), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env
-    )
-    last = run / "checkpoints" / "last.ckpt"
-    deadline = time.monotonic() + TIMEOUT
-    while not last.exists() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.02)
-    alive = proc.poll() is None
-    proc.send_signal(signal.SIGKILL)
-    err = proc.communicate(timeout=60)[1]
-    assert alive and last.exists(), f"run ended before its first checkpoint: {err[-2000:]}"
-    killed_at = torch.load(last, weights_only=True)["global_step"]
-    assert 0 < killed_at < steps  # mid-run, and mid-epoch (an epoch is 89 batches)
+    last, mtime, stopped_at = run / "checkpoints" / "last.ckpt", 0.0, 0
+    for sig, status in ((signal.SIGKILL, -9), (signal.SIGTERM, 143), (signal.SIGINT, 130)):
+        proc = subprocess.Popen(
+            cli(cfg, args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+        )
+        wait_for_new_checkpoint(last, [proc], after=mtime)
+        proc.send_signal(sig)
+        out, err = proc.communicate(timeout=TIMEOUT)
+        assert proc.returncode == status, err[-3000:]
+        step = ckpt_step(last)
+        assert stopped_at < step < steps  # mid-run, and mid-epoch (an epoch is 89 batches)
+        rows = read_csv(run / "metrics.csv")
+        logged = {int(r["step"]) for r in rows if r.get("train/loss")}
+        if sig == signal.SIGKILL:
+            killed_at = step
+        else:  # stopped after the step its checkpoint holds, once that step was logged
+            line = stop_line(err)
+            assert (line[1], int(line[2]), Path(line[3])) == (sig.name, step, last)
+            assert line[4] == "run the same command again to resume"
+            assert "done" not in out  # no final validation after a stop
+            assert max(logged) == step - 1
+        # the killed segment flushed its rows at the checkpoint, but the row of the step
+        # that produced it is logged after the checkpoint and may be lost with the process
+        assert set(range(step)) - logged <= {killed_at - 1}, sorted(logged)
+        stopped_at, mtime = step, last.stat().st_mtime
     run_cli(cfg, args)  # the same command again: resume=auto
-    assert torch.load(last, weights_only=True)["global_step"] == steps
+    assert ckpt_step(last) == steps
     assert_same_weights(raptor_state(run), raptor_state(ref), atol=1e-6)
-    # both segments wrote to the same W&B run, offline; the metrics are in its files and CSV
+    # every segment wrote to the same W&B run, offline; the metrics are in its files and CSV
     run_id = (run / "wandb_id.txt").read_text().strip()
     segments = sorted((run / "wandb").glob("offline-run-*"))
-    assert len(segments) == 2 and all(s.name.endswith(run_id) for s in segments), segments
+    assert len(segments) == 4 and all(s.name.endswith(run_id) for s in segments), segments
     data = b"".join(p.read_bytes() for p in segments[-1].glob("*.wandb"))
     for key in (
         b"train/loss",
@@ -147,10 +190,7 @@ def test_sigkill_then_resume_equals_uninterrupted_run(teacher, digits_shards, tm
         b"val/top1_student_B2",
     ):
         assert key in data, key
-    with open(run / "metrics.csv", newline="") as fh:
-        rows = list(csv.DictReader(fh))
-    # the killed segment flushed its rows at the checkpoint, but the row of the step that
-    # produced it is logged after the checkpoint and may be lost with the process
+    rows = read_csv(run / "metrics.csv")
     logged = {int(r["step"]) for r in rows if r.get("train/loss")}
     assert set(range(steps)) - logged <= {killed_at - 1}, sorted(logged)
     # validations after 15 and 30 optimizer steps, logged at their last batch's step

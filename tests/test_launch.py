@@ -6,6 +6,7 @@ in-training model."""
 from __future__ import annotations
 
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -89,6 +90,7 @@ def test_fit_sbatch_passes_the_allocation(tmp_path):
         ["configs/dinov2_vitb14_reg_k3.yaml", "stage=2", "train.init_from=runs/x/stage1"],
         SLURM_JOB_NUM_NODES="2",
         SLURM_NTASKS_PER_NODE="4",
+        SLURM_GPUS_ON_NODE="4",
     )
     assert args == [
         "configs/dinov2_vitb14_reg_k3.yaml",
@@ -104,6 +106,19 @@ def test_fit_sbatch_passes_the_allocation(tmp_path):
     assert cfg.run_dir == "runs/dinov2_vitb14_reg_k3/stage2"  # the same folder after a requeue
 
 
+@pytest.mark.parametrize("script", ["fit.sbatch", "stage1_array.sbatch"])
+def test_sbatch_runs_on_cpu_partitions(tmp_path, script):
+    """No GPU request in the header (a CPU partition or a cluster without GRES rejects it);
+    an allocation without GPUs runs on CPU unless the arguments say otherwise."""
+    header = (ROOT / "launch" / "slurm" / script).read_text()
+    assert not re.search(r"^#SBATCH .*(--gpus|--gres)", header, re.M)
+    env = {"SLURM_JOB_NUM_NODES": "1", "SLURM_NTASKS_PER_NODE": "2", "SLURM_ARRAY_TASK_ID": "1"}
+    for extra, accelerator in (([], "cpu"), (["trainer.accelerator=gpu"], "gpu")):
+        args = run_sbatch(tmp_path, script, ["configs/demo.yaml", *extra], **env)
+        overrides = ["train." + a if a.startswith("stage=") else a for a in args[1:]]
+        assert load_config(ROOT / args[0], overrides).trainer.accelerator == accelerator
+
+
 def test_stage1_array_trains_one_block_per_task(tmp_path):
     args = run_sbatch(
         tmp_path,
@@ -112,6 +127,7 @@ def test_stage1_array_trains_one_block_per_task(tmp_path):
         SLURM_ARRAY_TASK_ID="2",
         SLURM_JOB_NUM_NODES="1",
         SLURM_NTASKS_PER_NODE="8",
+        SLURM_GPUS_PER_NODE="a100:8",
     )
     overrides = ["train." + a if a.startswith("stage=") else a for a in args[1:]]
     cfg = load_config(ROOT / args[0], overrides)

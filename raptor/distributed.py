@@ -1,0 +1,74 @@
+"""Which process this is among a job's ranks, however the job was started.
+
+One answer for every launcher: an initialised `torch.distributed` process group (Lightning
+DDP, `raptor dmd`) wins; before or without one the launcher's environment is read:
+torchrun sets RANK / LOCAL_RANK / WORLD_SIZE, `srun` sets SLURM_PROCID / SLURM_LOCALID /
+SLURM_NTASKS, Lightning's own launcher sets LOCAL_RANK / NODE_RANK / WORLD_SIZE in the
+processes it starts. RANK comes before SLURM_PROCID, so torchrun inside a SLURM allocation
+(where every process inherits the batch shell's SLURM_PROCID=0) is read correctly.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+
+
+def initialised() -> bool:
+    """Whether a default torch.distributed process group exists in this process."""
+    return dist.is_available() and dist.is_initialized()
+
+
+def global_rank() -> int:
+    """This process's rank in the job (0 when it runs alone).
+
+    Without a process group and without RANK / SLURM_PROCID (Lightning's own launcher),
+    the rank is LOCAL_RANK on node NODE_RANK with LOCAL_WORLD_SIZE processes per node;
+    when that size is unknown, a process on a node > 0 gets a nonzero placeholder."""
+    if initialised():
+        return dist.get_rank()
+    env = os.environ
+    for var in ("RANK", "SLURM_PROCID"):
+        if env.get(var, "").isdigit():
+            return int(env[var])
+    local, node = int(env.get("LOCAL_RANK", 0)), int(env.get("NODE_RANK", 0))
+    return node * int(env.get("LOCAL_WORLD_SIZE", local + 1)) + local
+
+
+def local_rank() -> int:
+    """This process's index on its machine (selects its GPU)."""
+    env = os.environ
+    for var in ("LOCAL_RANK", "SLURM_LOCALID"):
+        if env.get(var, "").isdigit():
+            return int(env[var])
+    return 0
+
+
+def world_size() -> int:
+    """Number of processes in the job (1 when it runs alone)."""
+    if initialised():
+        return dist.get_world_size()
+    env = os.environ
+    srun = "RANK" not in env and "SLURM_PROCID" in env  # the same source as global_rank()
+    value = env.get("SLURM_NTASKS" if srun else "WORLD_SIZE", "1")
+    return int(value) if value.isdigit() else 1
+
+
+def is_rank_zero() -> bool:
+    """True on the one process that prints results and writes shared files."""
+    return global_rank() == 0
+
+
+def all_max(value: int, device: torch.device | str = "cpu") -> int:
+    """The largest `value` over all ranks: one all-reduce that every rank must call
+    (`device`: where the process group's backend wants the tensor, cuda for NCCL)."""
+    if not initialised() or dist.get_world_size() == 1:
+        return int(value)
+    flag = torch.tensor([int(value)], dtype=torch.int64, device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return int(flag.item())
+
+
+__all__ = ["all_max", "global_rank", "initialised", "is_rank_zero", "local_rank", "world_size"]
