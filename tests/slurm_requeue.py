@@ -89,7 +89,7 @@ def ckpt_step(run_dir: Path) -> int:
 class Job:
     """One submission of the sbatch script; `log_file` collects all its restarts."""
 
-    def __init__(self, work: Path, script: Path, config: Path, name: str, overrides: list[str]):
+    def __init__(self, work: Path, config: Path, name: str, overrides: list[str]):
         self.run_dir = work / name
         self.log_file = work / f"{name}.out"
         out = sh(
@@ -100,10 +100,9 @@ class Job:
             "--ntasks-per-node=2",
             "--cpus-per-task=1",
             f"--output={self.log_file}",
-            script,
+            SBATCH,
             config,
             f"run_dir={self.run_dir}",
-            "trainer.accelerator=cpu",
             *overrides,
             cwd=work,
         )
@@ -208,17 +207,6 @@ trainer: {{accelerator: cpu, num_threads: 1, deterministic: true}}
     return config, teacher
 
 
-def sbatch_copy(work: Path) -> Path:
-    """fit.sbatch without GPU requests (this node has none); otherwise unchanged."""
-    lines = SBATCH.read_text().splitlines(keepends=True)
-    kept = [ln for ln in lines if not ln.startswith(("#SBATCH --gpus-per-node", "#SBATCH --gres"))]
-    if len(kept) != len(lines):
-        log(f"using {SBATCH.name} without its GPU request line(s)")
-    path = work / "fit.sbatch"
-    path.write_text("".join(kept))
-    return path
-
-
 # --------------------------------------------------------------------------- checks
 
 
@@ -263,11 +251,10 @@ def check_same_run(ref: Job, job: Job, steps: int, requeues: int, wandb_id: str)
 def scenario(work: Path, steps: int, timeout: float) -> None:
     log("writing shards, teacher and config")
     config, teacher = write_inputs(work, steps)
-    script = sbatch_copy(work)
     env_note = f"RAPTOR={os.environ['RAPTOR']}"
     log(f"jobs run `{env_note} ... fit`; {steps} steps, 2 CPU ranks")
 
-    ref = Job(work, script, config, "reference", [f"teacher.weights={teacher}"])
+    ref = Job(work, config, "reference", [f"teacher.weights={teacher}"])
     try:
         ref.finished(timeout)
     except Failed:
@@ -275,7 +262,7 @@ def scenario(work: Path, steps: int, timeout: float) -> None:
         raise
     log(f"reference: finished at step {ckpt_step(ref.run_dir)}")
 
-    job = Job(work, script, config, "requeued", [f"teacher.weights={teacher}"])
+    job = Job(work, config, "requeued", [f"teacher.weights={teacher}"])
     plan = [  # (checkpointed past this fraction of the run, how to interrupt it)
         (0.2, ["scancel", "--signal=USR1"]),
         (0.45, ["scancel", "--signal=USR1"]),
