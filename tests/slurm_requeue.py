@@ -127,13 +127,18 @@ class Job:
         return wait_for(f"job {self.id} (restart {restarts}) past step {step}", ready, timeout)
 
     def requeued(self, restarts: int, timeout: float) -> None:
-        """Waits until SLURM counts `restarts` restarts (the delivery led to a requeue), then
-        makes the job eligible at once (SLURM holds a requeued job for about two minutes)."""
-        wait_for(
-            f"job {self.id} to be requeued (Restarts={restarts})",
-            lambda: int(self.info().get("Restarts", -1)) >= restarts,
-            timeout,
-        )
+        """Waits until SLURM counts `restarts` restarts and the job is back in the
+        queue (the delivery led to a requeue), then makes it eligible at once: SLURM holds a
+        requeued job for about two minutes, and only a PENDING job's StartTime can be set."""
+
+        def back_in_queue():
+            info = self.info()
+            return int(info.get("Restarts", -1)) >= restarts and info.get("JobState") in (
+                "PENDING",
+                "RUNNING",
+            )
+
+        wait_for(f"job {self.id} to be requeued (Restarts={restarts})", back_in_queue, timeout)
         sh("scontrol", "update", f"JobId={self.id}", "StartTime=now", check=False)
 
     def finished(self, timeout: float) -> dict[str, str]:
