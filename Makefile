@@ -7,7 +7,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup demo test test-slurm lint bench clean
 
 setup: $(STAMP)
 
@@ -24,6 +24,11 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests
+
+# A one-node SLURM cluster on this machine (root; apt-installs SLURM when missing), fit.sbatch
+# requeued mid-run against an untouched run. Not part of `test`.
+test-slurm: $(STAMP)
+	$(BIN)/python tests/slurm_requeue.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check raptor dmd tests
