@@ -42,8 +42,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from raptor.cli import add_config_arguments, config_from_args
 from raptor.config import save_config
+from raptor.distributed import is_rank_zero
 from raptor.errors import read_json
-from raptor.runs import _global_rank
 from raptor.summary import report_files, write_summary
 
 STEP_FILE = "step.json"  # written last: the step is complete
@@ -408,7 +408,7 @@ def run_step(step: Step, action: str, done: Dict[str, Dict[str, Any]]) -> Dict[s
         print(f"[pipeline] {step.name}: complete, skipped ({step.folder})")
         return _read(step.folder / STEP_FILE)
     print(f"[pipeline] {step.name}: running in {step.folder}")
-    rank0 = _global_rank() == 0
+    rank0 = is_rank_zero()
     if rank0:
         step.folder.mkdir(parents=True, exist_ok=True)
         (step.folder / STEP_FILE).unlink(missing_ok=True)
@@ -446,7 +446,7 @@ def run_pipeline(cfg: DictConfig, plan_only: bool = False) -> Optional[Dict[str,
     if plan_only:
         print("[pipeline] --plan: nothing was run or moved")
         return None
-    if _global_rank() == 0:  # other ranks re-run the pipeline into the folders rank 0 made
+    if is_rank_zero():  # other ranks re-run the pipeline into the folders rank 0 made
         for path in reruns:
             shutil.move(str(path), str(_stale(path, stamp)))
         if reruns and report:
@@ -457,7 +457,7 @@ def run_pipeline(cfg: DictConfig, plan_only: bool = False) -> Optional[Dict[str,
     done: Dict[str, Dict[str, Any]] = {}
     for step in steps:
         done[step.name] = run_step(step, plan[step.name][0], done)
-    if _global_rank() == 0:
+    if is_rank_zero():
         save_config(cfg, root, CONFIG_FILE)  # every step is complete: it describes them
 
     return write_summary(cfg, root, done)
