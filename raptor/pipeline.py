@@ -92,6 +92,7 @@ NO_RESULT_KEYS = (
     "train.stage",  # set by the pipeline per step
     "train.init_from",  # set by the pipeline: stage 2 starts from stage 1 (its hash)
     "train.resume",
+    "train.schedule_change",  # how a resume in place treats a changed schedule; a rerun starts fresh
     "train.ckpt_every_n_steps",
     "train.val_every_n_steps",  # the reported metrics come from a final validation
     "dmd.log_groups",
