@@ -2,9 +2,9 @@
 
 import csv
 import json
-import math
 import warnings
 
+import numpy as np
 import pytest
 import torch
 
@@ -136,7 +136,12 @@ def test_raptor_dmd_writes_report_tables_and_plots(digits_shards, tmp_path):
     assert len(sweeps["rank"]) == 2 and len(sweeps["alpha"]) == 4 and len(sweeps["budget"]) == 3
     assert len(sweeps["cut_start"]) == 2 * 4 and len(sweeps["prune_length"]) == 2 * 4
     assert [r["group"] for r in sweeps["token_group"]] == ["cls", "patch"]
-    assert math.isfinite(report["budget_fit"]["gamma"])
+    # the power law rel_l2(B) = C / B^gamma: a straight line through the rows in log-log
+    rows = sweeps["budget"]
+    slope, _ = np.polyfit(
+        np.log([r["value"] for r in rows]), np.log([r["rel_l2"] for r in rows]), 1
+    )
+    assert report["budget_fit"]["gamma"] == pytest.approx(-slope, rel=1e-9)
     for name in ("rank", "alpha", "budget", "cut_start", "prune_length", "token_group"):
         assert (run / f"dmd_sweep_{name}.csv").exists() and (run / f"dmd_sweep_{name}.png").exists()
     for png in ("dmd_eigenvalues", "dmd_budget", "dmd_q_cos_i0_p2", "dmd_q_r2_i2_p2"):
