@@ -89,6 +89,74 @@ def test_teacher_and_stage2_flops_match_flop_counter():
     assert counted(lambda: raptor(a0).square().sum().backward()) == 2 * step.surrogate
 
 
+def by_hand_block(T: int, D: int, H: int, gated: bool, depth_hidden: int = 0) -> int:
+    """Forward FLOPs of one pre-norm block, written out: qkv 6TD^2, QK^T and AV 4T^2D,
+    proj 2TD^2, MLP (6 if gated else 4)TDH, depth MLP 1 -> h -> 3D once per image."""
+    return (
+        8 * T * D * D
+        + 4 * T * T * D
+        + (6 if gated else 4) * T * D * H
+        + 2 * depth_hidden
+        + 6 * depth_hidden * D
+    )
+
+
+@pytest.mark.parametrize("blocks,tf", [(None, True), ([0], False), ([1], True)])
+def test_stage1_flops_match_flop_counter(blocks, tf):
+    """A real stage-1 step: the teacher's trajectory up to the last trained layer, then
+    per trained block the AR rollout (+ the TF pass), forward and backward."""
+    import timm
+
+    from raptor import losses
+    from raptor.surrogate import Raptor
+    from raptor.teacher import Teacher
+
+    torch.manual_seed(0)
+    vit = timm.create_model(
+        "vit_small_patch16_224",
+        img_size=16,
+        patch_size=8,
+        embed_dim=24,
+        depth=4,
+        num_heads=2,
+        reg_tokens=1,
+        num_classes=0,
+    )
+    teacher = Teacher(vit)
+    raptor = Raptor(4, [1], 24, 2, mlp="swiglu", mlp_ratio=2.0, depth_conditioning=False)
+    images = torch.randn(3, 3, 16, 16)
+    trained = [0, 1] if blocks is None else blocks
+
+    def step():
+        upto = max(raptor.phases[j][1] for j in trained)
+        traj = teacher.trajectory(images, upto=upto)
+        loss = 0.0
+        for j in trained:
+            first, last = raptor.phases[j]
+            block, targets = raptor.blocks[j], traj[:, first : last + 1]
+            loss = (
+                loss
+                + losses.autoregressive_loss(block, traj[:, first - 1], targets, first, losses.mse)[
+                    0
+                ]
+            )
+            if tf:
+                loss = loss + losses.teacher_forcing_loss(
+                    block, traj[:, first - 1 : last], targets, first, losses.mse
+                )
+        loss.backward()
+
+    want = flops.stage1_flops(
+        flops.vit_shape(vit), flops.block_shape(raptor.blocks[0]), raptor.phases, blocks, tf
+    )
+    assert counted(step) == 3 * want.total
+    # by hand: T = 1 + 1 + 4, phases 1 and 2-4; the teacher stops at the last trained layer
+    T, upto = 6, 4 if blocks != [0] else 1
+    layers = sum((1, 3)[j] for j in trained) * (2 if tf else 1)
+    teacher_fwd = 2 * 4 * 64 * 3 * 24 + upto * by_hand_block(T, 24, 96, gated=False)
+    assert want.total == teacher_fwd + 3 * layers * by_hand_block(T, 24, 48, gated=True)
+
+
 def test_dinov2_vitb14_reg_figures_of_the_issue():
     """Issue 7's arithmetic: DINOv2 ViT-B/14-reg at 224 px, T = 1 + 4 + 256 = 261."""
     block = flops.BlockShape(768, 3072, "gelu")
@@ -101,14 +169,18 @@ def test_dinov2_vitb14_reg_figures_of_the_issue():
     swiglu = flops.BlockShape(768, 3072, "swiglu", depth_hidden=16)
     s2 = flops.stage2_flops(teacher, swiglu)
     assert round(s2.surrogate / 1e9) == 185  # 3 x 12 x (8 T D^2 + 4 T^2 D + 6 T D H)
-    # stage 1, k = 3, phases 1-7, 8-10, 11-12: joint run shares one teacher forward
+    # stage 1, k = 3, phases 1-7, 8-10, 11-12: joint run shares one teacher forward;
+    # 12 layers x (TF + AR) = 24 block applications, fwd+bwd = 3 x fwd
     phases = [(1, 7), (8, 10), (11, 12)]
     joint = flops.stage1_flops(teacher, swiglu, phases)
-    assert joint.applications == 24 and joint.teacher == s2.teacher
+    block_fwd = 8 * T * D * D + 4 * T * T * D + 6 * T * D * H + 2 * 16 + 6 * 16 * D
+    assert joint.applications == 24 and joint.teacher == by_hand
+    assert joint.surrogate == 3 * 24 * block_fwd
+    # k separate runs: each its own teacher forward, up to layers 7, 10 and 12
+    patch, teacher_block = 2 * 256 * 588 * D, (by_hand - 2 * 256 * 588 * D) // 12
+    separate = sum(patch + e * teacher_block for e in (7, 10, 12)) + 3 * 24 * block_fwd
     ratio = flops.stage1_separate_ratio(teacher, swiglu, phases)
-    separate_teacher = sum(flops.teacher_forward_flops(teacher, e) for e in (7, 10, 12))
-    assert ratio == pytest.approx((separate_teacher + joint.surrogate) / joint.total)
-    assert ratio > 1
+    assert ratio == pytest.approx(separate / (by_hand + 3 * 24 * block_fwd), rel=1e-12)
 
 
 def test_peak_table_lookup():
@@ -233,20 +305,36 @@ def test_bench_train_stage1_and_stage2(tmp_path, capsys):
     r1 = json.loads(out1.read_text())
     finite_numbers(r1)
     res = r1["result"]
-    assert res["images_per_s"] > 0 and res["step_time_median_s"] > 0
+    assert res["step_time_q1_s"] <= res["step_time_median_s"] <= res["step_time_q3_s"]
     assert res["steps_with_teacher_forcing"] == 1.0  # r = 1 - step/25 > 0 in these steps
-    # FLOPs from the shapes: T = 1 + 1 + 4 = 6 tokens, phases (1-3), (4); TF + AR -> 8 applications
-    block = flops.BlockShape(32, 64, "swiglu", depth_hidden=16)
-    teacher = flops.ViTShape(4, 16, 3, 2, 4, flops.BlockShape(32, 64, "gelu"))
-    expect = flops.stage1_flops(teacher, block, [(1, 3), (4, 4)])
+    # FLOPs by hand: T = 1 + 1 + 4 = 6 tokens, patches of 4 x 4 x 3 pixels, phases (1-3), (4);
+    # TF + AR -> 8 surrogate applications, fwd+bwd = 3 x fwd; the teacher runs all 4 layers
+    T, D = 6, 32
+    student = by_hand_block(T, D, 64, gated=True, depth_hidden=16)
+    teacher_block, patch = by_hand_block(T, D, 64, gated=False), 2 * 4 * 48 * D
     assert res["surrogate_block_applications"] == 8
-    assert res["gflop_per_image_total"] == pytest.approx(expect.total / 1e9)
+    joint = patch + 4 * teacher_block + 3 * 8 * student
+    assert res["gflop_per_image_total"] == pytest.approx(joint / 1e9, rel=1e-12)
+    assert res["achieved_tflop_per_s"] == pytest.approx(joint * res["images_per_s"] / 1e12)
     assert res["fraction_of_peak"] is None  # no peak known for a CPU
-    assert len(r1["stage1_separate"]["per_image_s_separate"]) == 2
-    assert r1["stage1_separate"]["analytic_ratio_separate_over_joint"] == pytest.approx(
-        flops.stage1_separate_ratio(teacher, block, [(1, 3), (4, 4)])
+    sep = r1["stage1_separate"]
+    assert len(sep["per_image_s_separate"]) == 2
+    # block 1 alone: teacher to layer 3, 3 x 2 x 3 applications; block 2: all 4, 3 x 2 x 1
+    separate = (patch + 3 * teacher_block + 18 * student) + (
+        patch + 4 * teacher_block + 6 * student
     )
-    assert r1["dmd_pass"]["ratio"] > 0
+    assert sep["analytic_ratio_separate_over_joint"] == pytest.approx(separate / joint, rel=1e-12)
+    assert sep["measured_ratio_separate_over_joint"] == pytest.approx(
+        sum(sep["per_image_s_separate"]) / sep["per_image_s_joint"]
+    )
+    dmd = r1["dmd_pass"]
+    assert dmd["ratio"] == pytest.approx(dmd["moments_pass_s"] / dmd["teacher_forward_s"])
+    # moments: 5 Grams + 4 cross moments of (T x D), 2 T D^2 each, over the teacher's forward
+    moments = 9 * 2 * T * D * D
+    assert dmd["gflop_per_image_moments"] == pytest.approx(moments / 1e9, rel=1e-12)
+    assert dmd["analytic_flop_ratio_moments_over_forward"] == pytest.approx(
+        moments / (patch + 4 * teacher_block), rel=1e-12
+    )
 
     out2 = tmp_path / "s2.json"
     run_cli(
@@ -268,8 +356,8 @@ def test_bench_train_stage1_and_stage2(tmp_path, capsys):
     r2 = json.loads(out2.read_text())
     finite_numbers(r2)
     assert r2["params"]["stage"] == 2 and r2["params"]["activation_checkpointing"] is True
-    s2 = flops.stage2_flops(teacher, block)
-    assert r2["result"]["gflop_per_image_total"] == pytest.approx(s2.total / 1e9)
+    stage2 = patch + 4 * teacher_block + 3 * 4 * student  # AR over all 4 layers
+    assert r2["result"]["gflop_per_image_total"] == pytest.approx(stage2 / 1e9, rel=1e-12)
     achieved = r2["result"]["achieved_tflop_per_s"]
     assert r2["result"]["fraction_of_peak"] == pytest.approx(achieved / 1.0)
     assert "stage1_separate" not in r2 and "dmd_pass" not in r2
@@ -311,7 +399,13 @@ def test_bench_dmd_runs_from_the_command_line(tmp_path):
     finite_numbers(result)
     rows = result["budgets"]
     assert [r["images"] for r in rows] == [20, 200]
-    assert all(r["accumulate_peak_mib"] is not None and 0 < r["accumulate_share"] < 1 for r in rows)
+    for r in rows:
+        solve = r["ridge_s"] + r["pcr_s"] + r["rrr_s"]
+        assert r["accumulate_share"] == pytest.approx(
+            r["accumulate_s"] / (r["accumulate_s"] + solve)
+        )
+        assert r["accumulate_images_per_s"] == pytest.approx(r["images"] / r["accumulate_s"])
+        assert r["accumulate_peak_mib"] is not None
     assert result["summary"]["moments_mib (analytic, float64)"] == pytest.approx(
         7 * 16 * 16 * 8 / 2**20
     )
@@ -353,5 +447,8 @@ def test_bench_data_full_images_vs_crops(tmp_path, capsys):
         ("center crops 32px", 0),
         ("center crops 32px", 1),
     ]
-    assert all(r["images_per_s"] > 0 for r in rows)
+    for r in rows:  # steady rate: the 6 batches after the first max(W, 1), inside the epoch
+        skip = max(1, r["workers"])
+        assert r["images_per_s"] * r["epoch_s"] >= (6 - skip) * 4
+        assert r["images_per_s_per_worker"] == pytest.approx(r["images_per_s"] / skip)
     assert rows[2]["kib_per_image"] < rows[0]["kib_per_image"]  # 32x32 crops vs 64x48 images

@@ -584,11 +584,25 @@ def test_ddp_two_ranks_uneven_shards(tmp_path):
     assert proc.returncode == 0, out[-3000:]
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
 
-    per_rank = 71 // (2 * 4)
-    train_labels = set(range(71))
+    per_rank = 71 // (2 * 4)  # 8 batches of 4: 64 of the 71 samples per epoch
     for r in ranks:
         assert r["num_train_batches"] == per_rank and len(r["train"]) == 2 * per_rank  # two epochs
-        assert {label for labels, _ in r["train"] for label in labels} <= train_labels
+    # every epoch: each of the 4 readers (2 ranks x 2 workers) reads its own slice of the shards
+    # (the shard read by two readers: every 2nd sample each), so the ranks read disjoint
+    # samples and, between them, every shard; a reader repeats its slice to fill its quota
+    shards = [set(range(0, 23)), set(range(23, 30)), set(range(30, 71))]
+    for epoch in range(2):
+        seen = [
+            {
+                label
+                for labels, _ in r["train"][epoch * per_rank : (epoch + 1) * per_rank]
+                for label in labels
+            }
+            for r in ranks
+        ]
+        assert not seen[0] & seen[1], (epoch, sorted(seen[0] & seen[1]))
+        assert all(shard & (seen[0] | seen[1]) for shard in shards), epoch
+        assert seen[0] | seen[1] <= set(range(71))
     # validation ran after each epoch: every val sample exactly once per evaluation
     assert ranks[0]["val_batches"] == ranks[1]["val_batches"]
     assert sorted(ranks[0]["val"] + ranks[1]["val"]) == sorted(list(range(1000, 1050)) * 2)

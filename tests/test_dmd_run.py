@@ -2,9 +2,9 @@
 
 import csv
 import json
-import math
 import warnings
 
+import numpy as np
 import pytest
 import torch
 
@@ -70,20 +70,32 @@ def test_raptor_dmd_writes_report_tables_and_plots(digits_shards, tmp_path):
         warnings.simplefilter("ignore")
         teacher = Teacher.from_config(cfg.teacher)
     dm = ShardDataModule(cfg.data, teacher.data_config)
+    # one pass, three accumulators: all 60 images; the first 15 (budget sweep); cls rows only
     acc = MomentAccumulator(4, 32, endpoints=[(0, 2), (2, 4)])
+    first15 = MomentAccumulator(4, 32)
+    cls_rows = MomentAccumulator(4, 32, tokens=teacher.groups["cls"])
     for batch in dm.train_dataloader():
-        keep = batch["valid"] & (torch.cumsum(batch["valid"], 0) <= 60 - acc.images)
-        acc.update(teacher.trajectory(batch["image"]), keep)
+        traj = teacher.trajectory(batch["image"])
+        count = torch.cumsum(batch["valid"], 0) + acc.images
+        acc.update(traj, batch["valid"] & (count <= 60))
+        first15.update(traj, batch["valid"] & (count <= 15))
+        cls_rows.update(traj, batch["valid"] & (count <= 60))
         if acc.images >= 60:
             break
-    trajs = []
+    assert (acc.images, first15.images, cls_rows.images) == (60, 15, 60)
+    trajs, labels = [], []
     for batch in dm.val_dataloader():
         trajs.append(teacher.trajectory(batch["image"])[batch["valid"]])
-    traj = torch.cat(trajs)[:40]
+        labels.append(batch["label"][batch["valid"]])
+    traj, labels = torch.cat(trajs)[:40], torch.cat(labels)[:40]
+
+    def metrics(op):
+        return trajectory_metrics(
+            op.predict(traj[:, 0], 2).transpose(1, 2), traj[:, 1:3], teacher.groups
+        )
+
     op = fit(acc, (0, 2), "span", "rrr", rank=8, alpha=1e-3)
-    want = trajectory_metrics(
-        op.predict(traj[:, 0], 2).transpose(1, 2), traj[:, 1:3], teacher.groups
-    )
+    want = metrics(op)
     got = report["variants"]["span_rrr@0,2"]["fidelity"]
     for key in ("r2/all", "cos/patch", "rel_l2/cls"):
         assert got[key] == pytest.approx(want[key].tolist(), rel=1e-4), key
@@ -96,17 +108,40 @@ def test_raptor_dmd_writes_report_tables_and_plots(digits_shards, tmp_path):
     assert len(eig) == 8
     assert [float(r["abs"]) for r in eig] == pytest.approx(lam.tolist(), rel=1e-6)
 
-    # downstream: top-1 of the finished span-end prediction, and the teacher's own top-1 agreement
+    # the budget and token-group sweeps: the base fit on the first 15 images / the cls rows,
+    # scored at the span end (layer 2) on all tokens / on cls
+    sweeps = report["sweeps"]
+    (b15,) = [r for r in sweeps["budget"] if r["value"] == 15]
+    (cls,) = [r for r in sweeps["token_group"] if r["group"] == "cls"]
+    for row, fitted, group in ((b15, first15, "all"), (cls, cls_rows, "cls")):
+        ref = metrics(fit(fitted, (0, 2), "span", "rrr", rank=8, alpha=1e-3))
+        for m in ("r2", "cos", "rel_l2"):
+            assert row[m] == pytest.approx(float(ref[f"{m}/{group}"][1]), rel=1e-4), (row, m)
+
+    # downstream: the span-end prediction finished by the teacher's blocks and head; top-1
+    # against the labels and agreement with the teacher's own top-1, recomputed here
     down = {(r["variant"], r["i"], r["group"]): r for r in _rows(run / "dmd_downstream.csv")}
-    ident = down[("identity", "2", "all")]
-    assert 0 <= float(ident["top1"]) <= 1 and 0 <= float(ident["agree"]) <= 1
+    own = teacher.finish(traj[:, 4], 4)["logits"].argmax(-1)
+    for variant, i, end in (
+        ("identity", "2", traj[:, 2]),
+        ("span_rrr", "0", op.predict(traj[:, 0], 2)[..., -1, :]),
+    ):
+        layer = int(i) + 2
+        top = teacher.finish(end.float(), layer)["logits"].argmax(-1)
+        row = down[(variant, i, "all")]
+        assert float(row["top1"]) == pytest.approx(float((top == labels).double().mean()))
+        assert float(row["agree"]) == pytest.approx(float((top == own).double().mean()))
 
     # sweeps: one table each, the budget power law fitted
-    sweeps = report["sweeps"]
     assert len(sweeps["rank"]) == 2 and len(sweeps["alpha"]) == 4 and len(sweeps["budget"]) == 3
     assert len(sweeps["cut_start"]) == 2 * 4 and len(sweeps["prune_length"]) == 2 * 4
     assert [r["group"] for r in sweeps["token_group"]] == ["cls", "patch"]
-    assert math.isfinite(report["budget_fit"]["gamma"])
+    # the power law rel_l2(B) = C / B^gamma: a straight line through the rows in log-log
+    rows = sweeps["budget"]
+    slope, _ = np.polyfit(
+        np.log([r["value"] for r in rows]), np.log([r["rel_l2"] for r in rows]), 1
+    )
+    assert report["budget_fit"]["gamma"] == pytest.approx(-slope, rel=1e-9)
     for name in ("rank", "alpha", "budget", "cut_start", "prune_length", "token_group"):
         assert (run / f"dmd_sweep_{name}.csv").exists() and (run / f"dmd_sweep_{name}.png").exists()
     for png in ("dmd_eigenvalues", "dmd_budget", "dmd_q_cos_i0_p2", "dmd_q_r2_i2_p2"):

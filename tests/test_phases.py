@@ -159,12 +159,25 @@ def test_random_partitions_are_valid_seeded_and_uniform():
     draws = random_partitions(6, 3, 3000, seed=1)
     assert draws == random_partitions(6, 3, 3000, seed=1)
     assert draws[:20] != random_partitions(6, 3, 20, seed=2)
-    counts = Counter(tuple(b) for b in draws)
-    assert set(counts) == set(itertools.combinations(range(1, 6), 2))  # all 10 partitions
-    assert all(200 < c < 400 for c in counts.values())  # 300 expected each
-    for b in random_partitions(11, 4, 200, seed=0, min_length=2):
-        assert len(b) == 3 and min(len(s) for s in _segments(b, 11)) >= 2
+    _assert_uniform(draws, list(itertools.combinations(range(1, 6), 2)))  # all 10 partitions
+    # phases of at least 2 layers: the valid partitions, enumerated by brute force
+    valid = [
+        b
+        for b in itertools.combinations(range(1, 11), 3)
+        if min(len(s) for s in _segments(list(b), 11)) >= 2
+    ]
+    _assert_uniform(random_partitions(11, 4, 2000, seed=0, min_length=2), valid)
     assert random_partitions(5, 1, 2) == [[], []]
+
+
+def _assert_uniform(draws, support):
+    """Every draw in `support`, each element of it drawn, and the counts consistent with a
+    uniform law: Pearson's chi-square test at the 0.1% level (seeded, so deterministic)."""
+    from scipy.stats import chisquare
+
+    counts = Counter(tuple(b) for b in draws)
+    assert set(counts) == set(support)
+    assert chisquare([counts[b] for b in support]).pvalue > 1e-3
 
 
 def _reference_similarity(traj, mode, groups):

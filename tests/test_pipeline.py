@@ -47,7 +47,10 @@ def tiny(run_dir: Path, shards: Path) -> list[str]:
 def test_pipeline_runs_every_step_then_skips(tmp_path, digits_shards, capsys, monkeypatch):
     monkeypatch.setenv("WANDB_SILENT", "true")
     run = tmp_path / "run"
-    assert cli_main(["pipeline", str(DEMO), *tiny(run, tmp_path / "shards")]) == 0
+    # stage 2 all but frozen (6 AdamW steps of at most ~3 lr each): its weights show its start
+    args = ["pipeline", str(DEMO), *tiny(run, tmp_path / "shards")]
+    args += ["train.stage2.lr=1e-9", "train.stage2.min_lr=0"]
+    assert cli_main(args) == 0
     out = capsys.readouterr().out
     for step in ("shards", "teacher", "phases", "k2/stage1", "k2/stage2", "k2/eval", "k2/export"):
         folder = tmp_path / "shards" if step == "shards" else run / step
@@ -73,8 +76,16 @@ def test_pipeline_runs_every_step_then_skips(tmp_path, digits_shards, capsys, mo
     backbone = RaptorBackbone.from_pretrained(run / "k2" / "export" / "backbone")
     assert backbone.config["phases"]["boundaries"] == boundaries
 
+    # stage 2 started from stage 1's final weights
+    start, end = (
+        block_weights(run / "k2" / s / "checkpoints/last.ckpt") for s in ("stage1", "stage2")
+    )
+    assert start.keys() == end.keys()
+    for key in start:
+        torch.testing.assert_close(end[key], start[key], rtol=0, atol=1e-7, msg=key)
+
     # rerun: every step is complete and skipped
-    assert cli_main(["pipeline", str(DEMO), *tiny(run, tmp_path / "shards")]) == 0
+    assert cli_main(args) == 0
     again = capsys.readouterr().out
     assert again.count("complete, skipped") == 7
     assert "running in" not in again
