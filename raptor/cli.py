@@ -27,22 +27,28 @@ from typing import List, Optional, Tuple
 # name -> (module, one-line help)
 COMMANDS = {
     "config": (
-        "raptor.config_cli",
+        "raptor.commands.config",
         "show the resolved config (`raptor config show CONFIG [k=v ...]`)",
     ),
-    "shards": ("raptor.shards", "write webdataset shards from digits or an image folder"),
+    "shards": ("raptor.data.shards", "write webdataset shards from digits or an image folder"),
     "teacher": (
-        "raptor.teacher_train",
+        "raptor.train.teacher",
         "train a small ViT teacher from scratch on labelled shards",
     ),
-    "phases": ("raptor.phases", "layer similarity of the teacher and its phase partition"),
-    "fit": ("raptor.distill", "Raptor distillation, stage 1 or 2 (`stage=1|2`)"),
-    "dmd": ("raptor.dmd_run", "fit and evaluate DMD operators along the teacher's depth"),
+    "phases": ("raptor.eval.phases", "layer similarity of the teacher and its phase partition"),
+    "fit": ("raptor.train.fit", "Raptor distillation, stage 1 or 2 (`stage=1|2`)"),
+    "dmd": (
+        "raptor.eval.dmd_baselines",
+        "fit and evaluate DMD operators along the teacher's depth",
+    ),
     "pipeline": (
         "raptor.pipeline",
         "the whole job: shards, teacher, phases, stages 1-2, DMD, export",
     ),
-    "export": ("raptor.export", "export a distilled backbone (config.json + model.safetensors)"),
+    "export": (
+        "raptor.train.export",
+        "export a distilled backbone (config.json + model.safetensors)",
+    ),
     "bench": ("raptor.bench", "throughput and memory benchmarks (train, dmd, data)"),
 }
 

@@ -287,7 +287,7 @@ def load_boundaries(path: str | Path, k: int) -> list[int]:
     """Boundaries for k phases from a phases file: either one partition
     {"num_layers": L, "boundaries": [...]} or the `phases.json` written by
     `raptor phases` ({"num_layers": L, "partitions": {"2": [...], ...}, ...})."""
-    from raptor.surrogate import check_boundaries
+    from raptor.model.raptor import check_boundaries
 
     path = Path(path)
     if not path.is_file():
@@ -400,9 +400,9 @@ def discover_phases(
         print(f"[phases] {out} exists: skipped (delete it to recompute)")
         return read_json(out, "phases file")
     pc = cfg.phases
-    from raptor.data import ShardDataModule
-    from raptor.runs import log_figure, make_loggers
-    from raptor.teacher import Teacher
+    from raptor.data.stream import ShardDataModule
+    from raptor.model.teacher import Teacher
+    from raptor.train.runs import log_figure, make_loggers
 
     teacher = Teacher.from_config(cfg.teacher)
     L = teacher.num_layers
@@ -493,7 +493,7 @@ def main(args: argparse.Namespace) -> int:
         print("raptor phases: give CONFIG [key=value ...], or --matrix FILE --k K", file=sys.stderr)
         return 2
     from raptor.cli import config_from_args
-    from raptor.runs import prepare_run_dir
+    from raptor.train.runs import prepare_run_dir
 
     cfg = config_from_args(args)
     run_dir = prepare_run_dir(cfg)

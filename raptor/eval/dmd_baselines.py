@@ -49,7 +49,7 @@ from dmd.sweeps import FitSpec, plan_sweeps, power_law, sweep_rows
 from raptor import distributed
 from raptor.cli import add_config_arguments, config_from_args
 from raptor.config import ConfigError
-from raptor.runs import prepare_run_dir
+from raptor.train.runs import prepare_run_dir
 
 REPORT_FILE = "dmd_report.json"
 BUDGET_METRIC = "rel_l2"  # the error whose power law in the calibration budget is fitted
@@ -72,7 +72,7 @@ def resolve_spans(cfg: DictConfig, num_layers: int) -> List[tuple[int, int]]:
     if cfg.phases.boundaries is not None:
         boundaries = [int(b) for b in cfg.phases.boundaries]
     elif cfg.phases.file:
-        from raptor.phases import load_boundaries
+        from raptor.eval.phases import load_boundaries
 
         boundaries = load_boundaries(cfg.phases.file, int(cfg.model.k))
     if boundaries is None:
@@ -420,8 +420,8 @@ def run_dmd(
     cfg: DictConfig, run_dir: Optional[str | Path] = None, overwrite: bool = False
 ) -> Dict[str, Any]:
     """The whole `raptor dmd` job; returns the report (also written to run_dir/dmd_report.json)."""
-    from raptor.data import ShardDataModule
-    from raptor.teacher import Teacher
+    from raptor.data.stream import ShardDataModule
+    from raptor.model.teacher import Teacher
 
     run_dir = Path(run_dir or cfg.run_dir)
     if (run_dir / REPORT_FILE).exists() and not overwrite:
