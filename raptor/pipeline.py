@@ -28,7 +28,6 @@ results in the folder; each step folder keeps its own config.yaml as well.
 
 from __future__ import annotations
 
-import argparse
 import copy
 import hashlib
 import json
@@ -40,7 +39,6 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from omegaconf import DictConfig, OmegaConf
 
-from raptor.cli import add_config_arguments, config_from_args
 from raptor.config import save_config
 from raptor.distributed import is_rank_zero
 from raptor.errors import read_json
@@ -103,23 +101,6 @@ NO_RESULT_KEYS = (
 )
 # Keys naming a file: their value in a record is the file's content hash, not its path.
 FILE_KEYS = ("teacher.weights", "teacher.head", "phases.file")
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_config_arguments(parser)
-    parser.add_argument(
-        "--plan",
-        action="store_true",
-        help="print which steps would run, rerun (and why) or be skipped, and stop",
-    )
-
-
-def main(args: argparse.Namespace) -> int:
-    summary = run_pipeline(config_from_args(args), plan_only=args.plan)
-    if summary is not None:
-        print(summary["table"])
-        print(summary["where"])
-    return 0
 
 
 # --------------------------------------------------------------------------- input records

@@ -28,11 +28,9 @@ are summed over ranks and rank 0 writes the files.
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import math
-import os
 from pathlib import Path
 from typing import Any, Dict, Iterable, Iterator, List, Optional
 
@@ -47,7 +45,6 @@ from dmd.moments import moment_dtype
 from dmd.plots import curve_figure, eigenvalue_figure, power_law_figure, save_figure, sweep_figure
 from dmd.sweeps import FitSpec, plan_sweeps, power_law, sweep_rows
 from raptor import distributed
-from raptor.cli import add_config_arguments, config_from_args
 from raptor.config import ConfigError
 from raptor.train.runs import prepare_run_dir
 
@@ -466,44 +463,3 @@ def run_dmd(
     if rank != 0:
         return {}
     return write_outputs(run_dir, cfg, entries, results, points, moments, seen)
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_config_arguments(parser)
-    parser.add_argument(
-        "--overwrite", action="store_true", help=f"replace an existing {REPORT_FILE}"
-    )
-
-
-def main(args: argparse.Namespace) -> int:
-    cfg = config_from_args(args)
-    if int(os.environ.get("WORLD_SIZE", 1)) > 1 and not torch.distributed.is_initialized():
-        backend = (
-            "nccl" if torch.cuda.is_available() and cfg.trainer.accelerator != "cpu" else "gloo"
-        )
-        if backend == "nccl":
-            torch.cuda.set_device(distributed.local_rank())
-        torch.distributed.init_process_group(backend)
-    try:
-        report = run_dmd(cfg, overwrite=args.overwrite)
-    finally:
-        if torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
-    if report:
-        print(
-            f"raptor dmd: {report['calib_images']} calibration / {report['eval_images']} evaluation images"
-        )
-        for name, v in report["variants"].items():
-            last = v["layers"][-1]
-            idx = v["layers"].index(last)
-            top = f"  top1 {v['top1'][0]:.4f}" if v["top1"] else ""
-            print(
-                f"  {name:24s} layer {last:3d}: cos {v['fidelity']['cos/all'][idx]:.4f}"
-                f"  r2 {v['fidelity']['r2/all'][idx]:.4f}{top}"
-            )
-        if report["budget_fit"]:
-            print(
-                f"  calibration budget: {BUDGET_METRIC}(B) = C / B^gamma, gamma = {report['budget_fit']['gamma']:.3f}"
-            )
-        print(f"raptor dmd: report in {Path(cfg.run_dir) / REPORT_FILE}")
-    return 0

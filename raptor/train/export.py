@@ -21,8 +21,6 @@ Relative error = max |a - b| / max |b| over all outputs.
 
 from __future__ import annotations
 
-import argparse
-import sys
 import warnings
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
@@ -38,7 +36,6 @@ from raptor.model.backbone import (
     FORMAT_VERSION,
     ONNX_NAME,
     WEIGHTS_NAME,
-    BackboneFormatError,
     RaptorBackbone,
 )
 
@@ -376,53 +373,3 @@ def export_backbone(
     if report is not None:
         report.update(result)
     return out
-
-
-# ---------------------------------------------------------------------- CLI
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "source",
-        metavar="RUN_OR_CKPT",
-        help="a `raptor fit` run folder (its checkpoints/last.ckpt) or a .ckpt file; stage-1 "
-        "runs of single blocks joined by commas",
-    )
-    parser.add_argument(
-        "--out", required=True, help="output folder (config.json, model.safetensors)"
-    )
-    parser.add_argument(
-        "--onnx", action="store_true", help="also write model.onnx, checked in onnxruntime"
-    )
-    parser.add_argument("--opset", type=int, default=18, help="ONNX opset (default 18)")
-    parser.add_argument(
-        "--overwrite", action="store_true", help="replace the export files in a non-empty --out"
-    )
-    parser.add_argument(
-        "--teacher-weights",
-        metavar="PATH",
-        help="the teacher's weights file, when the run's teacher.weights has moved",
-    )
-
-
-def main(args: argparse.Namespace) -> int:
-    report: Dict[str, Any] = {}
-    try:
-        out = export_backbone(
-            args.source,
-            args.out,
-            onnx=args.onnx,
-            overwrite=args.overwrite,
-            opset=args.opset,
-            teacher_weights=args.teacher_weights,
-            report=report,
-        )
-    except BackboneFormatError as exc:
-        print(f"raptor export: {exc}", file=sys.stderr)
-        return 2
-    print(f"exported {args.source} -> {out}: {', '.join(report['files'])}")
-    print(f"  read back vs the in-training model: relative error {report['torch_rel_error']:.2e}")
-    if "onnx_rel_error" in report:
-        print(f"  onnxruntime vs torch: relative error {report['onnx_rel_error']:.2e}")
-    print(f"  load: raptor.RaptorBackbone.from_pretrained('{out}')")
-    return 0

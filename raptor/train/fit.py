@@ -74,11 +74,9 @@ step, or saying that there is none.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
-import sys
 import time
 import warnings
 from pathlib import Path
@@ -92,7 +90,6 @@ from torchmetrics import Metric
 from torchmetrics.aggregation import SumMetric
 
 from dmd.metrics import TrajectoryMetrics
-from raptor import distributed
 from raptor.config import ConfigError, from_container, to_container
 from raptor.errors import RunFailed
 from raptor.train import losses
@@ -786,36 +783,6 @@ def fit(
             k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val")
         },
     }
-
-
-# --------------------------------------------------------------------------- CLI
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from raptor.cli import add_config_arguments
-
-    add_config_arguments(parser)
-
-
-def main(args: argparse.Namespace) -> int:
-    from raptor.cli import config_from_args
-
-    cfg = config_from_args(args)
-    try:
-        out = fit(cfg)
-    except NonFiniteLossError as exc:
-        print(f"raptor fit: {exc}", file=sys.stderr)
-        return 1
-    if distributed.is_rank_zero():
-        m = out["metrics"]
-        last = max((int(k.rsplit("L", 1)[1]) for k in m if k.startswith("val/r2/L")), default=None)
-        r2 = f", val R^2 at layer {last}: {m[f'val/r2/L{last}']:.4f}" if last else ""
-        if m.get("val/complete") == 0:
-            r2 += " (validation INCOMPLETE: samples missing, see the warnings)"
-        print(
-            f"stage {out['stage']} done at step {out['step']}{r2}; checkpoint {out['checkpoint']}"
-        )
-    return 0
 
 
 __all__ = ["Distiller", "NonFiniteLossError", "fit"]

@@ -20,7 +20,6 @@ When teacher.json exists the run is complete and is not repeated unless
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import math
@@ -34,7 +33,6 @@ import torch.nn.functional as F
 from omegaconf import DictConfig
 
 from raptor import distributed
-from raptor.cli import add_config_arguments, config_from_args
 from raptor.config import ConfigError
 from raptor.data.shards import ensure_shards
 from raptor.errors import UserError, read_json
@@ -201,17 +199,3 @@ def train_teacher(
             f"-> {result['weights']}"
         )
     return result
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_config_arguments(parser)
-    parser.add_argument(
-        "--retrain",
-        action="store_true",
-        help="train again even if the run folder holds a finished teacher (replaces it)",
-    )
-
-
-def main(args: argparse.Namespace) -> int:
-    train_teacher(config_from_args(args), retrain=args.retrain)
-    return 0
