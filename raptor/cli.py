@@ -1,6 +1,6 @@
 """The `raptor` command line.
 
-Each sub-command lives in the module named in COMMANDS, which provides
+Each sub-command lives in the module named in COMMANDS (`raptor.commands.*`), which provides
 `add_arguments(parser)` and `main(args) -> int | None`. Only the chosen
 command's module is imported, so `raptor config show` starts without torch.
 Commands that take a config accept `CONFIG [key=value ...]`; `stage=N` is
@@ -27,23 +27,29 @@ from typing import List, Optional, Tuple
 # name -> (module, one-line help)
 COMMANDS = {
     "config": (
-        "raptor.config_cli",
+        "raptor.commands.config",
         "show the resolved config (`raptor config show CONFIG [k=v ...]`)",
     ),
-    "shards": ("raptor.shards", "write webdataset shards from digits or an image folder"),
+    "shards": ("raptor.commands.shards", "write webdataset shards from digits or an image folder"),
     "teacher": (
-        "raptor.teacher_train",
+        "raptor.commands.teacher",
         "train a small ViT teacher from scratch on labelled shards",
     ),
-    "phases": ("raptor.phases", "layer similarity of the teacher and its phase partition"),
-    "fit": ("raptor.distill", "Raptor distillation, stage 1 or 2 (`stage=1|2`)"),
-    "dmd": ("raptor.dmd_run", "fit and evaluate DMD operators along the teacher's depth"),
+    "phases": ("raptor.commands.phases", "layer similarity of the teacher and its phase partition"),
+    "fit": ("raptor.commands.fit", "Raptor distillation, stage 1 or 2 (`stage=1|2`)"),
+    "dmd": (
+        "raptor.commands.dmd",
+        "fit and evaluate DMD operators along the teacher's depth",
+    ),
     "pipeline": (
-        "raptor.pipeline",
+        "raptor.commands.pipeline",
         "the whole job: shards, teacher, phases, stages 1-2, DMD, export",
     ),
-    "export": ("raptor.export", "export a distilled backbone (config.json + model.safetensors)"),
-    "bench": ("raptor.bench", "throughput and memory benchmarks (train, dmd, data)"),
+    "export": (
+        "raptor.commands.export",
+        "export a distilled backbone (config.json + model.safetensors)",
+    ),
+    "bench": ("raptor.commands.bench", "throughput and memory benchmarks (train, dmd, data)"),
 }
 
 

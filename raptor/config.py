@@ -150,7 +150,7 @@ PRECISIONS = (
     "16",
     "bf16",
 )
-# the same names as raptor.phases.METHODS/TOKEN_MODES and dmd's SOLVERS/SELECTIONS (a test
+# the same names as raptor.eval.phases.METHODS/TOKEN_MODES and dmd's SOLVERS/SELECTIONS (a test
 # checks), written out so that `raptor config show` imports neither torch nor dmd
 PHASE_METHODS = ("dp", "bisect")
 TOKEN_MODES = ("all", "cls+patchmean")
@@ -411,7 +411,7 @@ class TrainerConfig:
 
 @dataclass
 class ExportConfig:
-    """Backbone export (`raptor.export.export_backbone`, used by the pipeline): `out`
+    """Backbone export (`raptor.train.export.export_backbone`, used by the pipeline): `out`
     folder, an ONNX graph at the exported resolution with its opset, and whether to
     replace the export files in a non-empty folder."""
 

@@ -28,7 +28,6 @@ results in the folder; each step folder keeps its own config.yaml as well.
 
 from __future__ import annotations
 
-import argparse
 import copy
 import hashlib
 import json
@@ -40,11 +39,10 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from omegaconf import DictConfig, OmegaConf
 
-from raptor.cli import add_config_arguments, config_from_args
 from raptor.config import save_config
 from raptor.distributed import is_rank_zero
 from raptor.errors import read_json
-from raptor.summary import report_files, write_summary
+from raptor.eval.summary import report_files, write_summary
 
 STEP_FILE = "step.json"  # written last: the step is complete
 INPUTS_FILE = "inputs.json"  # written first: what the step's folder was made from
@@ -103,23 +101,6 @@ NO_RESULT_KEYS = (
 )
 # Keys naming a file: their value in a record is the file's content hash, not its path.
 FILE_KEYS = ("teacher.weights", "teacher.head", "phases.file")
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_config_arguments(parser)
-    parser.add_argument(
-        "--plan",
-        action="store_true",
-        help="print which steps would run, rerun (and why) or be skipped, and stop",
-    )
-
-
-def main(args: argparse.Namespace) -> int:
-    summary = run_pipeline(config_from_args(args), plan_only=args.plan)
-    if summary is not None:
-        print(summary["table"])
-        print(summary["where"])
-    return 0
 
 
 # --------------------------------------------------------------------------- input records
@@ -226,7 +207,7 @@ def pipeline_steps(cfg: DictConfig, root: Path) -> List[Step]:
     inputs: List[str] = []  # upstream steps every later step consumes
     shards_dir = Path(cfg.data.shards_dir or root / "shards")
     if cfg.data.source != "shards":
-        from raptor.shards import ensure_shards
+        from raptor.data.shards import ensure_shards
 
         add(
             "shards",
@@ -243,7 +224,7 @@ def pipeline_steps(cfg: DictConfig, root: Path) -> List[Step]:
         data += DEPENDS["given_data"]
 
     if cfg.teacher.train_from_scratch and not cfg.teacher.weights:
-        from raptor.teacher_train import train_teacher
+        from raptor.train.teacher import train_teacher
 
         add(
             "teacher",
@@ -255,7 +236,7 @@ def pipeline_steps(cfg: DictConfig, root: Path) -> List[Step]:
         teacher, inputs = (), inputs + ["teacher"]
 
     if cfg.phases.boundaries is None and not cfg.phases.file:
-        from raptor.phases import discover_phases
+        from raptor.eval.phases import discover_phases
 
         add(
             "phases",
@@ -282,9 +263,9 @@ def raptor_steps(add, given, cfg: DictConfig, base: Path, reads, inputs: List[st
     """Stage 1, stage 2, evaluation and export of the Raptor with k = cfg.model.k, in
     `base/{stage1,stage2,eval,export}`: `add`s them to the pipeline's steps. `reads` are
     the data/teacher/phases keys and `inputs` the upstream steps every one consumes."""
-    from raptor.distill import fit
-    from raptor.evaluate import evaluate
-    from raptor.export import export_backbone
+    from raptor.eval.fidelity import evaluate
+    from raptor.train.export import export_backbone
+    from raptor.train.fit import fit
 
     k = cfg.model.k
 

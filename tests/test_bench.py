@@ -13,7 +13,8 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from raptor import cli, flops
+from raptor import cli
+from raptor.bench import flops
 
 
 def counted(fn) -> int:
@@ -27,7 +28,7 @@ def counted(fn) -> int:
 
 @pytest.mark.parametrize("mlp,depth", [("swiglu", True), ("gelu", False)])
 def test_recurrent_block_flops_match_flop_counter(mlp, depth):
-    from raptor.surrogate import RecurrentBlock
+    from raptor.model.raptor import RecurrentBlock
 
     torch.manual_seed(0)
     B, T, D = 3, 11, 32
@@ -52,7 +53,7 @@ def test_recurrent_block_flops_match_flop_counter(mlp, depth):
 def test_teacher_and_stage2_flops_match_flop_counter():
     import timm
 
-    from raptor.surrogate import Raptor
+    from raptor.model.raptor import Raptor
 
     torch.manual_seed(0)
     vit = timm.create_model(
@@ -107,9 +108,9 @@ def test_stage1_flops_match_flop_counter(blocks, tf):
     per trained block the AR rollout (+ the TF pass), forward and backward."""
     import timm
 
-    from raptor import losses
-    from raptor.surrogate import Raptor
-    from raptor.teacher import Teacher
+    from raptor.model.raptor import Raptor
+    from raptor.model.teacher import Teacher
+    from raptor.train import losses
 
     torch.manual_seed(0)
     vit = timm.create_model(
@@ -216,7 +217,7 @@ def test_largest_fitting_batch_search():
 
 
 def test_checkpointed_block_gives_the_same_gradients():
-    from raptor.surrogate import RecurrentBlock
+    from raptor.model.raptor import RecurrentBlock
 
     torch.manual_seed(0)
     block = RecurrentBlock(16, num_heads=2, layerscale_init=0.5)

@@ -169,11 +169,11 @@ def test_corrupt_phases_file_names_the_file(tmp_path, capsys):
 def test_user_input_failures_are_user_errors(tmp_path):
     """Bad partitions, model shapes, export folders and teachers raise UserError
     subclasses (exit 2); a non-finite loss is a RunFailed (exit 1)."""
-    from raptor.backbone import RaptorBackbone
-    from raptor.distill import NonFiniteLossError
-    from raptor.phases import partition, read_matrix
-    from raptor.surrogate import Raptor, check_boundaries
-    from raptor.teacher import Teacher
+    from raptor.eval.phases import partition, read_matrix
+    from raptor.model.backbone import RaptorBackbone
+    from raptor.model.raptor import Raptor, check_boundaries
+    from raptor.model.teacher import Teacher
+    from raptor.train.fit import NonFiniteLossError
 
     with pytest.raises(UserError, match="strictly increasing; fix phases.boundaries"):
         check_boundaries([3, 3], 8)

@@ -242,7 +242,8 @@ def test_choices_match_the_libraries_that_take_them():
     from timm.data.transforms import str_to_pil_interp
 
     import dmd
-    from raptor import config, phases
+    from raptor import config
+    from raptor.eval import phases
 
     lightning_precisions = typing.get_args(_PRECISION_INPUT_STR)
     assert set(config.PRECISIONS) == set(lightning_precisions) | set(

@@ -22,7 +22,8 @@ import torch
 from PIL import Image
 
 from raptor.config import load_config
-from raptor.data import (
+from raptor.data.shards import _split_indices, digits_pixels
+from raptor.data.stream import (
     BadDataError,
     BadSampleWarning,
     ShardDataModule,
@@ -32,7 +33,6 @@ from raptor.data import (
     worker_batch_plan,
 )
 from raptor.errors import UserError
-from raptor.shards import _split_indices, digits_pixels
 
 SMALL = ["data.transform.input_size=8", "data.transform.crop_pct=1.0", "data.shuffle_buffer=64"]
 
@@ -449,11 +449,11 @@ def test_incomplete_validation_is_flagged_where_top1_is_reported(digits_shards, 
     from test_distill import config, write_teacher
     from test_teacher_train import TINY
 
-    from raptor.distill import phase_boundaries
-    from raptor.evaluate import run_validation
-    from raptor.surrogate import Raptor
-    from raptor.teacher import Teacher, default_data_config
-    from raptor.teacher_train import TeacherTraining
+    from raptor.eval.fidelity import run_validation
+    from raptor.model.raptor import Raptor
+    from raptor.model.teacher import Teacher, default_data_config
+    from raptor.train.fit import phase_boundaries
+    from raptor.train.teacher import TeacherTraining
 
     read = damaged_copy(digits_shards, tmp_path / "cut", "val-000001.tar", inside=False)
     cfg = config(write_teacher(tmp_path / "teacher.safetensors"), tmp_path / "cut")
@@ -537,7 +537,7 @@ DDP_SCRIPT = textwrap.dedent("""
     from lightning.pytorch.strategies import DDPStrategy
     sys.path.insert(0, sys.argv[2])
     from test_data import Recorder, data_cfg
-    from raptor.data import ShardDataModule
+    from raptor.data.stream import ShardDataModule
 
     root = sys.argv[1]
     cfg = data_cfg(f"data.shards_dir={root}/set", "data.batch_size=4", "data.num_workers=2")

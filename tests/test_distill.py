@@ -18,9 +18,9 @@ import lightning as L
 import pytest
 import torch
 
-from raptor import distill
 from raptor.config import ConfigError, from_container, load_config
 from raptor.errors import RunFailed
+from raptor.train import fit as distill
 
 STAGE1_STEPS, STAGE2_STEPS = 40, 40
 
@@ -29,7 +29,7 @@ def write_teacher(path: Path) -> Path:
     """A tiny random ViT teacher saved as a `raptor teacher` safetensors file."""
     import timm
 
-    from raptor.teacher import Teacher
+    from raptor.model.teacher import Teacher
 
     torch.manual_seed(0)
     vit = timm.create_model(
@@ -126,7 +126,7 @@ def _per_layer(metrics: dict, name: str, layers) -> list[float]:
 
 
 def test_stage1_then_stage2_lower_the_loss_and_beat_identity(setup, stage1, stage2):
-    from raptor.evaluate import evaluate, run_validation
+    from raptor.eval.fidelity import evaluate, run_validation
 
     cfg1, out1 = stage1
     cfg2, out2 = stage2
@@ -181,9 +181,9 @@ def test_stage1_then_stage2_lower_the_loss_and_beat_identity(setup, stage1, stag
 
 def test_evaluation_matches_direct_computation(setup, stage2):
     """eval.json's R^2, top-1 and identity numbers against a plain loop over the val set."""
-    from raptor.data import ShardDataModule
-    from raptor.evaluate import load_student
-    from raptor.teacher import Teacher
+    from raptor.data.stream import ShardDataModule
+    from raptor.eval.fidelity import load_student
+    from raptor.model.teacher import Teacher
 
     cfg2, out2 = stage2
     ev = json.loads((setup["root"] / "eval2" / "eval.json").read_text())
@@ -319,8 +319,8 @@ class StepData:
 
 
 def step_data(cfg, **kwargs):
-    from raptor.data import ShardDataModule
-    from raptor.teacher import Teacher
+    from raptor.data.stream import ShardDataModule
+    from raptor.model.teacher import Teacher
 
     class Data(StepData, ShardDataModule):
         pass

@@ -10,7 +10,7 @@ import pytest
 import torch
 from test_distill import config, write_teacher
 
-from raptor import distill
+from raptor.train import fit as distill
 
 LR, EPS, CLIP = 1e-3, 1e-8, 1e-6  # EPS: AdamW's default
 

@@ -16,8 +16,8 @@ import pytest
 import torch
 from test_distill import overrides, read_csv, write_teacher
 
-from raptor import distill
 from raptor.config import load_config
+from raptor.train import fit as distill
 
 TIMEOUT = 240
 

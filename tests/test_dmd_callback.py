@@ -11,7 +11,7 @@ from torch.utils.data import DataLoader
 
 from dmd import MomentAccumulator, fit, trajectory_metrics
 from dmd.callback import COMPARE_FILE, DMDCallback
-from raptor.teacher import Teacher
+from raptor.model.teacher import Teacher
 
 PHASES = [(1, 2), (3, 4)]
 

@@ -11,7 +11,7 @@ import torch
 from dmd import MomentAccumulator, fit, trajectory_metrics
 from raptor.cli import main as cli_main
 from raptor.config import ConfigError, load_config
-from raptor.dmd_run import REPORT_FILE, run_dmd
+from raptor.eval.dmd_baselines import REPORT_FILE, run_dmd
 
 
 def _cfg(shards, run_dir, *extra):
@@ -62,8 +62,8 @@ def test_raptor_dmd_writes_report_tables_and_plots(digits_shards, tmp_path):
     assert {"span_rrr@0,2", "anchor_ridge@2,2", "endpoint_rrr@0,2", "identity@2,2"} <= names
 
     # independent recomputation: the same first 60 training and 40 validation images
-    from raptor.data import ShardDataModule
-    from raptor.teacher import Teacher
+    from raptor.data.stream import ShardDataModule
+    from raptor.model.teacher import Teacher
 
     torch.manual_seed(0)
     with warnings.catch_warnings():

@@ -1,7 +1,7 @@
 """`raptor export` and `RaptorBackbone`: round trip against the in-training model, ONNX in
 onnxruntime, refusal to overwrite, and clear errors for corrupted or mismatched files.
 
-Checkpoints are written here in the layout `raptor fit` saves (raptor.distill.Distiller):
+Checkpoints are written here in the layout `raptor fit` saves (raptor.train.fit.Distiller):
 {"state_dict": {"raptor.*": ...} (the teacher's weights are left out), "hyper_parameters":
 {"config", "arch", "stage", "blocks"}, "global_step"}; the teacher is a `raptor teacher`
 safetensors file that the stored config points at.
@@ -23,12 +23,12 @@ import timm
 import torch
 from safetensors.torch import load_file, save_file
 
-from raptor.backbone import BackboneFormatError, RaptorBackbone
 from raptor.cli import main as cli_main
 from raptor.config import load_config, to_container
-from raptor.export import ExportError, export_backbone
-from raptor.surrogate import Raptor
-from raptor.teacher import Teacher
+from raptor.model.backbone import BackboneFormatError, RaptorBackbone
+from raptor.model.raptor import Raptor
+from raptor.model.teacher import Teacher
+from raptor.train.export import ExportError, export_backbone
 
 DEPTH, DIM, HEADS, IMG, PATCH = 4, 32, 2, 16, 4
 DATA_CONFIG = {

@@ -156,7 +156,7 @@ def tiny_run_config(tmp_path, digits_shards):
     """A random 4-layer ViT teacher file on the digits shards and a k=2 stage-1 config."""
     import timm
 
-    from raptor.teacher import Teacher
+    from raptor.model.teacher import Teacher
 
     torch.manual_seed(0)
     vit = timm.create_model(
@@ -230,10 +230,10 @@ def test_torchrun_wrapper_runs_two_process_cpu_job(tiny_run_config, tmp_path, fr
     assert ckpt["hyper_parameters"]["config"]["trainer"]["devices"] == 2
 
     # the real checkpoint exports to a backbone equal to the in-training model
-    from raptor.backbone import RaptorBackbone
-    from raptor.export import export_backbone
-    from raptor.surrogate import Raptor
-    from raptor.teacher import Teacher
+    from raptor.model.backbone import RaptorBackbone
+    from raptor.model.raptor import Raptor
+    from raptor.model.teacher import Teacher
+    from raptor.train.export import export_backbone
 
     out = export_backbone(run, tmp_path / "export")
     raptor = Raptor.from_arch(ckpt["hyper_parameters"]["arch"])

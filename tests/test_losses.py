@@ -7,9 +7,9 @@ import math
 import pytest
 import torch
 
-from raptor import losses
-from raptor.distill import lr_at, peak_lr
-from raptor.surrogate import Raptor, RecurrentBlock
+from raptor.model.raptor import Raptor, RecurrentBlock
+from raptor.train import losses
+from raptor.train.fit import lr_at, peak_lr
 
 GROUPS = {"cls": slice(0, 1), "reg": slice(1, 3), "patch": slice(3, None)}
 WEIGHTS = {"cls": 0.45, "reg": 0.10, "patch": 0.45}

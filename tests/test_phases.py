@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from raptor.cli import main as cli_main
 from raptor.config import ConfigError
-from raptor.phases import (
+from raptor.eval.phases import (
     LayerSimilarity,
     cut_value,
     dissimilarity,
@@ -302,9 +302,9 @@ def test_discover_phases_end_to_end(tmp_path, digits_shards, capsys):
     import timm
 
     from raptor.config import load_config
-    from raptor.data import ShardDataModule
-    from raptor.phases import discover_phases
-    from raptor.teacher import Teacher
+    from raptor.data.stream import ShardDataModule
+    from raptor.eval.phases import discover_phases
+    from raptor.model.teacher import Teacher
 
     torch.manual_seed(0)
     vit = timm.create_model(

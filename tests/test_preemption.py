@@ -25,9 +25,10 @@ from test_distill_runs import (
 )
 
 from raptor import cli as raptor_cli
-from raptor import distill, distributed
+from raptor import distributed
 from raptor.config import load_config
-from raptor.preemption import requeue_job, slurm_job_id
+from raptor.train import fit as distill
+from raptor.train.preemption import requeue_job, slurm_job_id
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,7 @@
 """W&B run ids: each run folder its own, the same one again when a folder is resumed."""
 
 from raptor.config import load_config
-from raptor.runs import WANDB_ID_FILE, make_loggers
+from raptor.train.runs import WANDB_ID_FILE, make_loggers
 
 
 def test_run_folders_get_distinct_wandb_ids_kept_on_resume(tmp_path, monkeypatch):

@@ -3,7 +3,7 @@
 import csv
 
 from raptor.config import load_config
-from raptor.runs import make_loggers, truncate_metrics, wandb_run_id
+from raptor.train.runs import make_loggers, truncate_metrics, wandb_run_id
 
 
 def test_csv_metrics_append_across_resumes(tmp_path):

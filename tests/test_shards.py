@@ -16,7 +16,7 @@ from sklearn.datasets import load_digits
 from test_data import cut_tar
 
 from raptor.cli import main as cli_main
-from raptor.shards import MANIFEST, write_shards
+from raptor.data.shards import MANIFEST, write_shards
 
 
 def read_split(folder, manifest, split):

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from raptor.config import ModelConfig
-from raptor.surrogate import Raptor, RecurrentBlock
+from raptor.model.raptor import Raptor, RecurrentBlock
 
 D, H, T, B = 16, 4, 5, 3
 

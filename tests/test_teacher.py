@@ -9,7 +9,7 @@ from omegaconf import OmegaConf
 from safetensors.torch import save_file
 
 from raptor.config import TeacherConfig
-from raptor.teacher import Teacher, TeacherLoadError
+from raptor.model.teacher import Teacher, TeacherLoadError
 
 TINY = dict(img_size=16, patch_size=4, embed_dim=32, depth=3, num_heads=2, init_values=0.1)
 

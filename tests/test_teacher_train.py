@@ -13,9 +13,9 @@ import torch
 
 from raptor.cli import main as cli_main
 from raptor.config import load_config
-from raptor.data import ShardDataModule
-from raptor.teacher import Teacher
-from raptor.teacher_train import TeacherTraining, train_teacher, warmup_cosine
+from raptor.data.stream import ShardDataModule
+from raptor.model.teacher import Teacher
+from raptor.train.teacher import TeacherTraining, train_teacher, warmup_cosine
 
 TINY = """
 name: tiny_teacher

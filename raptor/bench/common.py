@@ -248,7 +248,7 @@ def peak_flops_or_none(
     device_name: str, dtype: str, override: Optional[float], device: torch.device
 ) -> Optional[float]:
     """The device's peak for dtype (None on CPU unless --peak-tflops is given)."""
-    from raptor import flops
+    from raptor.bench import flops
 
     if device.type != "cuda" and override is None:
         return None

@@ -74,7 +74,7 @@ def loader_throughput(
     workers: time to the first batch, and images/s once every worker has delivered its
     first batch (the batches after the first max(W, 1))."""
     from raptor.config import load_config
-    from raptor.data import ShardDataModule
+    from raptor.data.stream import ShardDataModule
 
     cfg = load_config(
         None,
@@ -109,7 +109,7 @@ def _folder_bytes(folder: Path) -> int:
 
 
 def run(args: argparse.Namespace) -> Dict[str, Any]:
-    from raptor.shards import write_shards
+    from raptor.data.shards import write_shards
 
     W, H = (int(v) for v in args.image_size.lower().split("x"))
     side = round(args.input_size / args.crop_pct)

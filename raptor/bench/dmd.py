@@ -121,7 +121,7 @@ def dmd_budget(
 
 
 def run(args: argparse.Namespace) -> Dict[str, Any]:
-    from raptor import flops
+    from raptor.bench import flops
 
     device = resolve_device(args.device)
     if device.type == "cpu":

@@ -1,7 +1,7 @@
 """`raptor bench train CONFIG [k=v ...]`: timed optimizer steps of the real stage-1
 or stage-2 Lightning module on synthetic images, with a teacher of random weights
 (throughput does not depend on weight values). Prints images/s, step time (median,
-IQR), peak memory, FLOPs per image (`raptor.flops`), achieved FLOP/s and its
+IQR), peak memory, FLOPs per image (`raptor.bench.flops`), achieved FLOP/s and its
 fraction of the device's peak; for stage 1 also the per-image cost of k
 single-block runs over one run with all k blocks, and the cost of a DMD moments
 pass over the teacher's forward alone, both measured in the run. `--max-batch`
@@ -180,7 +180,7 @@ def synthetic_loader(batch: Dict[str, torch.Tensor], steps: int):
 def synthetic_batch(
     teacher: Any, batch_size: int, device: torch.device, seed: int = 0
 ) -> Dict[str, torch.Tensor]:
-    """Random normalized images at the teacher's input size, in the batch format of raptor.data."""
+    """Random normalized images at the teacher's input size, in the batch format of raptor.data.stream."""
     C, H, W = teacher.data_config["input_size"]
     gen = torch.Generator().manual_seed(seed)
     return {
@@ -214,15 +214,15 @@ def build_models(cfg, device: torch.device, args: argparse.Namespace):
     """Teacher (random weights) and Raptor on `device`, with compile/checkpointing applied."""
     import warnings
 
-    from raptor.surrogate import Raptor
-    from raptor.teacher import Teacher
+    from raptor.model.raptor import Raptor
+    from raptor.model.teacher import Teacher
 
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*has random weights.*")
         teacher = Teacher.from_config(cfg.teacher)
     if cfg.phases.boundaries is None and not cfg.phases.file:
         cfg.phases.boundaries = even_boundaries(teacher.num_layers, int(cfg.model.k))
-    from raptor.distill import phase_boundaries
+    from raptor.train.fit import phase_boundaries
 
     raptor = Raptor.from_config(cfg.model, teacher, phase_boundaries(cfg, teacher.num_layers))
     teacher.to(device)
@@ -247,9 +247,9 @@ def timed_run(
     """warmup + steps optimizer steps of the real `Distiller` in a Lightning Trainer."""
     import warnings
 
-    from raptor import losses
-    from raptor.distill import Distiller, stage_config
-    from raptor.runs import make_trainer
+    from raptor.train import losses
+    from raptor.train.fit import Distiller, stage_config
+    from raptor.train.runs import make_trainer
 
     module = Distiller(cfg, teacher, raptor, blocks)
     timer = StepTimer(args.warmup, device)
@@ -292,9 +292,9 @@ def timed_run(
 def step_flops(
     cfg, teacher, raptor, blocks: Optional[List[int]], tf_fraction: float
 ) -> Dict[str, float]:
-    """Model FLOPs per image of one step (`raptor.flops`), averaged over the timed steps;
+    """Model FLOPs per image of one step (`raptor.bench.flops`), averaged over the timed steps;
     in stage 1 a fraction `tf_fraction` of them ran the teacher-forcing pass."""
-    from raptor import flops
+    from raptor.bench import flops
 
     tshape, bshape = flops.vit_shape(teacher.vit), flops.block_shape(raptor.blocks[0])
     if int(cfg.train.stage) == 2:
@@ -379,7 +379,7 @@ def dmd_pass_ratio(
     """Time of (teacher trajectory + MomentAccumulator.update) over the teacher trajectory
     alone, on the same images, interleaved `repeats` times (after one warm-up of each)."""
     from dmd.moments import MomentAccumulator
-    from raptor import flops
+    from raptor.bench import flops
 
     acc = MomentAccumulator(
         teacher.num_layers,
@@ -410,8 +410,8 @@ def dmd_pass_ratio(
 
 
 def run(args: argparse.Namespace) -> Dict[str, Any]:
-    from raptor.distill import selected_blocks
-    from raptor.runs import default_precision
+    from raptor.train.fit import selected_blocks
+    from raptor.train.runs import default_precision
 
     device = resolve_device(args.device)
     if args.steps < 1 or args.warmup < 0:

@@ -67,8 +67,8 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from raptor.data.shards import MANIFEST, TarSamples, count_problem, parse_manifest, read_manifest
 from raptor.errors import RunFailed, UserError
-from raptor.shards import MANIFEST, TarSamples, count_problem, parse_manifest, read_manifest
 
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp", "bmp", "ppm", "tif", "tiff")
 MIN_SEEN, MIN_BAD = 50, 3  # the bad-fraction limit applies after this many read / bad

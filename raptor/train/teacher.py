@@ -4,12 +4,12 @@ The Raptor paper's small-scale experiments train their own ViTs with
 stochastic depth (`teacher.drop_path_rate`), which strengthens the
 block-recurrent structure that Raptor distils. This trains
 `timm.create_model(teacher.name, **architecture keys)` on labelled shards
-(`raptor.data.ShardDataModule`) with AdamW, linear warmup then cosine decay
+(`raptor.data.stream.ShardDataModule`) with AdamW, linear warmup then cosine decay
 (per step), label smoothing, and reports validation top-1 every epoch.
 
 Run folder (`run_dir`): config.yaml, metrics.csv, checkpoints/ (resumable: a
 rerun continues from checkpoints/last.ckpt, which SIGTERM / SIGINT / SIGUSR1 also
-save before the run stops, see `raptor.preemption`), and at the end
+save before the run stops, see `raptor.train.preemption`), and at the end
 `teacher.safetensors` (weights + architecture + data config; `teacher.weights=`
 this file rebuilds the teacher) and `teacher.json` {"val_top1", "val_complete",
 "weights"}; val_complete (logged as val/complete) is false when validation samples were
@@ -20,7 +20,6 @@ When teacher.json exists the run is complete and is not repeated unless
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import math
@@ -34,12 +33,11 @@ import torch.nn.functional as F
 from omegaconf import DictConfig
 
 from raptor import distributed
-from raptor.cli import add_config_arguments, config_from_args
 from raptor.config import ConfigError
+from raptor.data.shards import ensure_shards
 from raptor.errors import UserError, read_json
-from raptor.runs import CKPT_DIR, LAST_CKPT, make_trainer, prepare_run_dir
-from raptor.shards import ensure_shards
-from raptor.teacher import create_vit, default_data_config, save_teacher_file
+from raptor.model.teacher import create_vit, default_data_config, save_teacher_file
+from raptor.train.runs import CKPT_DIR, LAST_CKPT, make_trainer, prepare_run_dir
 
 RESULT_FILE = "teacher.json"
 WEIGHTS_FILE = "teacher.safetensors"
@@ -100,7 +98,7 @@ class TeacherTraining(L.LightningModule):
         self.log("val/top1", self.val_top1, prog_bar=True)
 
     def on_validation_epoch_end(self) -> None:
-        from raptor.data import validation_complete
+        from raptor.data.stream import validation_complete
 
         missing = int(self.val_missing.compute())
         self.val_missing.reset()
@@ -146,7 +144,7 @@ def train_teacher(
     A run folder that already holds teacher.json is returned as is (unless `retrain`)."""
     from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 
-    from raptor.data import ShardDataModule
+    from raptor.data.stream import ShardDataModule
 
     run_dir = Path(run_dir or cfg.run_dir)
     result_path = run_dir / RESULT_FILE
@@ -201,17 +199,3 @@ def train_teacher(
             f"-> {result['weights']}"
         )
     return result
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_config_arguments(parser)
-    parser.add_argument(
-        "--retrain",
-        action="store_true",
-        help="train again even if the run folder holds a finished teacher (replaces it)",
-    )
-
-
-def main(args: argparse.Namespace) -> int:
-    train_teacher(config_from_args(args), retrain=args.retrain)
-    return 0

@@ -39,14 +39,12 @@ sha256 and sample count (and that the tar ends properly); exit 0 when all are go
 
 from __future__ import annotations
 
-import argparse
 import copy
 import hashlib
 import io
 import json
 import os
 import re
-import sys
 import tarfile
 from multiprocessing import Pool
 from pathlib import Path
@@ -494,99 +492,6 @@ def verify_shards(
             problem = check_shard(folder / s["name"], s["num_samples"], s.get("sha256"), bar)
             results.append((split, s["name"], problem))
     return results
-
-
-# --------------------------------------------------------------------------- CLI
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    actions = parser.add_subparsers(dest="action", metavar="verify")
-    verify = actions.add_parser(
-        "verify",
-        help="check every shard's sha256 and sample count against DIR/manifest.json",
-        description="Check every shard's sha256 and sample count against DIR/manifest.json; "
-        "exit 0 when all are good, 1 naming each bad shard, 2 without a readable manifest.",
-    )
-    verify.add_argument("dir", help="shard folder holding manifest.json")
-    verify.add_argument("--no-progress", action="store_true", help="no progress bar")
-    parser.add_argument("--source", help="digits | imagefolder:PATH (required to write)")
-    parser.add_argument(
-        "--out", help="output folder (must be empty unless --overwrite; required to write)"
-    )
-    parser.add_argument(
-        "--shard-size", type=int, default=1000, help="samples per shard (default 1000)"
-    )
-    parser.add_argument(
-        "--val-fraction", type=float, default=0.2, help="digits: validation fraction"
-    )
-    parser.add_argument("--seed", type=int, default=0, help="split and shuffle seed")
-    parser.add_argument(
-        "--crop",
-        type=int,
-        default=None,
-        metavar="SIDE",
-        help="store resize(shorter side=SIDE, bicubic) + center crop SIDE x SIDE as JPEG q95",
-    )
-    parser.add_argument("--workers", type=int, default=1, help="encoding processes")
-    parser.add_argument(
-        "--overwrite", action="store_true", help="replace shards in a non-empty --out"
-    )
-
-
-def main(args: argparse.Namespace) -> int:
-    if args.action == "verify":
-        return verify_main(args.dir, progress=False if args.no_progress else None)
-    if not (args.source and args.out):
-        print(
-            "raptor shards: --source and --out are required (or `raptor shards verify DIR`)",
-            file=sys.stderr,
-        )
-        return 2
-    try:
-        manifest = write_shards(
-            args.source,
-            args.out,
-            shard_size=args.shard_size,
-            val_fraction=args.val_fraction,
-            seed=args.seed,
-            crop=args.crop,
-            overwrite=args.overwrite,
-            workers=args.workers,
-        )
-    except (FileExistsError, FileNotFoundError, ValueError) as exc:
-        print(f"raptor shards: {exc}", file=sys.stderr)
-        return 2
-    for split, info in manifest["splits"].items():
-        print(f"{split}: {info['num_samples']} samples in {len(info['shards'])} shards")
-    print(f"classes: {len(manifest['classes'])}; manifest: {Path(args.out) / MANIFEST}")
-    skipped = manifest["skipped"]
-    if skipped["count"]:
-        print(f"skipped {skipped['count']} unreadable images:", file=sys.stderr)
-        for path in skipped["paths"]:
-            print(f"  {path}", file=sys.stderr)
-    return 0
-
-
-def verify_main(folder: str, progress: Optional[bool] = None) -> int:
-    """`raptor shards verify DIR`: one line per bad shard, then a summary; the exit status."""
-    try:
-        results = verify_shards(folder, progress)
-    except UserError as exc:
-        print(f"raptor shards verify: {exc}", file=sys.stderr)
-        return 2
-    bad = [(split, name, problem) for split, name, problem in results if problem]
-    for split, name, problem in bad:
-        print(f"BAD {Path(folder) / name} ({split}): {problem}")
-    if bad:
-        print(
-            f"{len(bad)} of {len(results)} shards are bad; rewrite them (`raptor shards`) or restore them"
-        )
-        return 1
-    print(
-        f"all {len(results)} shards match {Path(folder) / MANIFEST} "
-        "(sample counts, tar ends, sha256 where listed)"
-    )
-    return 0
 
 
 def ensure_shards(cfg: Any, default_dir: str | Path, overwrite: bool = False) -> Any:

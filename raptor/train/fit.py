@@ -9,7 +9,7 @@ input a_{first-1}:
     loss_j = r * TF_j + (1 - r) * AR_j,   r = max(0, 1 - step / anneal_steps)
 TF_j predicts every layer of the phase in one step from the teacher's previous
 layer (all layers in one block call); AR_j rolls the block out over the whole
-phase with gradients through the rollout, mean over steps (`raptor.losses`).
+phase with gradients through the rollout, mean over steps (`raptor.train.losses`).
 The TF pass is skipped once r = 0. The total loss is the sum over trained blocks
 (their parameters are disjoint) and the gradient norm is clipped per block, so a
 block trains the same alone (`train.blocks=[j]`, one job per block) or with the
@@ -42,7 +42,7 @@ Logged metrics (CSV, W&B), layers l 1-based:
   in stage 1, val/top1_student_B{j} (block j rolled out over its phase from the
   teacher's input, then the teacher's remaining blocks). Stage 1 validates the
   layers of the trained phases, each block from the teacher's phase input;
-  stage 2 (and `raptor.evaluate`) rolls the whole student out from a_0.
+  stage 2 (and `raptor.eval.fidelity`) rolls the whole student out from a_0.
   val/complete is 0 (with a warning) when samples of the validation set were missing
   from their shards or skipped as bad, else 1 (a pass cut short by train.val_batches is
   partial by choice and not flagged).
@@ -65,7 +65,7 @@ schedule (`schedule`: steps, lr, min_lr, warmup, anneal, weight decay, peak lr)
 unless `train.schedule_change=apply`, which follows the new schedule from the
 resumed step on. RUN/config.yaml is written once these checks pass. SIGTERM,
 SIGINT and SLURM's SIGUSR1 save last.ckpt on every rank and stop the run (exit 143,
-130, or 0 once requeued; see `raptor.preemption`); the final validation always
+130, or 0 once requeued; see `raptor.train.preemption`); the final validation always
 evaluates last.ckpt.
 A non-finite loss or state stops the run (`NonFiniteLossError`, a `RunFailed`)
 before the optimizer step, naming the step and the last good checkpoint with its
@@ -74,11 +74,9 @@ step, or saying that there is none.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
-import sys
 import time
 import warnings
 from pathlib import Path
@@ -92,10 +90,10 @@ from torchmetrics import Metric
 from torchmetrics.aggregation import SumMetric
 
 from dmd.metrics import TrajectoryMetrics
-from raptor import distributed, losses
 from raptor.config import ConfigError, from_container, to_container
 from raptor.errors import RunFailed
-from raptor.runs import (
+from raptor.train import losses
+from raptor.train.runs import (
     CKPT_DIR,
     LAST_CKPT,
     make_trainer,
@@ -167,7 +165,7 @@ def phase_boundaries(cfg: DictConfig, num_layers: int) -> List[int]:
     if cfg.phases.boundaries is not None:
         return [int(b) for b in cfg.phases.boundaries]
     if cfg.phases.file:
-        from raptor.phases import load_boundaries
+        from raptor.eval.phases import load_boundaries
 
         return list(load_boundaries(cfg.phases.file, int(cfg.model.k)))
     raise ConfigError(
@@ -339,8 +337,8 @@ class MeanVector(Metric):
 class Distiller(L.LightningModule):
     """One stage of Raptor distillation (see the module docstring).
 
-    teacher: a `raptor.teacher.Teacher` (frozen; its weights are left out of
-    checkpoints); raptor: a `raptor.surrogate.Raptor`; blocks: 0-based blocks to
+    teacher: a `raptor.model.teacher.Teacher` (frozen; its weights are left out of
+    checkpoints); raptor: a `raptor.model.raptor.Raptor`; blocks: 0-based blocks to
     train (stage 1; the others are frozen and not validated). `rollout` picks the
     validation: "phase" (each trained block from the teacher's phase input; stage 1
     default) or "full" (the whole student from a_0; stage 2 default).
@@ -684,7 +682,7 @@ class Distiller(L.LightningModule):
         if self.teacher.num_classes and int(self.val_top1.count) > 0:
             results["top1"] = {n: float(v) for n, v in zip(self.top1_names, top1)}
             flat.update({f"val/top1_{n}": float(v) for n, v in zip(self.top1_names, top1)})
-        from raptor.data import validation_complete
+        from raptor.data.stream import validation_complete
 
         results["missing"] = int(self.val_missing.compute())
         results["complete"] = validation_complete(results["missing"], "top-1 and all metrics")
@@ -706,8 +704,8 @@ class Distiller(L.LightningModule):
 def build(cfg: DictConfig, resuming: bool = False):
     """Teacher, Raptor (stage 2: initialised from `train.init_from` unless resuming) and
     the trained blocks for this config."""
-    from raptor.surrogate import Raptor
-    from raptor.teacher import Teacher
+    from raptor.model.raptor import Raptor
+    from raptor.model.teacher import Teacher
 
     teacher = Teacher.from_config(cfg.teacher)
     raptor = Raptor.from_config(cfg.model, teacher, phase_boundaries(cfg, teacher.num_layers))
@@ -736,10 +734,10 @@ def fit(
 ) -> Dict[str, Any]:
     """Train one stage (cfg.train.stage) in `run_dir` (default cfg.run_dir).
 
-    `datamodule` defaults to `raptor.data.ShardDataModule(cfg.data, teacher.data_config)`.
+    `datamodule` defaults to `raptor.data.stream.ShardDataModule(cfg.data, teacher.data_config)`.
     Returns {"run_dir", "checkpoint" (last.ckpt), "stage", "step", "metrics" (every value
     logged by the last validation: val/..., val_identity/..., val_dmd/... with the DMD
-    callback)}. A signal stops it with `raptor.preemption.Stopped` (a SystemExit).
+    callback)}. A signal stops it with `raptor.train.preemption.Stopped` (a SystemExit).
     """
     hp = stage_config(cfg)
     run_dir = Path(run_dir or cfg.run_dir)
@@ -750,7 +748,7 @@ def fit(
     run_dir = prepare_run_dir(cfg, run_dir)  # config.yaml: only once the run can start
     truncate_metrics(run_dir, start)  # what this run logs again
     if datamodule is None:
-        from raptor.data import ShardDataModule
+        from raptor.data.stream import ShardDataModule
 
         datamodule = ShardDataModule(cfg.data, teacher.data_config, teacher.num_classes)
     module = Distiller(cfg, teacher, raptor, blocks)
@@ -785,36 +783,6 @@ def fit(
             k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val")
         },
     }
-
-
-# --------------------------------------------------------------------------- CLI
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from raptor.cli import add_config_arguments
-
-    add_config_arguments(parser)
-
-
-def main(args: argparse.Namespace) -> int:
-    from raptor.cli import config_from_args
-
-    cfg = config_from_args(args)
-    try:
-        out = fit(cfg)
-    except NonFiniteLossError as exc:
-        print(f"raptor fit: {exc}", file=sys.stderr)
-        return 1
-    if distributed.is_rank_zero():
-        m = out["metrics"]
-        last = max((int(k.rsplit("L", 1)[1]) for k in m if k.startswith("val/r2/L")), default=None)
-        r2 = f", val R^2 at layer {last}: {m[f'val/r2/L{last}']:.4f}" if last else ""
-        if m.get("val/complete") == 0:
-            r2 += " (validation INCOMPLETE: samples missing, see the warnings)"
-        print(
-            f"stage {out['stage']} done at step {out['step']}{r2}; checkpoint {out['checkpoint']}"
-        )
-    return 0
 
 
 __all__ = ["Distiller", "NonFiniteLossError", "fit"]

@@ -48,9 +48,7 @@ a given matrix and prints {"boundaries": [...]}.
 
 from __future__ import annotations
 
-import argparse
 import json
-import sys
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Optional
@@ -287,7 +285,7 @@ def load_boundaries(path: str | Path, k: int) -> list[int]:
     """Boundaries for k phases from a phases file: either one partition
     {"num_layers": L, "boundaries": [...]} or the `phases.json` written by
     `raptor phases` ({"num_layers": L, "partitions": {"2": [...], ...}, ...})."""
-    from raptor.surrogate import check_boundaries
+    from raptor.model.raptor import check_boundaries
 
     path = Path(path)
     if not path.is_file():
@@ -400,9 +398,9 @@ def discover_phases(
         print(f"[phases] {out} exists: skipped (delete it to recompute)")
         return read_json(out, "phases file")
     pc = cfg.phases
-    from raptor.data import ShardDataModule
-    from raptor.runs import log_figure, make_loggers
-    from raptor.teacher import Teacher
+    from raptor.data.stream import ShardDataModule
+    from raptor.model.teacher import Teacher
+    from raptor.train.runs import log_figure, make_loggers
 
     teacher = Teacher.from_config(cfg.teacher)
     L = teacher.num_layers
@@ -451,54 +449,3 @@ def discover_phases(
     tmp.write_text(json.dumps(result, indent=2))
     tmp.replace(out)
     return result
-
-
-# --------------------------------------------------------------------------- command line
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """`raptor phases CONFIG [k=v ...]` or `raptor phases --matrix FILE --k K ...`."""
-    parser.add_argument("config", nargs="?", help="YAML config file (omit with --matrix)")
-    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. phases.ks=[2,3]")
-    m = parser.add_argument_group("partition a given matrix (no config, no teacher)")
-    m.add_argument(
-        "--matrix", metavar="FILE", help="L x L matrix: .npy or whitespace-separated text"
-    )
-    m.add_argument(
-        "--kind",
-        choices=KINDS,
-        default="similarity",
-        help="similarity (W = 1 - S) or distance (W = M)",
-    )
-    m.add_argument("--k", type=int, help="number of phases")
-    m.add_argument("--method", choices=METHODS, default="dp")
-    m.add_argument("--min-length", type=int, default=1, help="minimum layers per phase (default 1)")
-
-
-def main(args: argparse.Namespace) -> int:
-    if args.matrix is not None:
-        if args.config is not None or args.k is None:
-            print("raptor phases: --matrix FILE needs --k K and no CONFIG", file=sys.stderr)
-            return 2
-        try:
-            boundaries = partition(
-                read_matrix(args.matrix), args.k, args.method, args.kind, args.min_length
-            )
-        except ValueError as exc:
-            print(f"raptor phases: {exc}", file=sys.stderr)
-            return 2
-        print(json.dumps({"boundaries": boundaries}))
-        return 0
-    if args.config is None:
-        print("raptor phases: give CONFIG [key=value ...], or --matrix FILE --k K", file=sys.stderr)
-        return 2
-    from raptor.cli import config_from_args
-    from raptor.runs import prepare_run_dir
-
-    cfg = config_from_args(args)
-    run_dir = prepare_run_dir(cfg)
-    result = discover_phases(cfg, run_dir)
-    for k, b in result["partitions"].items():
-        print(f"k={k}: boundaries {b}  (cut {result['cut'][k]:.4f})")
-    print(f"phases written to {run_dir / PHASES_FILE}")
-    return 0

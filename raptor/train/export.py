@@ -8,7 +8,7 @@ but not the teacher, which is rebuilt from the run's stored config
 (`teacher.weights`, or the hub when `teacher.pretrained`); `--teacher-weights`
 points at the file when it has moved.
 
-DIR receives `config.json` and `model.safetensors` (`raptor.backbone`), which
+DIR receives `config.json` and `model.safetensors` (`raptor.model.backbone`), which
 `raptor.RaptorBackbone.from_pretrained(DIR)` loads without the training stack.
 The export is checked before it is reported: the backbone read back from DIR
 must give the in-training model's output, teacher.embed -> Raptor ->
@@ -21,8 +21,6 @@ Relative error = max |a - b| / max |b| over all outputs.
 
 from __future__ import annotations
 
-import argparse
-import sys
 import warnings
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
@@ -31,16 +29,15 @@ import torch
 from torch import nn
 
 import raptor
-from raptor.backbone import (
+from raptor.config import ConfigError
+from raptor.model.backbone import (
     CONFIG_NAME,
     FORMAT,
     FORMAT_VERSION,
     ONNX_NAME,
     WEIGHTS_NAME,
-    BackboneFormatError,
     RaptorBackbone,
 )
-from raptor.config import ConfigError
 
 TORCH_TOLERANCE = 1e-5  # read-back backbone vs the in-training model (float32, CPU)
 ONNX_TOLERANCE = 1e-4  # onnxruntime vs torch
@@ -57,7 +54,7 @@ class ExportError(ConfigError):
 
 def read_sources(source: str) -> Tuple[List[Dict[str, Any]], List[Path]]:
     """Checkpoints named by `source` (comma-separated run folders / .ckpt files)."""
-    from raptor.distill import checkpoint_file, read_checkpoint
+    from raptor.train.fit import checkpoint_file, read_checkpoint
 
     names = [s.strip() for s in str(source).split(",") if s.strip()]
     if not names:
@@ -68,8 +65,8 @@ def read_sources(source: str) -> Tuple[List[Dict[str, Any]], List[Path]]:
 
 def load_raptor(ckpts: List[Dict[str, Any]], paths: List[Path], source: str):
     """The Raptor of the checkpoint(s), with every one of its k blocks trained."""
-    from raptor.distill import load_blocks
-    from raptor.surrogate import Raptor
+    from raptor.model.raptor import Raptor
+    from raptor.train.fit import load_blocks
 
     hp = ckpts[0]["hyper_parameters"]
     model = Raptor.from_arch(hp["arch"])
@@ -99,7 +96,7 @@ def load_raptor(ckpts: List[Dict[str, Any]], paths: List[Path], source: str):
 
 def load_teacher(cfg: Any, teacher_weights: Optional[str]):
     """The run's teacher, rebuilt from its stored config (a separate head is not needed)."""
-    from raptor.teacher import Teacher
+    from raptor.model.teacher import Teacher
 
     t = cfg.teacher
     if teacher_weights:
@@ -162,9 +159,9 @@ def stem_config(vit: nn.Module) -> Dict[str, Any]:
 
 
 def preprocessing(data_config: Dict[str, Any], transform: Any) -> Dict[str, Any]:
-    """The evaluation transform the run used (`raptor.data.resolve_transform_config`: the
+    """The evaluation transform the run used (`raptor.data.stream.resolve_transform_config`: the
     teacher's timm data config with the `data.transform` overrides), as JSON."""
-    from raptor.data import resolve_transform_config
+    from raptor.data.stream import resolve_transform_config
 
     resolved = resolve_transform_config(data_config, transform)
     keys = ("input_size", "interpolation", "mean", "std", "crop_pct", "crop_mode")
@@ -376,53 +373,3 @@ def export_backbone(
     if report is not None:
         report.update(result)
     return out
-
-
-# ---------------------------------------------------------------------- CLI
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "source",
-        metavar="RUN_OR_CKPT",
-        help="a `raptor fit` run folder (its checkpoints/last.ckpt) or a .ckpt file; stage-1 "
-        "runs of single blocks joined by commas",
-    )
-    parser.add_argument(
-        "--out", required=True, help="output folder (config.json, model.safetensors)"
-    )
-    parser.add_argument(
-        "--onnx", action="store_true", help="also write model.onnx, checked in onnxruntime"
-    )
-    parser.add_argument("--opset", type=int, default=18, help="ONNX opset (default 18)")
-    parser.add_argument(
-        "--overwrite", action="store_true", help="replace the export files in a non-empty --out"
-    )
-    parser.add_argument(
-        "--teacher-weights",
-        metavar="PATH",
-        help="the teacher's weights file, when the run's teacher.weights has moved",
-    )
-
-
-def main(args: argparse.Namespace) -> int:
-    report: Dict[str, Any] = {}
-    try:
-        out = export_backbone(
-            args.source,
-            args.out,
-            onnx=args.onnx,
-            overwrite=args.overwrite,
-            opset=args.opset,
-            teacher_weights=args.teacher_weights,
-            report=report,
-        )
-    except BackboneFormatError as exc:
-        print(f"raptor export: {exc}", file=sys.stderr)
-        return 2
-    print(f"exported {args.source} -> {out}: {', '.join(report['files'])}")
-    print(f"  read back vs the in-training model: relative error {report['torch_rel_error']:.2e}")
-    if "onnx_rel_error" in report:
-        print(f"  onnxruntime vs torch: relative error {report['onnx_rel_error']:.2e}")
-    print(f"  load: raptor.RaptorBackbone.from_pretrained('{out}')")
-    return 0

@@ -14,7 +14,7 @@ same batches, and writes into `run_dir`:
   or null when dmd.enabled is false};
 - `fidelity.png`: R^2, cosine and relative l2 per layer, student per token group
   and the identity baseline, phase boundaries marked (also sent to W&B);
-- the same values in `metrics.csv` / W&B under the names `raptor.distill` logs.
+- the same values in `metrics.csv` / W&B under the names `raptor.train.fit` logs.
 """
 
 from __future__ import annotations
@@ -27,8 +27,8 @@ from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig
 
 from raptor.config import ConfigError
-from raptor.distill import Distiller, checkpoint_file, read_checkpoint
-from raptor.runs import log_figure, make_loggers, make_trainer, prepare_run_dir
+from raptor.train.fit import Distiller, checkpoint_file, read_checkpoint
+from raptor.train.runs import log_figure, make_loggers, make_trainer, prepare_run_dir
 
 EVAL_FILE = "eval.json"
 
@@ -49,7 +49,7 @@ def run_validation(
     results of `Distiller.compute_validation` (the same on every rank) and "metrics",
     the flat logged values."""
     if datamodule is None:
-        from raptor.data import ShardDataModule
+        from raptor.data.stream import ShardDataModule
 
         datamodule = ShardDataModule(cfg.data, teacher.data_config, teacher.num_classes)
     module = Distiller(cfg, teacher, raptor, rollout=rollout)
@@ -67,7 +67,7 @@ def run_validation(
 def load_student(checkpoint: str | Path) -> tuple[Any, Dict[str, Any]]:
     """The Raptor stored in a `raptor fit` checkpoint (or run folder) and its hyperparameters.
     Every block must have been trained (stage 2, or stage 1 with all blocks)."""
-    from raptor.surrogate import Raptor
+    from raptor.model.raptor import Raptor
 
     ckpt = read_checkpoint(checkpoint)
     hp = ckpt["hyper_parameters"]
@@ -91,7 +91,7 @@ def evaluate(
     """Evaluate the student in `checkpoint` (a .ckpt or a run folder) on cfg's validation
     data; writes eval.json and fidelity.png into run_dir (default cfg.run_dir) and
     returns the eval.json content."""
-    from raptor.teacher import Teacher
+    from raptor.model.teacher import Teacher
 
     run_dir = prepare_run_dir(cfg, run_dir)
     path = checkpoint_file(checkpoint)

@@ -4,7 +4,7 @@ A backbone folder holds `config.json` and `model.safetensors`: the teacher's ste
 (patch embedding, position embedding, class and register tokens, optional
 pre-norm), the k recurrent blocks over their phase partition, and the teacher's
 final norm. `RaptorBackbone.from_pretrained(DIR)` rebuilds it with torch,
-safetensors and `raptor.surrogate` only (no timm, Lightning, W&B or OmegaConf),
+safetensors and `raptor.model.raptor` only (no timm, Lightning, W&B or OmegaConf),
 and never unpickles anything.
 
 Shapes: images (B, C, H, W), normalized with `config["preprocessing"]` and of the
@@ -28,7 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from raptor.errors import UserError
-from raptor.surrogate import Raptor
+from raptor.model.raptor import Raptor
 
 FORMAT = "raptor-backbone"
 FORMAT_VERSION = 1

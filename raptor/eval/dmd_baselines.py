@@ -28,11 +28,9 @@ are summed over ranks and rank 0 writes the files.
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import math
-import os
 from pathlib import Path
 from typing import Any, Dict, Iterable, Iterator, List, Optional
 
@@ -47,9 +45,8 @@ from dmd.moments import moment_dtype
 from dmd.plots import curve_figure, eigenvalue_figure, power_law_figure, save_figure, sweep_figure
 from dmd.sweeps import FitSpec, plan_sweeps, power_law, sweep_rows
 from raptor import distributed
-from raptor.cli import add_config_arguments, config_from_args
 from raptor.config import ConfigError
-from raptor.runs import prepare_run_dir
+from raptor.train.runs import prepare_run_dir
 
 REPORT_FILE = "dmd_report.json"
 BUDGET_METRIC = "rel_l2"  # the error whose power law in the calibration budget is fitted
@@ -72,7 +69,7 @@ def resolve_spans(cfg: DictConfig, num_layers: int) -> List[tuple[int, int]]:
     if cfg.phases.boundaries is not None:
         boundaries = [int(b) for b in cfg.phases.boundaries]
     elif cfg.phases.file:
-        from raptor.phases import load_boundaries
+        from raptor.eval.phases import load_boundaries
 
         boundaries = load_boundaries(cfg.phases.file, int(cfg.model.k))
     if boundaries is None:
@@ -420,8 +417,8 @@ def run_dmd(
     cfg: DictConfig, run_dir: Optional[str | Path] = None, overwrite: bool = False
 ) -> Dict[str, Any]:
     """The whole `raptor dmd` job; returns the report (also written to run_dir/dmd_report.json)."""
-    from raptor.data import ShardDataModule
-    from raptor.teacher import Teacher
+    from raptor.data.stream import ShardDataModule
+    from raptor.model.teacher import Teacher
 
     run_dir = Path(run_dir or cfg.run_dir)
     if (run_dir / REPORT_FILE).exists() and not overwrite:
@@ -466,44 +463,3 @@ def run_dmd(
     if rank != 0:
         return {}
     return write_outputs(run_dir, cfg, entries, results, points, moments, seen)
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_config_arguments(parser)
-    parser.add_argument(
-        "--overwrite", action="store_true", help=f"replace an existing {REPORT_FILE}"
-    )
-
-
-def main(args: argparse.Namespace) -> int:
-    cfg = config_from_args(args)
-    if int(os.environ.get("WORLD_SIZE", 1)) > 1 and not torch.distributed.is_initialized():
-        backend = (
-            "nccl" if torch.cuda.is_available() and cfg.trainer.accelerator != "cpu" else "gloo"
-        )
-        if backend == "nccl":
-            torch.cuda.set_device(distributed.local_rank())
-        torch.distributed.init_process_group(backend)
-    try:
-        report = run_dmd(cfg, overwrite=args.overwrite)
-    finally:
-        if torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
-    if report:
-        print(
-            f"raptor dmd: {report['calib_images']} calibration / {report['eval_images']} evaluation images"
-        )
-        for name, v in report["variants"].items():
-            last = v["layers"][-1]
-            idx = v["layers"].index(last)
-            top = f"  top1 {v['top1'][0]:.4f}" if v["top1"] else ""
-            print(
-                f"  {name:24s} layer {last:3d}: cos {v['fidelity']['cos/all'][idx]:.4f}"
-                f"  r2 {v['fidelity']['r2/all'][idx]:.4f}{top}"
-            )
-        if report["budget_fit"]:
-            print(
-                f"  calibration budget: {BUDGET_METRIC}(B) = C / B^gamma, gamma = {report['budget_fit']['gamma']:.3f}"
-            )
-        print(f"raptor dmd: report in {Path(cfg.run_dir) / REPORT_FILE}")
-    return 0

@@ -8,7 +8,7 @@
 
 The signal handler only records the signal: no collective, no I/O (Lightning's SLURM
 handler saves and synchronises inside the handler and can deadlock, Lightning #21406; it
-is switched off by `raptor.runs.make_trainer`). After every training batch, every rank
+is switched off by `raptor.train.runs.make_trainer`). After every training batch, every rank
 combines the records with one all-reduce (max of the signal numbers: SIGTERM over SIGUSR1
 over SIGINT), so all ranks stop after the same step even when only one of them got the
 signal. Then every rank saves `checkpoints/last.ckpt` through `trainer.save_checkpoint`

@@ -161,13 +161,13 @@ def make_trainer(
     """A `lightning.Trainer` from `cfg.trainer` (ddp when several devices or nodes;
     gloo on CPU, NCCL on GPU, chosen by Lightning).
 
-    Every trainer gets `raptor.preemption.Preemption` (SIGTERM / SIGINT / SIGUSR1:
+    Every trainer gets `raptor.train.preemption.Preemption` (SIGTERM / SIGINT / SIGUSR1:
     checkpoint to `run_dir/checkpoints/last.ckpt`, then stop or requeue); in a SLURM job
     Lightning's own requeue handler is switched off (`SLURMEnvironment(auto_requeue=False)`)."""
     import lightning as L
     from lightning.pytorch.plugins.environments import SLURMEnvironment
 
-    from raptor.preemption import Preemption
+    from raptor.train.preemption import Preemption
 
     t = cfg.trainer
     strategy = t.strategy

@@ -1,0 +1,1 @@
+"""Data: webdataset shards (`shards`), streaming, transforms and the data module (`stream`)."""

@@ -1,0 +1,1 @@
+"""Evaluation: fidelity of a student, the teacher's phases, DMD baselines, run summaries."""

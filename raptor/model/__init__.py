@@ -1,0 +1,3 @@
+"""The networks: the recurrent block and Raptor, the teacher ViT, the exported backbone.
+
+Importable without Lightning or argparse (a test checks it)."""

@@ -1,0 +1,58 @@
+"""The package layout's promises: raptor.model stays free of the training stack and
+the command line, `import raptor` and `raptor config show` stay torch-free, and the
+public API is reachable from the top level."""
+
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def loaded_after(code: str) -> set:
+    """Names in sys.modules after running `code` in a fresh interpreter."""
+    script = textwrap.dedent(code) + "\nimport sys\nprint('MODULES', *sys.modules)\n"
+    proc = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120, cwd=ROOT
+    )
+    assert proc.returncode == 0, proc.stderr
+    return set(proc.stdout.split("MODULES", 1)[1].split())
+
+
+def test_model_imports_without_lightning_or_the_command_line():
+    loaded = loaded_after("import raptor.model.raptor, raptor.model.teacher, raptor.model.backbone")
+    assert "raptor.model.teacher" in loaded
+    heavy = {m for m in loaded if m.split(".")[0] in ("lightning", "pytorch_lightning")}
+    assert heavy == set()
+    outside = {m for m in loaded if m.startswith(("raptor.cli", "raptor.commands", "raptor.train"))}
+    assert outside == set()
+
+
+def test_import_raptor_and_config_show_stay_torch_free():
+    loaded = loaded_after(
+        """
+        import raptor
+        from raptor.cli import main
+        # demo.yaml sets trainer.num_threads, which does import torch to apply it
+        assert main(["config", "show", "configs/demo.yaml", "trainer.num_threads=null"]) == 0
+        """
+    )
+    assert "raptor.commands.config" in loaded
+    assert "torch" not in loaded
+
+
+def test_public_api_from_the_top_level():
+    import raptor
+    from raptor import Raptor, RaptorBackbone, RecurrentBlock, Teacher, losses
+    from raptor.model import backbone, teacher
+    from raptor.model import raptor as surrogate
+    from raptor.train import losses as train_losses
+
+    assert (Raptor, RecurrentBlock) == (surrogate.Raptor, surrogate.RecurrentBlock)
+    assert (Teacher, RaptorBackbone) == (teacher.Teacher, backbone.RaptorBackbone)
+    assert losses is train_losses
+    with pytest.raises(AttributeError, match="no attribute 'Surrogate'"):
+        _ = raptor.Surrogate
