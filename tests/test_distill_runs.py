@@ -124,25 +124,34 @@ def stop_line(stderr: str) -> re.Match:
     return lines[0]
 
 
-def test_killed_or_stopped_run_resumes_equal_to_uninterrupted_run(teacher, digits_shards, tmp_path):
-    """The same command four times: SIGKILL mid-run (resumes from the last periodic
-    checkpoint), SIGTERM and SIGINT (checkpoint at the stopping step, exit 143 / 130, one
-    line naming it), then to the end: the weights of an uninterrupted run, one W&B run."""
-    steps = 30
+STEPS = 30  # stage-1 steps of the interrupted runs: checkpoints every 5, validations at 15, 30
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(teacher, digits_shards, tmp_path_factory):
+    """(overrides, run folder) of the stage-1 run the interrupted runs must reproduce, run once
+    in this process without W&B."""
     common = overrides(
         teacher,
         digits_shards,
         **{
-            "train.stage1.steps": steps,
+            "train.stage1.steps": STEPS,
             "train.ckpt_every_n_steps": 5,
             "train.val_every_n_steps": 15,
             "train.val_batches": 2,
             "trainer.deterministic": True,
         },
     )
-    # the reference: the same run without interruption (in this process, no W&B)
-    ref = tmp_path / "ref"
+    ref = tmp_path_factory.mktemp("uninterrupted") / "run"
     distill.fit(load_config(None, common), ref)
+    return common, ref
+
+
+def test_killed_or_stopped_run_resumes_equal_to_uninterrupted_run(uninterrupted, tmp_path):
+    """The same command four times: SIGKILL mid-run (resumes from the last periodic
+    checkpoint), SIGTERM and SIGINT (checkpoint at the stopping step, exit 143 / 130, one
+    line naming it), then to the end: the weights of an uninterrupted run, one W&B run."""
+    steps, (common, ref) = STEPS, uninterrupted
     cfg, run = config_file(tmp_path), tmp_path / "run"
     args = [*common, f"run_dir={run}", "logging.wandb=offline"]
     env = {**os.environ, "WANDB_SILENT": "true"}
@@ -218,23 +227,10 @@ def assert_same_rows(run: Path, ref: Path, steps: int) -> None:
             assert a == pytest.approx(b, rel=1e-5, abs=1e-6, nan_ok=True), step
 
 
-def test_sigkill_right_after_validation_keeps_its_row(teacher, digits_shards, tmp_path):
+def test_sigkill_right_after_validation_keeps_its_row(uninterrupted, tmp_path):
     """The checkpoint after a validation becomes last.ckpt only after it: a run killed as
     the validation at step 15 ends resumes from before it and validates again."""
-    steps = 30
-    common = overrides(
-        teacher,
-        digits_shards,
-        **{
-            "train.stage1.steps": steps,
-            "train.ckpt_every_n_steps": 5,
-            "train.val_every_n_steps": 15,
-            "train.val_batches": 2,
-            "trainer.deterministic": True,
-        },
-    )
-    ref = tmp_path / "ref"
-    distill.fit(load_config(None, common), ref)
+    steps, (common, ref) = STEPS, uninterrupted
     cfg, run = config_file(tmp_path), tmp_path / "run"
     args = [*common, f"run_dir={run}"]
     proc = subprocess.Popen(
