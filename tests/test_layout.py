@@ -60,3 +60,9 @@ def test_public_api_from_the_top_level():
     assert losses is train_losses
     with pytest.raises(AttributeError, match="no attribute 'Surrogate'"):
         _ = raptor.Surrogate
+
+
+def test_dmd_imports_nothing_from_raptor():
+    loaded = loaded_after("import dmd, dmd.callback, dmd.evaluate, dmd.sweeps, dmd.plots")
+    assert "dmd.callback" in loaded
+    assert {m for m in loaded if m.split(".")[0] == "raptor"} == set()
