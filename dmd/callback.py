@@ -3,8 +3,9 @@
 At fit start (or at the first validation when there is no fit) the callback
 streams the first `calib_images` images of the training data through the
 teacher, accumulates moments on each rank and merges them with one
-all_reduce, and fits one operator per span and variant (by default one span
-per phase of the student's partition). At every validation it scores those
+all_reduce, and fits one operator per span and variant (spans given by the
+caller, e.g. one per phase of the student's partition: phase (first, last) is
+span (first - 1, last - first + 1)). At every validation it scores those
 operators, and the identity, on the same validation batches the student sees,
 with the same metrics (`dmd.metrics.TrajectoryMetrics`). With
 `refit_every_n_steps` > 0 it keeps adding the teacher trajectories of the
@@ -17,8 +18,6 @@ Duck-typed contract (nothing is imported from the training code):
   from_layer) -> {"tokens": (B, T, D), "logits": (B, C) or None}`` (the blocks
   after `from_layer` and the final norm) and optionally ``num_classes`` (> 0
   when finish returns logits);
-- ``pl_module.raptor.phases``: [(first, last), ...] 1-based inclusive layers,
-  used when no `spans` are given: phase (first, last) is span (first-1, last-first+1);
 - batches are dicts with "image" (B, C, H, W) and optionally "valid" bool (B,)
   and "label" long (B,) (-1: none);
 - when ``validation_step`` / ``training_step`` return a dict holding
@@ -65,7 +64,7 @@ class DMDCallback(L.Callback):
     """Fit DMD operators on the teacher, evaluate them beside the student (module docstring).
 
     Args:
-        spans: [(i, p), ...] cut start and prune length; default the student's phases.
+        spans: [(i, p), ...] cut start and prune length, e.g. one per phase of the student.
             Spans must not overlap (each layer is predicted by one span).
         solvers, selections: variants fitted (dmd.solvers.SOLVERS, dmd.fit.SELECTIONS).
         rank, alpha, center: fit settings (alpha relative to the mean eigenvalue of C_xx).
@@ -82,7 +81,7 @@ class DMDCallback(L.Callback):
 
     def __init__(
         self,
-        spans: Optional[Sequence[Sequence[int]]] = None,
+        spans: Sequence[Sequence[int]],
         solvers: Sequence[str] = ("ridge", "rrr"),
         selections: Sequence[str] = SELECTIONS,
         rank: Optional[int] = None,
@@ -109,7 +108,9 @@ class DMDCallback(L.Callback):
                 )
         if calib_images < 1:
             raise ValueError(f"DMDCallback: calib_images must be >= 1, got {calib_images}")
-        self.spans = [tuple(int(v) for v in s) for s in spans] if spans else None
+        if not spans:
+            raise ValueError("DMDCallback: no spans given; pass spans=[(i, p), ...]")
+        self.spans = [tuple(int(v) for v in s) for s in spans]
         self.solvers, self.selections = list(solvers), list(selections)
         self.rank, self.alpha, self.center = rank, float(alpha), bool(center)
         self.calib_images = int(calib_images)
@@ -125,12 +126,15 @@ class DMDCallback(L.Callback):
         self.fits = 0
 
     @classmethod
-    def from_config(cls, dmd_cfg: Any, **kwargs: Any) -> DMDCallback:
+    def from_config(
+        cls, dmd_cfg: Any, default_spans: Optional[Sequence[Sequence[int]]] = None, **kwargs: Any
+    ) -> DMDCallback:
         """From a config section with keys spans, solvers, selections, rank, alpha, center,
-        calib_images, refit_every_n_steps (and optionally downstream, log_groups, compute_dtype)."""
+        calib_images, refit_every_n_steps (and optionally downstream, log_groups, compute_dtype);
+        `default_spans` (the student's phases) when the section names no spans."""
         get = dmd_cfg.get if hasattr(dmd_cfg, "get") else lambda k, d=None: getattr(dmd_cfg, k, d)
         args = dict(
-            spans=[list(s) for s in get("spans", None) or []] or None,
+            spans=[list(s) for s in get("spans", None) or []] or default_spans,
             solvers=list(get("solvers", ("ridge", "rrr"))),
             selections=list(get("selections", SELECTIONS)),
             rank=get("rank", None),
@@ -147,16 +151,8 @@ class DMDCallback(L.Callback):
 
     # ------------------------------------------------------------------ fitting
 
-    def _spans(self, pl_module: Any, num_layers: int) -> list[tuple[int, int]]:
-        if self.spans is not None:
-            spans = [check_span(s, num_layers) for s in self.spans]
-        else:
-            phases = getattr(getattr(pl_module, "raptor", None), "phases", None)
-            if not phases:
-                raise ValueError(
-                    "DMDCallback: no spans given and pl_module.raptor.phases is missing"
-                )
-            spans = [(int(f) - 1, int(e) - int(f) + 1) for f, e in phases]
+    def _spans(self, num_layers: int) -> list[tuple[int, int]]:
+        spans = [check_span(s, num_layers) for s in self.spans]
         covered = [layer for i, p in spans for layer in range(i + 1, i + p + 1)]
         if len(set(covered)) != len(covered):
             raise ValueError(
@@ -192,7 +188,7 @@ class DMDCallback(L.Callback):
             )
             valid = valid & (torch.cumsum(valid, 0) <= share - (acc.images if acc else 0))
             if acc is None:
-                spans = self._spans(pl_module, traj.shape[1] - 1)
+                spans = self._spans(traj.shape[1] - 1)
                 acc = MomentAccumulator(
                     traj.shape[1] - 1,
                     traj.shape[-1],
@@ -211,7 +207,7 @@ class DMDCallback(L.Callback):
     def _fit(self, trainer: L.Trainer, pl_module: Any) -> None:
         """Merge this rank's moments over ranks (on a copy) and fit every variant."""
         self.moments = self._local.clone().all_reduce()
-        spans = self._spans(pl_module, self.moments.num_layers)
+        spans = self._spans(self.moments.num_layers)
         teacher = pl_module.teacher
         entries = fit_entries(
             self.moments, spans, self.solvers, self.selections, self.rank, self.alpha, self.center

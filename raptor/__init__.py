@@ -16,6 +16,7 @@ __version__ = "0.1.0"
 _LAZY = {
     "Raptor": ("raptor.model.raptor", "Raptor"),
     "RecurrentBlock": ("raptor.model.raptor", "RecurrentBlock"),
+    "Partition": ("raptor.model.partition", "Partition"),
     "Teacher": ("raptor.model.teacher", "Teacher"),
     "RaptorBackbone": ("raptor.model.backbone", "RaptorBackbone"),
     "losses": ("raptor.train.losses", None),

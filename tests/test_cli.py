@@ -171,7 +171,8 @@ def test_user_input_failures_are_user_errors(tmp_path):
     subclasses (exit 2); a non-finite loss is a RunFailed (exit 1)."""
     from raptor.eval.phases import partition, read_matrix
     from raptor.model.backbone import RaptorBackbone
-    from raptor.model.raptor import Raptor, check_boundaries
+    from raptor.model.partition import check_boundaries
+    from raptor.model.raptor import Raptor
     from raptor.model.teacher import Teacher
     from raptor.train.fit import NonFiniteLossError
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from raptor.config import load_config
-from raptor.train.fit import anneal_steps
+from raptor.train.schedules import anneal_steps
 
 CONFIGS = Path(__file__).parents[1] / "configs"
 

@@ -450,16 +450,16 @@ def test_incomplete_validation_is_flagged_where_top1_is_reported(digits_shards, 
     from test_teacher_train import TINY
 
     from raptor.eval.fidelity import run_validation
+    from raptor.model.partition import Partition
     from raptor.model.raptor import Raptor
     from raptor.model.teacher import Teacher, default_data_config
-    from raptor.train.fit import phase_boundaries
     from raptor.train.teacher import TeacherTraining
 
     read = damaged_copy(digits_shards, tmp_path / "cut", "val-000001.tar", inside=False)
     cfg = config(write_teacher(tmp_path / "teacher.safetensors"), tmp_path / "cut")
     cfg.data.max_bad_fraction = 1.0
     teacher = Teacher.from_config(cfg.teacher)
-    raptor = Raptor.from_config(cfg.model, teacher, phase_boundaries(cfg, teacher.num_layers))
+    raptor = Raptor.from_config(cfg.model, teacher, Partition.from_config(cfg, teacher.num_layers))
     tiny = tmp_path / "tiny.yaml"
     tiny.write_text(TINY.format(shards=tmp_path / "cut"))
     tcfg = load_config(str(tiny), ["data.max_bad_fraction=1.0"])

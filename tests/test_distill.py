@@ -21,6 +21,8 @@ import torch
 from raptor.config import ConfigError, from_container, load_config
 from raptor.errors import RunFailed
 from raptor.train import fit as distill
+from raptor.train.checkpoints import checkpoint_file, first_non_finite, load_blocks, load_raptor
+from raptor.train.schedules import lr_at
 
 STAGE1_STEPS, STAGE2_STEPS = 40, 40
 
@@ -182,13 +184,12 @@ def test_stage1_then_stage2_lower_the_loss_and_beat_identity(setup, stage1, stag
 def test_evaluation_matches_direct_computation(setup, stage2):
     """eval.json's R^2, top-1 and identity numbers against a plain loop over the val set."""
     from raptor.data.stream import ShardDataModule
-    from raptor.eval.fidelity import load_student
     from raptor.model.teacher import Teacher
 
     cfg2, out2 = stage2
     ev = json.loads((setup["root"] / "eval2" / "eval.json").read_text())
     teacher = Teacher.from_config(cfg2.teacher)
-    raptor, _ = load_student(out2["checkpoint"])
+    raptor, _, _ = load_raptor(out2["checkpoint"])
     dm = ShardDataModule(cfg2.data, teacher.data_config)
     preds, targets, hits_t, hits_s, n = [], [], 0, 0, 0
     with torch.no_grad():
@@ -221,7 +222,7 @@ def test_schedule_logging_and_checkpoint_contents(stage1):
             assert float(row["train/r"]) == pytest.approx(max(0.0, 1 - step / anneal), abs=1e-6)
             assert math.isfinite(float(row["train/tf_B1"])) == (step < anneal)  # skipped at r = 0
             assert float(row["train/lr"]) == pytest.approx(
-                distill.lr_at(step, 3e-3, 1e-6, 2, STAGE1_STEPS), rel=1e-5
+                lr_at(step, 3e-3, 1e-6, 2, STAGE1_STEPS), rel=1e-5
             )
             seen += 1
     assert seen == STAGE1_STEPS
@@ -263,10 +264,10 @@ def test_block_subset_and_joining(setup, stage1, tmp_path):
     # stage 2 joins blocks from the runs that trained them, each block from exactly one
     _, raptor, _ = distill.build(cfg)
     with pytest.raises(ConfigError, match=r"no stage-1 weights for block\(s\) \[1\]"):
-        distill.load_blocks(raptor, out["run_dir"])
+        load_blocks(raptor, out["run_dir"])
     with pytest.raises(ConfigError, match="block 2 is in both"):
-        distill.load_blocks(raptor, f"{stage1[1]['run_dir']},{out['run_dir']}")
-    assert distill.load_blocks(raptor, stage1[1]["run_dir"]) == [1, 2]
+        load_blocks(raptor, f"{stage1[1]['run_dir']},{out['run_dir']}")
+    assert load_blocks(raptor, stage1[1]["run_dir"]) == [1, 2]
     full = torch.load(stage1[1]["checkpoint"], weights_only=True)["state_dict"]
     assert all(torch.equal(v, full[f"raptor.{k}"]) for k, v in raptor.state_dict().items())
 
@@ -351,7 +352,7 @@ def test_non_finite_loss_names_the_checkpoint_that_exists(setup, tmp_path):
     assert f"{last} (step 5)" in str(err.value)
     assert [p.name for p in last.parent.iterdir()] == ["last.ckpt"]
     ckpt = torch.load(last, weights_only=True)
-    assert ckpt["global_step"] == 5 and distill.first_non_finite(ckpt) is None
+    assert ckpt["global_step"] == 5 and first_non_finite(ckpt) is None
     data = step_data(cfg)
     assert distill.fit(cfg, run, data)["step"] == 12
     assert data.steps == list(range(5, 12))
@@ -417,7 +418,7 @@ def test_resume_with_changed_schedule(setup, tmp_path):
     assert sorted(lrs) == list(range(8))
     for step, lr in lrs.items():
         peak, total = (3e-3, 4) if step < 4 else (1e-3, 8)
-        assert lr == pytest.approx(distill.lr_at(step, peak, 1e-6, 2, total), rel=1e-6), step
+        assert lr == pytest.approx(lr_at(step, peak, 1e-6, 2, total), rel=1e-6), step
 
 
 def test_run_folder_errors(setup, stage1, tmp_path):
@@ -438,4 +439,4 @@ def test_run_folder_errors(setup, stage1, tmp_path):
     with pytest.raises(ConfigError, match="no phase partition"):
         distill.fit(cfg, tmp_path / "z")
     with pytest.raises(ConfigError, match="checkpoint not found"):
-        distill.checkpoint_file(tmp_path / "missing")
+        checkpoint_file(tmp_path / "missing")

@@ -13,7 +13,7 @@ from dmd import MomentAccumulator, fit, trajectory_metrics
 from dmd.callback import COMPARE_FILE, DMDCallback
 from raptor.model.teacher import Teacher
 
-PHASES = [(1, 2), (3, 4)]
+SPANS = [(0, 2), (2, 2)]  # (i, p): the phases 1-2 and 3-4 of the 4 layers
 
 
 def _teacher():
@@ -44,17 +44,12 @@ def _batches(n, seed, batch_size=4):
     return DataLoader(rows, batch_size=batch_size)
 
 
-class _Phases:
-    phases = PHASES
-
-
 class Student(L.LightningModule):
     """One linear map per layer, teacher-forced; logs val/{metric}[_{group}]/L{l}."""
 
     def __init__(self):
         super().__init__()
         self.teacher = _teacher()
-        self.raptor = _Phases()
         D, Lyr = self.teacher.embed_dim, self.teacher.num_layers
         self.maps = nn.ModuleList(nn.Linear(D, D) for _ in range(Lyr))
         from dmd import TrajectoryMetrics
@@ -98,7 +93,7 @@ def _read_csv(path):
 
 def test_lightning_run_logs_dmd_identity_and_student_side_by_side(tmp_path):
     student = Student()
-    callback = DMDCallback(solvers=["ridge", "rrr"], rank=8, alpha=1e-3, calib_images=18)
+    callback = DMDCallback(SPANS, solvers=["ridge", "rrr"], rank=8, alpha=1e-3, calib_images=18)
     trainer = L.Trainer(
         accelerator="cpu",
         max_steps=4,
@@ -192,10 +187,18 @@ def test_overlapping_spans_are_refused(tmp_path):
         trainer.fit(student)
 
 
+def test_spans_come_from_the_caller():
+    """The callback knows no partition: spans are given, from the config or the caller."""
+    with pytest.raises(ValueError, match="no spans given"):
+        DMDCallback([])
+    assert DMDCallback.from_config({"spans": None}, default_spans=SPANS).spans == SPANS
+    assert DMDCallback.from_config({"spans": [[1, 3]]}, default_spans=SPANS).spans == [(1, 3)]
+
+
 def test_refit_adds_training_batches_to_the_moments(tmp_path):
     student = Student()
     callback = DMDCallback(
-        solvers=["ridge"], selections=["span"], calib_images=6, refit_every_n_steps=2
+        SPANS, solvers=["ridge"], selections=["span"], calib_images=6, refit_every_n_steps=2
     )
     trainer = L.Trainer(
         accelerator="cpu",

@@ -23,7 +23,10 @@ def loaded_after(code: str) -> set:
 
 
 def test_model_imports_without_lightning_or_the_command_line():
-    loaded = loaded_after("import raptor.model.raptor, raptor.model.teacher, raptor.model.backbone")
+    loaded = loaded_after(
+        "import raptor.model.raptor, raptor.model.teacher, raptor.model.backbone, "
+        "raptor.model.partition"
+    )
     assert "raptor.model.teacher" in loaded
     heavy = {m for m in loaded if m.split(".")[0] in ("lightning", "pytorch_lightning")}
     assert heavy == set()
@@ -46,13 +49,20 @@ def test_import_raptor_and_config_show_stay_torch_free():
 
 def test_public_api_from_the_top_level():
     import raptor
-    from raptor import Raptor, RaptorBackbone, RecurrentBlock, Teacher, losses
-    from raptor.model import backbone, teacher
+    from raptor import Partition, Raptor, RaptorBackbone, RecurrentBlock, Teacher, losses
+    from raptor.model import backbone, partition, teacher
     from raptor.model import raptor as surrogate
     from raptor.train import losses as train_losses
 
     assert (Raptor, RecurrentBlock) == (surrogate.Raptor, surrogate.RecurrentBlock)
     assert (Teacher, RaptorBackbone) == (teacher.Teacher, backbone.RaptorBackbone)
+    assert Partition is partition.Partition
     assert losses is train_losses
     with pytest.raises(AttributeError, match="no attribute 'Surrogate'"):
         _ = raptor.Surrogate
+
+
+def test_dmd_imports_nothing_from_raptor():
+    loaded = loaded_after("import dmd, dmd.callback, dmd.evaluate, dmd.sweeps, dmd.plots")
+    assert "dmd.callback" in loaded
+    assert {m for m in loaded if m.split(".")[0] == "raptor"} == set()

@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 
 from raptor.model.raptor import Raptor, RecurrentBlock
 from raptor.train import losses
-from raptor.train.fit import lr_at, peak_lr
 
 GROUPS = {"cls": slice(0, 1), "reg": slice(1, 3), "patch": slice(3, None)}
 WEIGHTS = {"cls": 0.45, "reg": 0.10, "patch": 0.45}
@@ -107,23 +104,3 @@ def test_autoregressive_loss_equals_explicit_rollout_with_full_backprop():
     assert torch.allclose(preds, raptor(traj[:, 0]), rtol=0, atol=1e-12)
     want = sum(fn(preds[:, i], traj[:, i + 1]).mean() for i in range(6)) / 6
     assert loss.item() == pytest.approx(want.item(), rel=1e-12)
-
-
-def test_tf_ratio_and_lr_schedule():
-    assert [losses.tf_ratio(s, 8) for s in (0, 2, 4, 8, 12)] == [1.0, 0.75, 0.5, 0.0, 0.0]
-    assert losses.tf_ratio(0, 0) == 0.0
-    peak, floor = 1e-3, 1e-6
-    assert lr_at(0, peak, floor, 4, 20) == pytest.approx(peak / 4)
-    assert lr_at(3, peak, floor, 4, 20) == pytest.approx(peak)
-    assert lr_at(4, peak, floor, 4, 20) == pytest.approx(peak)
-    assert lr_at(12, peak, floor, 4, 20) == pytest.approx(floor + (peak - floor) * 0.5)
-    assert lr_at(20, peak, floor, 4, 20) == pytest.approx(floor)
-    mid = lr_at(8, peak, floor, 4, 20)
-    assert mid == pytest.approx(floor + (peak - floor) * 0.5 * (1 + math.cos(math.pi / 4)))
-
-    class Stage:
-        lr, lr_reference_batch, scale_lr = 3e-4, 256, True
-
-    assert peak_lr(Stage, 1024) == pytest.approx(1.2e-3)
-    Stage.scale_lr = False
-    assert peak_lr(Stage, 1024) == pytest.approx(3e-4)

@@ -13,12 +13,10 @@ import torch
 import torch.nn.functional as F
 
 from raptor.cli import main as cli_main
-from raptor.config import ConfigError
 from raptor.eval.phases import (
     LayerSimilarity,
     cut_value,
     dissimilarity,
-    load_boundaries,
     partition,
     random_partitions,
 )
@@ -268,31 +266,6 @@ def test_matrix_cli_errors(tmp_path, capsys):
     assert "--k" in capsys.readouterr().err
     assert cli_main(["phases"]) == 2
     assert "CONFIG" in capsys.readouterr().err
-
-
-def test_load_boundaries(tmp_path):
-    one = tmp_path / "one.json"
-    one.write_text(json.dumps({"num_layers": 12, "boundaries": [7, 10]}))
-    combined = tmp_path / "phases.json"
-    combined.write_text(
-        json.dumps(
-            {
-                "num_layers": 12,
-                "method": "dp",
-                "token_mode": "all",
-                "partitions": {"2": [7], "3": [7, 10]},
-                "random": {"3": [[2, 5]]},
-            }
-        )
-    )
-    assert load_boundaries(one, 3) == [7, 10]
-    assert load_boundaries(combined, 2) == [7]
-    with pytest.raises(ConfigError, match=r"k in \['2', '3'\], not k=4"):
-        load_boundaries(combined, 4)
-    with pytest.raises(ConfigError, match="k=2 phases need 1 boundaries"):
-        load_boundaries(one, 2)
-    with pytest.raises(ConfigError, match="not found"):
-        load_boundaries(tmp_path / "nope.json", 2)
 
 
 def test_discover_phases_end_to_end(tmp_path, digits_shards, capsys):

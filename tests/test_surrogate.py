@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from raptor.config import ModelConfig
+from raptor.model.partition import Partition
 from raptor.model.raptor import Raptor, RecurrentBlock
 
 D, H, T, B = 16, 4, 5, 3
@@ -215,7 +216,7 @@ def test_invalid_boundaries_fail_clearly(boundaries, k, message):
     teacher = SimpleNamespace(num_layers=12, embed_dim=D, num_heads=H)
     cfg = ModelConfig(k=k)
     with pytest.raises(ValueError, match=message):
-        Raptor.from_config(cfg, teacher, boundaries)
+        Raptor.from_config(cfg, teacher, Partition(12, boundaries))
 
 
 def test_from_config_and_arch_round_trip():
@@ -225,7 +226,7 @@ def test_from_config_and_arch_round_trip():
     cfg = OmegaConf.structured(
         ModelConfig(k=2, num_heads=2, mlp="gelu", mlp_ratio=2.0, layerscale_init=0.1)
     )
-    model = Raptor.from_config(cfg, teacher, [3])
+    model = Raptor.from_config(cfg, teacher, Partition(5, [3]))
     assert model.num_heads == 2 and model.k == 2 and model.phases == [(1, 3), (4, 5)]
     arch = json.loads(json.dumps(model.arch_config()))  # plain JSON
     assert arch["mlp"] == "gelu" and arch["mlp_ratio"] == 2.0 and arch["boundaries"] == [3]
@@ -234,6 +235,8 @@ def test_from_config_and_arch_round_trip():
     clone.load_state_dict(model.state_dict())
     a0 = torch.randn(2, T, D)
     torch.testing.assert_close(clone(a0), model(a0))
-    assert Raptor.from_config(ModelConfig(k=2), teacher, [2]).num_heads == H
+    assert Raptor.from_config(ModelConfig(k=2), teacher, Partition(5, [2])).num_heads == H
+    with pytest.raises(ValueError, match="covers 6 layers, the teacher has 5"):
+        Raptor.from_config(ModelConfig(k=2), teacher, Partition(6, [2]))
     with pytest.raises(ValueError, match="unknown block option"):
         Raptor(5, [3], D, H, mlp_hidden=3)

@@ -32,6 +32,12 @@ from raptor.bench.common import (
     spread,
     to_mib,
 )
+from raptor.model.partition import Partition
+from raptor.model.raptor import Raptor
+from raptor.model.teacher import Teacher
+from raptor.train.fit import Distiller, selected_blocks
+from raptor.train.runs import default_precision, make_trainer
+from raptor.train.schedules import stage_config, tf_ratio
 
 HELP = "timed training steps of stage 1 or 2 on synthetic images"
 
@@ -205,26 +211,17 @@ def bench_config(args: argparse.Namespace):
     return cfg
 
 
-def even_boundaries(num_layers: int, k: int) -> List[int]:
-    """k phases of (nearly) equal length: the partition used when the config names none."""
-    return [round(num_layers * (j + 1) / k) for j in range(k - 1)]
-
-
 def build_models(cfg, device: torch.device, args: argparse.Namespace):
     """Teacher (random weights) and Raptor on `device`, with compile/checkpointing applied."""
     import warnings
-
-    from raptor.model.raptor import Raptor
-    from raptor.model.teacher import Teacher
 
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*has random weights.*")
         teacher = Teacher.from_config(cfg.teacher)
     if cfg.phases.boundaries is None and not cfg.phases.file:
-        cfg.phases.boundaries = even_boundaries(teacher.num_layers, int(cfg.model.k))
-    from raptor.train.fit import phase_boundaries
-
-    raptor = Raptor.from_config(cfg.model, teacher, phase_boundaries(cfg, teacher.num_layers))
+        even = Partition.even(teacher.num_layers, int(cfg.model.k))
+        cfg.phases.boundaries = list(even.boundaries)
+    raptor = Raptor.from_config(cfg.model, teacher, Partition.from_config(cfg, teacher.num_layers))
     teacher.to(device)
     raptor.to(device)
     for block in raptor.blocks:
@@ -247,11 +244,8 @@ def timed_run(
     """warmup + steps optimizer steps of the real `Distiller` in a Lightning Trainer."""
     import warnings
 
-    from raptor.train import losses
-    from raptor.train.fit import Distiller, stage_config
-    from raptor.train.runs import make_trainer
-
-    module = Distiller(cfg, teacher, raptor, blocks)
+    B = batch["image"].shape[0]
+    module = Distiller(cfg, teacher, raptor, blocks, global_batch=B)  # one device
     timer = StepTimer(args.warmup, device)
     total = args.warmup + args.steps
     with tempfile.TemporaryDirectory(prefix="raptor-bench-") as tmp, quiet_lightning():
@@ -275,12 +269,9 @@ def timed_run(
         with warnings.catch_warnings(), attention_backend(args.attn_backend):
             warnings.simplefilter("ignore")  # Lightning's advice on workers, eval-mode modules, ...
             trainer.fit(module, train_dataloaders=synthetic_loader(batch, total))
-    B = batch["image"].shape[0]
     times = timer.step_seconds
     timed = range(args.warmup, total)
-    tf_steps = (
-        sum(losses.tf_ratio(s, module.anneal_steps) > 0 for s in timed) if module.stage == 1 else 0
-    )
+    tf_steps = sum(tf_ratio(s, module.anneal_steps) > 0 for s in timed) if module.stage == 1 else 0
     return {
         "images_per_s": len(times) * B / timer.wall,
         "step_s": spread(times),
@@ -410,9 +401,6 @@ def dmd_pass_ratio(
 
 
 def run(args: argparse.Namespace) -> Dict[str, Any]:
-    from raptor.train.fit import selected_blocks
-    from raptor.train.runs import default_precision
-
     device = resolve_device(args.device)
     if args.steps < 1 or args.warmup < 0:
         raise SystemExit("--steps must be >= 1 and --warmup >= 0")

@@ -838,6 +838,11 @@ class ShardDataModule(L.LightningDataModule):
         return self._counted[split]
 
     @property
+    def batch_size(self) -> int:
+        """Training images per batch on each rank (`data.batch_size`)."""
+        return int(self.cfg.batch_size)
+
+    @property
     def num_train_batches(self) -> int:
         """Training batches per rank per epoch: samples // (world size x batch size), >= 1."""
         return max(1, self._total("train") // (self._rank_world()[1] * int(self.cfg.batch_size)))

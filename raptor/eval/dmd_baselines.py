@@ -46,6 +46,7 @@ from dmd.plots import curve_figure, eigenvalue_figure, power_law_figure, save_fi
 from dmd.sweeps import FitSpec, plan_sweeps, power_law, sweep_rows
 from raptor import distributed
 from raptor.config import ConfigError
+from raptor.model.partition import Partition
 from raptor.train.runs import prepare_run_dir
 
 REPORT_FILE = "dmd_report.json"
@@ -65,17 +66,9 @@ def resolve_spans(cfg: DictConfig, num_layers: int) -> List[tuple[int, int]]:
             except ValueError as exc:
                 raise ConfigError(f"dmd.spans: {exc}") from None
         return spans
-    boundaries = None
-    if cfg.phases.boundaries is not None:
-        boundaries = [int(b) for b in cfg.phases.boundaries]
-    elif cfg.phases.file:
-        from raptor.eval.phases import load_boundaries
-
-        boundaries = load_boundaries(cfg.phases.file, int(cfg.model.k))
-    if boundaries is None:
-        return [(0, num_layers)]
-    edges = [0, *boundaries, num_layers]
-    return [(a, b - a) for a, b in zip(edges[:-1], edges[1:])]
+    if cfg.phases.boundaries is None and not cfg.phases.file:
+        return Partition(num_layers).spans
+    return Partition.from_config(cfg, num_layers).spans
 
 
 def check_settings(cfg: DictConfig, num_layers: int, dim: int, groups: Iterable[str]) -> None:

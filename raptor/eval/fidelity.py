@@ -27,7 +27,8 @@ from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig
 
 from raptor.config import ConfigError
-from raptor.train.fit import Distiller, checkpoint_file, read_checkpoint
+from raptor.train.checkpoints import load_raptor
+from raptor.train.fit import Distiller
 from raptor.train.runs import log_figure, make_loggers, make_trainer, prepare_run_dir
 
 EVAL_FILE = "eval.json"
@@ -64,38 +65,18 @@ def run_validation(
     return {**module.results, "metrics": module.last_val}
 
 
-def load_student(checkpoint: str | Path) -> tuple[Any, Dict[str, Any]]:
-    """The Raptor stored in a `raptor fit` checkpoint (or run folder) and its hyperparameters.
-    Every block must have been trained (stage 2, or stage 1 with all blocks)."""
-    from raptor.model.raptor import Raptor
-
-    ckpt = read_checkpoint(checkpoint)
-    hp = ckpt["hyper_parameters"]
-    raptor = Raptor.from_arch(hp["arch"])
-    blocks = hp.get("blocks") or list(range(1, raptor.k + 1))
-    if sorted(blocks) != list(range(1, raptor.k + 1)):
-        raise ConfigError(
-            f"{checkpoint}: trained only block(s) {blocks} of {raptor.k}; evaluation needs a whole "
-            "student (a stage-2 checkpoint, or stage 1 with every block)"
-        )
-    prefix = "raptor."
-    raptor.load_state_dict(
-        {k[len(prefix) :]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
-    )
-    return raptor, hp
-
-
 def evaluate(
     cfg: DictConfig, checkpoint: str | Path, run_dir: Optional[str | Path] = None
 ) -> Dict[str, Any]:
-    """Evaluate the student in `checkpoint` (a .ckpt or a run folder) on cfg's validation
+    """Evaluate the student in `checkpoint` (a .ckpt or a run folder; stage-1 runs of
+    separate blocks joined by commas, as for export) on cfg's validation
     data; writes eval.json and fidelity.png into run_dir (default cfg.run_dir) and
     returns the eval.json content."""
     from raptor.model.teacher import Teacher
 
     run_dir = prepare_run_dir(cfg, run_dir)
-    path = checkpoint_file(checkpoint)
-    raptor, hp = load_student(path)
+    raptor, ckpts, paths = load_raptor(checkpoint)
+    path, hp = ",".join(map(str, paths)), ckpts[0]["hyper_parameters"]
     teacher = Teacher.from_config(cfg.teacher)
     if teacher.num_layers != raptor.num_layers or teacher.embed_dim != raptor.dim:
         raise ConfigError(
@@ -107,7 +88,9 @@ def evaluate(
     if cfg.dmd.enabled:  # DMD baselines on the same validation batches as the student
         from dmd.callback import DMDCallback
 
-        dmd = DMDCallback.from_config(cfg.dmd, out_dir=run_dir)
+        dmd = DMDCallback.from_config(
+            cfg.dmd, default_spans=raptor.partition.spans, out_dir=run_dir
+        )
     res = run_validation(
         cfg, teacher, raptor, run_dir, loggers=loggers, callbacks=[dmd] if dmd else []
     )
@@ -116,7 +99,7 @@ def evaluate(
         top1 = {"teacher": top1["teacher"], "student": top1["student"]}
         top1["ratio"] = top1["student"] / top1["teacher"] if top1["teacher"] else None
     out = {
-        "checkpoint": str(path),
+        "checkpoint": path,
         "stage": hp.get("stage"),
         "num_layers": raptor.num_layers,
         "boundaries": list(raptor.boundaries),
@@ -195,4 +178,4 @@ def fidelity_figure(result: Dict[str, Any]):
     return fig
 
 
-__all__ = ["evaluate", "run_validation", "load_student", "fidelity_figure"]
+__all__ = ["evaluate", "run_validation", "fidelity_figure"]

@@ -281,40 +281,6 @@ def partition(
 # --------------------------------------------------------------------------- files
 
 
-def load_boundaries(path: str | Path, k: int) -> list[int]:
-    """Boundaries for k phases from a phases file: either one partition
-    {"num_layers": L, "boundaries": [...]} or the `phases.json` written by
-    `raptor phases` ({"num_layers": L, "partitions": {"2": [...], ...}, ...})."""
-    from raptor.model.raptor import check_boundaries
-
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"phases file not found: {path}")
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ConfigError(f"phases file {path} is not valid JSON: {exc}") from None
-    if not isinstance(data, dict) or "num_layers" not in data:
-        raise ConfigError(f"phases file {path}: expected a JSON object with 'num_layers'")
-    if "partitions" in data:
-        parts = data["partitions"]
-        if str(k) not in parts:
-            raise ConfigError(
-                f"phases file {path} has partitions for k in {sorted(parts, key=int)}, not k={k}"
-            )
-        boundaries = parts[str(k)]
-    elif "boundaries" in data:
-        boundaries = data["boundaries"]
-    else:
-        raise ConfigError(
-            f"phases file {path}: expected a 'boundaries' list or a 'partitions' mapping"
-        )
-    try:
-        return check_boundaries(boundaries, int(data["num_layers"]), k)
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(f"phases file {path}: {exc}") from None
-
-
 def read_matrix(path: str | Path) -> np.ndarray:
     """An L x L matrix from a .npy file or whitespace-separated text."""
     path = Path(path)

@@ -3,8 +3,8 @@
 A teacher with L blocks produces hidden states a_0 .. a_L (a_0 enters block 1,
 a_l is block l's output). A Raptor replaces the L blocks with k `RecurrentBlock`s
 and a phase partition of layers 1..L into k contiguous segments, given by
-`boundaries` (the last layer of every phase but the last: [7, 10] with L = 12
-means block 1 produces layers 1-7, block 2 layers 8-10, block 3 layers 11-12).
+a `Partition` (`raptor.model.partition`; boundaries [7, 10] with L = 12 mean
+block 1 produces layers 1-7, block 2 layers 8-10, block 3 layers 11-12).
 Layer l is produced as a_l = block_{j(l)}(a_{l-1}, l), j(l) the phase of l.
 
 Shapes: x and a are (B, T, D): B images, T tokens, D features.
@@ -12,7 +12,6 @@ Shapes: x and a are (B, T, D): B images, T tokens, D features.
 
 from __future__ import annotations
 
-import bisect
 import inspect
 from collections.abc import Sequence
 from typing import Any, Union
@@ -21,16 +20,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from raptor.errors import UserError
+from raptor.model.partition import ArchitectureError, Partition
 
 LayerIndex = Union[int, Tensor]
 
-
-class ArchitectureError(UserError):
-    """A Raptor's architecture or phase partition does not fit (config, checkpoint, export)."""
-
-
-_FIX_BOUNDARIES = "; fix phases.boundaries or phases.file, or rerun `raptor phases`"
 
 DEPTH_FORMULA = (
     "s = W2 silu(W1 t + b1) + b2 + 1, t = 1-based index of the layer produced (float); "
@@ -216,34 +209,13 @@ _BLOCK_KEYS = (
 )
 
 
-def check_boundaries(boundaries: Sequence[int], num_layers: int, k: int | None = None) -> list[int]:
-    """Validate a phase partition; returns it as a list of ints.
-
-    boundaries: the last layer of every phase but the last, strictly increasing,
-    each in 1..L-1; k phases need k-1 of them.
-    """
-    b = [int(x) for x in boundaries]
-    what = f"phase boundaries {b} for {num_layers} layers"
-    if k is not None and len(b) != k - 1:
-        raise ArchitectureError(
-            f"{what}: k={k} phases need {k - 1} boundaries, got {len(b)}{_FIX_BOUNDARIES}"
-        )
-    if any(x < 1 or x > num_layers - 1 for x in b):
-        raise ArchitectureError(
-            f"{what}: every boundary must lie in 1..{num_layers - 1} (last layer of a phase but "
-            f"the last){_FIX_BOUNDARIES}"
-        )
-    if any(b2 <= b1 for b1, b2 in zip(b, b[1:])):
-        raise ArchitectureError(f"{what}: boundaries must be strictly increasing{_FIX_BOUNDARIES}")
-    return b
-
-
 class Raptor(nn.Module):
     """k `RecurrentBlock`s over a phase partition of layers 1..L.
 
     Block j (0-based) produces exactly the layers of phase j, `phases[j]` =
     (first, last), 1-based inclusive; its input is the state after layer
     first - 1. All block options (`RecurrentBlock`'s keywords) are shared.
+    `partition` is the `Partition`; `boundaries`, `phases` and `block_of` read it.
     """
 
     def __init__(
@@ -262,8 +234,8 @@ class Raptor(nn.Module):
             )
         if num_layers < 1:
             raise ArchitectureError(f"Raptor: num_layers must be >= 1, got {num_layers}")
-        self.num_layers = int(num_layers)
-        self.boundaries = check_boundaries(boundaries, self.num_layers)
+        self.partition = Partition(num_layers, boundaries)
+        self.num_layers = self.partition.num_layers
         self.dim = int(dim)
         self.num_heads = int(num_heads)
         defaults = inspect.signature(RecurrentBlock.__init__).parameters
@@ -272,19 +244,23 @@ class Raptor(nn.Module):
         }
         self.blocks = nn.ModuleList(
             RecurrentBlock(self.dim, self.num_heads, **self.block_options)
-            for _ in range(len(self.boundaries) + 1)
+            for _ in range(self.partition.k)
         )
 
     @classmethod
-    def from_config(cls, model_cfg: Any, teacher: Any, boundaries: Sequence[int]) -> Raptor:
+    def from_config(cls, model_cfg: Any, teacher: Any, partition: Partition) -> Raptor:
         """Build from the `model` config section and a teacher (uses only its
-        `num_layers`, `embed_dim` and `num_heads`); `boundaries` must hold
-        model.k - 1 layer indices."""
-        num_layers = int(teacher.num_layers)
-        b = check_boundaries(boundaries, num_layers, int(model_cfg.k))
+        `num_layers`, `embed_dim` and `num_heads`); `partition` must split the
+        teacher's layers into model.k phases."""
+        if partition.num_layers != int(teacher.num_layers):
+            raise ArchitectureError(
+                f"the phase partition covers {partition.num_layers} layers, the teacher has "
+                f"{teacher.num_layers}; fix phases.boundaries or phases.file"
+            )
+        partition.with_k(int(model_cfg.k))
         return cls(
-            num_layers,
-            b,
+            partition.num_layers,
+            partition.boundaries,
             int(teacher.embed_dim),
             int(model_cfg.num_heads or teacher.num_heads),
             **{key: getattr(model_cfg, key) for key in _BLOCK_KEYS},
@@ -324,17 +300,17 @@ class Raptor(nn.Module):
         return len(self.blocks)
 
     @property
+    def boundaries(self) -> list[int]:
+        return list(self.partition.boundaries)
+
+    @property
     def phases(self) -> list[tuple[int, int]]:
         """(first, last) layer of every phase, 1-based inclusive."""
-        starts = [1] + [b + 1 for b in self.boundaries]
-        ends = self.boundaries + [self.num_layers]
-        return list(zip(starts, ends))
+        return self.partition.phases
 
     def block_of(self, layer: int) -> int:
         """0-based index of the block that produces `layer` (1..L)."""
-        if not 1 <= int(layer) <= self.num_layers:
-            raise ValueError(f"layer {layer} is outside 1..{self.num_layers}")
-        return bisect.bisect_left(self.boundaries, int(layer))
+        return self.partition.block_of(layer)
 
     def step(self, a: Tensor, layer: LayerIndex) -> Tensor:
         """a_{l-1} (B, T, D) -> a_l. `layer` is an int or a LongTensor (B,) of

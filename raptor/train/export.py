@@ -23,13 +23,14 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, Optional
 
 import torch
 from torch import nn
 
 import raptor
-from raptor.config import ConfigError
+from raptor.config import ConfigError, from_container
+from raptor.data.stream import resolve_transform_config
 from raptor.model.backbone import (
     CONFIG_NAME,
     FORMAT,
@@ -38,6 +39,8 @@ from raptor.model.backbone import (
     WEIGHTS_NAME,
     RaptorBackbone,
 )
+from raptor.model.teacher import Teacher
+from raptor.train.checkpoints import load_raptor
 
 TORCH_TOLERANCE = 1e-5  # read-back backbone vs the in-training model (float32, CPU)
 ONNX_TOLERANCE = 1e-4  # onnxruntime vs torch
@@ -52,52 +55,8 @@ class ExportError(ConfigError):
 # ---------------------------------------------------------------------- sources
 
 
-def read_sources(source: str) -> Tuple[List[Dict[str, Any]], List[Path]]:
-    """Checkpoints named by `source` (comma-separated run folders / .ckpt files)."""
-    from raptor.train.fit import checkpoint_file, read_checkpoint
-
-    names = [s.strip() for s in str(source).split(",") if s.strip()]
-    if not names:
-        raise ExportError("export: no run folder or checkpoint given")
-    paths = [checkpoint_file(name) for name in names]
-    return [read_checkpoint(p) for p in paths], paths
-
-
-def load_raptor(ckpts: List[Dict[str, Any]], paths: List[Path], source: str):
-    """The Raptor of the checkpoint(s), with every one of its k blocks trained."""
-    from raptor.model.raptor import Raptor
-    from raptor.train.fit import load_blocks
-
-    hp = ckpts[0]["hyper_parameters"]
-    model = Raptor.from_arch(hp["arch"])
-    if len(ckpts) > 1:
-        if any(int(c["hyper_parameters"].get("stage", 0)) != 1 for c in ckpts):
-            raise ExportError(f"export {source}: several sources are joined only for stage-1 runs")
-        load_blocks(model, source)  # checks architectures and that each block comes once
-        return model
-    stage, blocks = int(hp.get("stage", 0)), hp.get("blocks")
-    if stage == 1 and blocks and sorted(blocks) != list(range(1, model.k + 1)):
-        raise ExportError(
-            f"export {paths[0]}: this stage-1 run trained block(s) {blocks} of {model.k}; the others "
-            "are untrained. Export a stage-2 run, or join the stage-1 runs of all blocks with "
-            "commas (RUN_1,RUN_2,...)"
-        )
-    prefix = "raptor."
-    state = {k[len(prefix) :]: v for k, v in ckpts[0]["state_dict"].items() if k.startswith(prefix)}
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as exc:
-        raise ExportError(
-            f"export {paths[0]}: its Raptor weights do not fit its stored architecture: "
-            f"{str(exc).splitlines()[0]}"
-        ) from None
-    return model
-
-
 def load_teacher(cfg: Any, teacher_weights: Optional[str]):
     """The run's teacher, rebuilt from its stored config (a separate head is not needed)."""
-    from raptor.model.teacher import Teacher
-
     t = cfg.teacher
     if teacher_weights:
         t.weights = str(teacher_weights)
@@ -161,8 +120,6 @@ def stem_config(vit: nn.Module) -> Dict[str, Any]:
 def preprocessing(data_config: Dict[str, Any], transform: Any) -> Dict[str, Any]:
     """The evaluation transform the run used (`raptor.data.stream.resolve_transform_config`: the
     teacher's timm data config with the `data.transform` overrides), as JSON."""
-    from raptor.data.stream import resolve_transform_config
-
     resolved = resolve_transform_config(data_config, transform)
     keys = ("input_size", "interpolation", "mean", "std", "crop_pct", "crop_mode")
     return {
@@ -188,9 +145,8 @@ def backbone_config(teacher: Any, model: Any, cfg: Any, source: Dict[str, Any]) 
         "raptor_version": raptor.__version__,
         "architecture": arch,
         "phases": {
-            "num_layers": model.num_layers,
-            "boundaries": list(model.boundaries),
-            "layers_of_block": [list(p) for p in model.phases],
+            **model.partition.to_json(),
+            "layers_of_block": [list(p) for p in model.partition.phases],
         },
         "depth_conditioning": {
             "enabled": bool(arch["depth_conditioning"]),
@@ -343,15 +299,13 @@ def export_backbone(
     "files"}. Raises ExportError (a ConfigError) or BackboneFormatError with a clear
     message; refuses a non-empty `out` unless `overwrite`.
     """
-    from raptor.config import from_container
-
     out = Path(out)
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         prepare_out(out, overwrite)  # raises before any heavy work
-    ckpts, paths = read_sources(str(source))
+    model, ckpts, paths = load_raptor(source, ExportError)
+    model.eval()
     hp = ckpts[0]["hyper_parameters"]
     cfg = from_container(hp["config"])
-    model = load_raptor(ckpts, paths, str(source)).eval()
     teacher = load_teacher(cfg, teacher_weights)
     info = {
         "checkpoints": [str(p) for p in paths],

@@ -22,10 +22,10 @@ optimizer and schedule.
 Per stage (`train.stage1` / `train.stage2`): AdamW on every trained parameter,
 linear warmup over `warmup_steps` then cosine to `min_lr` at `steps`; the peak
 lr is `lr`, or `lr * global_batch / lr_reference_batch` when `scale_lr` (linear
-scaling rule; global batch = data.batch_size x devices x nodes; min_lr is not
-scaled). Gaussian input noise `noise_sigma` on every block input, drawn from a
-generator seeded by (train.seed, stage, step, rank), so a resumed run draws the
-same noise.
+scaling rule, `raptor.train.schedules`; global batch = the data module's batch size
+x devices x nodes; min_lr is not scaled). Gaussian input noise `noise_sigma` on
+every block input, drawn from a generator seeded by (train.seed, stage, step,
+rank), so a resumed run draws the same noise.
 
 Logged metrics (CSV, W&B), layers l 1-based:
 - train/loss (mean over ranks), train/r, train/lr, train/img_s (global images per
@@ -84,15 +84,25 @@ from typing import Any, Dict, List, Optional
 
 import lightning as L
 import torch
-from lightning.pytorch.plugins.io import TorchCheckpointIO
 from omegaconf import DictConfig
 from torchmetrics import Metric
 from torchmetrics.aggregation import SumMetric
 
 from dmd.metrics import TrajectoryMetrics
-from raptor.config import ConfigError, from_container, to_container
+from raptor.config import ConfigError, to_container
+from raptor.data.stream import ShardDataModule
 from raptor.errors import RunFailed
+from raptor.model.partition import Partition
+from raptor.model.raptor import Raptor
+from raptor.model.teacher import Teacher
 from raptor.train import losses
+from raptor.train.checkpoints import (
+    AtomicCheckpointIO,
+    check_resume,
+    first_non_finite,
+    load_blocks,
+    resume_path,
+)
 from raptor.train.runs import (
     CKPT_DIR,
     LAST_CKPT,
@@ -101,6 +111,14 @@ from raptor.train.runs import (
     truncate_metrics,
     world_size,
 )
+from raptor.train.schedules import (
+    anneal_steps,
+    lr_at,
+    peak_lr,
+    schedule,
+    stage_config,
+    tf_ratio,
+)
 
 PENDING_CKPT = "pending.ckpt"
 VAL_FILE = "val_metrics.json"
@@ -108,39 +126,6 @@ VAL_FILE = "val_metrics.json"
 
 class NonFiniteLossError(RunFailed):
     """The training loss, or the state about to be checkpointed, became NaN or infinite."""
-
-
-# --------------------------------------------------------------------------- pure helpers
-
-
-def lr_at(step: int, peak: float, min_lr: float, warmup: int, total: int) -> float:
-    """Linear warmup from peak/warmup to peak over `warmup` steps, then cosine to min_lr at `total`."""
-    if step < warmup:
-        return peak * (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    return min_lr + (peak - min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
-def peak_lr(stage_cfg: Any, global_batch: int) -> float:
-    """`lr`, scaled by global_batch / lr_reference_batch when `scale_lr` (linear rule)."""
-    if stage_cfg.scale_lr:
-        return float(stage_cfg.lr) * global_batch / int(stage_cfg.lr_reference_batch)
-    return float(stage_cfg.lr)
-
-
-def stage_config(cfg: DictConfig) -> Any:
-    """The `train.stage1` or `train.stage2` section of the config's stage."""
-    stage = int(cfg.train.stage)
-    if stage not in (1, 2):
-        raise ConfigError(f"train.stage must be 1 or 2, got {stage}")
-    return cfg.train[f"stage{stage}"]
-
-
-def anneal_steps(stage_cfg: Any) -> int:
-    """Teacher-forcing anneal length: `anneal_steps`, default a quarter of the run."""
-    if stage_cfg.anneal_steps is not None:
-        return int(stage_cfg.anneal_steps)
-    return int(stage_cfg.steps) // 4
 
 
 def selected_blocks(cfg: DictConfig, k: int) -> List[int]:
@@ -158,159 +143,6 @@ def selected_blocks(cfg: DictConfig, k: int) -> List[int]:
             f"train.blocks must be distinct block numbers in 1..{k} (model.k), got {out}"
         )
     return sorted(j - 1 for j in out)
-
-
-def phase_boundaries(cfg: DictConfig, num_layers: int) -> List[int]:
-    """`phases.boundaries`, else the model.k partition in `phases.file`."""
-    if cfg.phases.boundaries is not None:
-        return [int(b) for b in cfg.phases.boundaries]
-    if cfg.phases.file:
-        from raptor.eval.phases import load_boundaries
-
-        return list(load_boundaries(cfg.phases.file, int(cfg.model.k)))
-    raise ConfigError(
-        f"no phase partition for model.k={cfg.model.k} ({num_layers} teacher layers): set "
-        "phases.boundaries=[...] or phases.file=PATH (a phases.json written by `raptor phases`)"
-    )
-
-
-def checkpoint_file(path: str | Path) -> Path:
-    """A checkpoint path, or a run folder -> its checkpoints/last.ckpt."""
-    path = Path(path).expanduser()
-    if path.is_dir():
-        path = path / CKPT_DIR / LAST_CKPT
-    if not path.is_file():
-        raise ConfigError(f"checkpoint not found: {path} (expected a run folder or a .ckpt file)")
-    return path
-
-
-def read_checkpoint(path: str | Path) -> Dict[str, Any]:
-    """torch.load(weights_only=True) of a Raptor checkpoint, with a clear error."""
-    path = checkpoint_file(path)
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as exc:
-        raise ConfigError(
-            f"{path}: not a readable checkpoint ({type(exc).__name__}: {str(exc).splitlines()[0]})"
-        ) from None
-    hp = ckpt.get("hyper_parameters") if isinstance(ckpt, dict) else None
-    if not isinstance(hp, dict) or "arch" not in hp or "state_dict" not in ckpt:
-        raise ConfigError(f"{path}: not a `raptor fit` checkpoint (no Raptor arch/state_dict)")
-    return ckpt
-
-
-def load_blocks(raptor: Any, init_from: str) -> List[int]:
-    """Initialise `raptor`'s blocks from stage-1 checkpoints (comma-separated run folders
-    or .ckpt files); each contributes the blocks it trained. Returns the 1-based blocks
-    loaded; every block must come from exactly one source with the same architecture."""
-    want = {k: v for k, v in raptor.arch_config().items() if k != "depth_formula"}
-    owner: Dict[int, str] = {}
-    for source in [s.strip() for s in init_from.split(",") if s.strip()]:
-        ckpt = read_checkpoint(source)
-        hp = ckpt["hyper_parameters"]
-        have = {k: v for k, v in hp["arch"].items() if k != "depth_formula"}
-        diff = {k: (have.get(k), v) for k, v in want.items() if have.get(k) != v}
-        if diff:
-            raise ConfigError(
-                f"train.init_from {source}: its Raptor differs from this config's "
-                f"(key: (checkpoint, config)) {diff}"
-            )
-        state = ckpt["state_dict"]
-        for j in hp.get("blocks") or range(1, raptor.k + 1):
-            if j in owner:
-                raise ConfigError(f"train.init_from: block {j} is in both {owner[j]} and {source}")
-            prefix = f"raptor.blocks.{j - 1}."
-            raptor.blocks[j - 1].load_state_dict(
-                {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
-            )
-            owner[j] = source
-    missing = sorted(set(range(1, raptor.k + 1)) - set(owner))
-    if missing:
-        raise ConfigError(f"train.init_from: no stage-1 weights for block(s) {missing}")
-    return sorted(owner)
-
-
-def schedule(cfg: DictConfig, world: int) -> Dict[str, Any]:
-    """What the optimizer and schedule follow, by config key: the stage's steps, lr, min_lr,
-    warmup_steps, anneal_steps (resolved), weight_decay, and the peak lr they give on
-    `world` ranks (`scale_lr`, `lr_reference_batch`, `data.batch_size`, devices x nodes)."""
-    hp, prefix = stage_config(cfg), f"train.stage{cfg.train.stage}."
-    out = {prefix + k: hp[k] for k in ("steps", "lr", "min_lr", "warmup_steps", "weight_decay")}
-    out[prefix + "anneal_steps"] = anneal_steps(hp)
-    out["peak lr"] = peak_lr(hp, int(cfg.data.batch_size) * world)
-    return out
-
-
-def check_resume(cfg: DictConfig, path: Optional[Path], world: int) -> int:
-    """The step a run resumed from `path` (None: a fresh run) starts at, once the checkpoint
-    is known to be of this stage and its schedule unchanged, or `train.schedule_change=apply`."""
-    if path is None:
-        return 0
-    ckpt = read_checkpoint(path)
-    stored = ckpt["hyper_parameters"].get("stage")
-    if stored != int(cfg.train.stage):
-        raise ConfigError(
-            f"{path} is a stage-{stored} checkpoint but train.stage={cfg.train.stage}: "
-            "give each stage its own run_dir (stage 2 reads stage 1 through train.init_from)"
-        )
-    step = int(ckpt["global_step"])
-    old = ckpt.get("schedule") or schedule(
-        from_container(ckpt["hyper_parameters"]["config"]), world
-    )
-    new = schedule(cfg, world)
-    changed = {k: (old.get(k), v) for k, v in new.items() if old.get(k) != v}
-    if changed and cfg.train.schedule_change == "refuse":
-        diff = ", ".join(f"{k}: {a} -> {b}" for k, (a, b) in changed.items())
-        raise ConfigError(
-            f"resuming {path} (step {step}) with a different schedule ({diff}): set the old "
-            "values back, or train.schedule_change=apply to follow the new schedule from step "
-            f"{step} on, or use another run_dir to start afresh"
-        )
-    return step
-
-
-def resume_path(cfg: DictConfig, run_dir: Path) -> Optional[Path]:
-    """The checkpoint `train.resume` asks to continue from, if any."""
-    mode = str(cfg.train.resume)
-    last = run_dir / CKPT_DIR / LAST_CKPT
-    if mode == "auto":  # newest of last.ckpt and Lightning's SLURM requeue checkpoints
-        found = [p for p in [last, *run_dir.glob("hpc_ckpt_*.ckpt")] if p.is_file()]
-        path = max(found, key=lambda p: p.stat().st_mtime) if found else None
-    elif mode == "never":
-        if last.exists():
-            raise ConfigError(
-                f"train.resume=never but {last} exists: use resume=auto to continue that run, "
-                "or another run_dir"
-            )
-        path = None
-    else:
-        path = checkpoint_file(mode)
-    return path
-
-
-def first_non_finite(checkpoint: Dict[str, Any]) -> Optional[str]:
-    """The first NaN/inf weight or optimizer state in a checkpoint, named; None if all finite."""
-    tensors = {f"weight {k}": v for k, v in checkpoint["state_dict"].items()}
-    for opt in checkpoint.get("optimizer_states", []):
-        for p, state in opt["state"].items():
-            tensors.update({f"optimizer state {k} of parameter {p}": v for k, v in state.items()})
-    for name, t in tensors.items():
-        if torch.is_tensor(t) and t.is_floating_point() and not bool(torch.isfinite(t).all()):
-            return name
-    return None
-
-
-class AtomicCheckpointIO(TorchCheckpointIO):
-    """Writes a checkpoint to a temporary file and renames it, so a job killed while
-    saving keeps its previous checkpoint intact."""
-
-    def save_checkpoint(self, checkpoint, path, storage_options=None) -> None:
-        path = str(path)
-        if "://" in path:  # remote storage: no atomic rename
-            return super().save_checkpoint(checkpoint, path, storage_options)
-        tmp = f"{path}.tmp"
-        super().save_checkpoint(checkpoint, tmp, storage_options)
-        os.replace(tmp, path)
 
 
 class MeanVector(Metric):
@@ -341,7 +173,9 @@ class Distiller(L.LightningModule):
     checkpoints); raptor: a `raptor.model.raptor.Raptor`; blocks: 0-based blocks to
     train (stage 1; the others are frozen and not validated). `rollout` picks the
     validation: "phase" (each trained block from the teacher's phase input; stage 1
-    default) or "full" (the whole student from a_0; stage 2 default).
+    default) or "full" (the whole student from a_0; stage 2 default). `global_batch`:
+    the images of one optimizer step over all ranks (the data's batch size x world
+    size), which scales the lr (`raptor.train.schedules`); needed to train, not to validate.
     """
 
     def __init__(
@@ -351,9 +185,11 @@ class Distiller(L.LightningModule):
         raptor: Any,
         blocks: Optional[List[int]] = None,
         rollout: Optional[str] = None,
+        global_batch: Optional[int] = None,
     ) -> None:
         super().__init__()
         self.cfg = cfg
+        self.global_batch = global_batch
         self.stage = int(cfg.train.stage)
         self.hp = stage_config(cfg)
         self.teacher = teacher
@@ -416,8 +252,13 @@ class Distiller(L.LightningModule):
 
     def _lr_schedule(self) -> tuple[float, float, int, int]:
         """(peak, min_lr, warmup, total): the arguments of `lr_at` for this config."""
-        peak = peak_lr(self.hp, int(self.cfg.data.batch_size) * self.trainer.world_size)
+        peak = peak_lr(self.hp, self._global_batch())
         return peak, float(self.hp.min_lr), int(self.hp.warmup_steps), int(self.hp.steps)
+
+    def _global_batch(self) -> int:
+        if self.global_batch is None:
+            raise ValueError("Distiller: training needs global_batch (images per optimizer step)")
+        return int(self.global_batch)
 
     def configure_optimizers(self):
         peak, min_lr, warmup, total = self._lr_schedule()
@@ -471,7 +312,7 @@ class Distiller(L.LightningModule):
         B, sigma, gen = images.shape[0], float(self.hp.noise_sigma), self._noise()
         logs: Dict[str, torch.Tensor | float] = {}
         if self.stage == 1:
-            r = losses.tf_ratio(self.global_step, self.anneal_steps)
+            r = tf_ratio(self.global_step, self.anneal_steps)
             upto = max(self.raptor.phases[j][1] for j in self.trained)
             traj = self.teacher.trajectory(images, upto=upto)
             loss = images.new_zeros(())
@@ -580,7 +421,7 @@ class Distiller(L.LightningModule):
                 f"non-finite {bad} at step {self.global_step} "
                 f"(stage {self.stage}): no checkpoint written. {self._resume_hint()}"
             )
-        checkpoint["schedule"] = schedule(self.cfg, self.trainer.world_size)
+        checkpoint["schedule"] = schedule(self.cfg, self._global_batch())
         checkpoint["rng"] = {"torch": torch.get_rng_state()}
         if torch.cuda.is_available():
             checkpoint["rng"]["cuda"] = torch.cuda.get_rng_state_all()
@@ -704,11 +545,8 @@ class Distiller(L.LightningModule):
 def build(cfg: DictConfig, resuming: bool = False):
     """Teacher, Raptor (stage 2: initialised from `train.init_from` unless resuming) and
     the trained blocks for this config."""
-    from raptor.model.raptor import Raptor
-    from raptor.model.teacher import Teacher
-
     teacher = Teacher.from_config(cfg.teacher)
-    raptor = Raptor.from_config(cfg.model, teacher, phase_boundaries(cfg, teacher.num_layers))
+    raptor = Raptor.from_config(cfg.model, teacher, Partition.from_config(cfg, teacher.num_layers))
     blocks = selected_blocks(cfg, raptor.k)
     if int(cfg.train.stage) == 2 and not resuming:
         if cfg.train.init_from:
@@ -720,12 +558,13 @@ def build(cfg: DictConfig, resuming: bool = False):
     return teacher, raptor, blocks
 
 
-def _callbacks(cfg: DictConfig) -> List[Any]:
-    """The DMD callback in stage 2 when enabled (the Distiller writes its own checkpoints)."""
+def _callbacks(cfg: DictConfig, partition: Partition) -> List[Any]:
+    """The DMD callback in stage 2 when enabled, one span per phase unless dmd.spans says
+    otherwise (the Distiller writes its own checkpoints)."""
     if int(cfg.train.stage) == 2 and cfg.dmd.enabled:
         from dmd.callback import DMDCallback
 
-        return [DMDCallback.from_config(cfg.dmd)]
+        return [DMDCallback.from_config(cfg.dmd, default_spans=partition.spans)]
     return []
 
 
@@ -734,7 +573,8 @@ def fit(
 ) -> Dict[str, Any]:
     """Train one stage (cfg.train.stage) in `run_dir` (default cfg.run_dir).
 
-    `datamodule` defaults to `raptor.data.stream.ShardDataModule(cfg.data, teacher.data_config)`.
+    `datamodule` defaults to `raptor.data.stream.ShardDataModule(cfg.data, teacher.data_config)`;
+    its `batch_size` (per rank) x the world size is the global batch that scales the lr.
     Returns {"run_dir", "checkpoint" (last.ckpt), "stage", "step", "metrics" (every value
     logged by the last validation: val/..., val_identity/..., val_dmd/... with the DMD
     callback)}. A signal stops it with `raptor.train.preemption.Stopped` (a SystemExit).
@@ -742,16 +582,16 @@ def fit(
     hp = stage_config(cfg)
     run_dir = Path(run_dir or cfg.run_dir)
     ckpt_path = resume_path(cfg, run_dir)
-    start = check_resume(cfg, ckpt_path, world_size(cfg))
     L.seed_everything(int(cfg.train.seed), verbose=False)
     teacher, raptor, blocks = build(cfg, resuming=ckpt_path is not None)
+    if datamodule is None:
+        datamodule = ShardDataModule(cfg.data, teacher.data_config, teacher.num_classes)
+    world = world_size(cfg)
+    global_batch = int(datamodule.batch_size) * world
+    start = check_resume(cfg, ckpt_path, global_batch, world)
     run_dir = prepare_run_dir(cfg, run_dir)  # config.yaml: only once the run can start
     truncate_metrics(run_dir, start)  # what this run logs again
-    if datamodule is None:
-        from raptor.data.stream import ShardDataModule
-
-        datamodule = ShardDataModule(cfg.data, teacher.data_config, teacher.num_classes)
-    module = Distiller(cfg, teacher, raptor, blocks)
+    module = Distiller(cfg, teacher, raptor, blocks, global_batch=global_batch)
     module.val_file = run_dir / VAL_FILE
     module.good_ckpt = (ckpt_path, start) if ckpt_path is not None else None
     steps = int(hp.steps)
@@ -759,7 +599,7 @@ def fit(
         cfg,
         run_dir,
         max_steps=steps,
-        callbacks=_callbacks(cfg),
+        callbacks=_callbacks(cfg, raptor.partition),
         gradient_clip_val=float(hp.grad_clip) or None,
         val_check_interval=max(1, min(int(cfg.train.val_every_n_steps), steps)),
         check_val_every_n_epoch=None,

@@ -113,10 +113,3 @@ def autoregressive_loss(
         loss = loss + loss_fn(x, targets[:, i]).mean()
         preds.append(x)
     return loss / n, torch.stack(preds, dim=1)
-
-
-def tf_ratio(step: int, anneal_steps: int) -> float:
-    """Teacher-forcing weight r = max(0, 1 - step / anneal_steps); 0 when anneal_steps <= 0."""
-    if anneal_steps <= 0:
-        return 0.0
-    return max(0.0, 1.0 - step / anneal_steps)
