@@ -49,7 +49,8 @@ class _Phases:
 
 
 class Student(L.LightningModule):
-    """One linear map per layer, teacher-forced; logs val/{metric}[_{group}]/L{l}."""
+    """One linear map per layer, teacher-forced; logs val/{metric}[_{group}]/L{l} and keeps
+    its table for the callback's comparison."""
 
     def __init__(self):
         super().__init__()
@@ -73,13 +74,9 @@ class Student(L.LightningModule):
         self.val_metrics.update(self._preds(traj), traj[:, 1:], batch["valid"])
 
     def on_validation_epoch_end(self):
-        out = {}
-        for key, v in self.val_metrics.compute().items():
-            metric, group = key.split("/")
-            tag = metric if group == "all" else f"{metric}_{group}"
-            out.update({f"val/{tag}/L{j + 1}": float(x) for j, x in enumerate(v)})
+        self.fidelity_table = self.val_metrics.table(range(1, self.teacher.num_layers + 1))
         self.val_metrics.reset()
-        self.log_dict(out)
+        self.log_dict(self.fidelity_table.flat("val"))
 
     def configure_optimizers(self):
         return torch.optim.SGD(self.maps.parameters(), lr=0.01)
