@@ -168,6 +168,14 @@ def test_lightning_run_logs_dmd_identity_and_student_side_by_side(tmp_path):
         by
     )
     assert float(by["student"]["cos"]) == pytest.approx(float(rows[-1]["val/cos/L3"]), rel=1e-6)
+    # the student's rows are its own table (float64), not the logged (float32) values
+    for m in ("cos", "r2", "rel_l2"):
+        assert float(by["student"][m]) == student.fidelity_table.get(m)[2]
+    cls = [r for r in table if int(r["step"]) == 4 and r["group"] == "cls" and r["layer"] == "2"]
+    assert (
+        float(next(r for r in cls if r["predictor"] == "student")["r2"])
+        == (student.fidelity_table.get("r2", "cls")[1])
+    )
     assert float(by["identity"]["r2"]) == pytest.approx(float(ident["r2/all"][2]), rel=1e-5)
     for name in ("dmd_eigenvalues", "dmd_vs_student_cos", "dmd_vs_student_r2"):
         assert (tmp_path / f"{name}.png").stat().st_size > 1000

@@ -56,3 +56,14 @@ def test_public_api_from_the_top_level():
     assert losses is train_losses
     with pytest.raises(AttributeError, match="no attribute 'Surrogate'"):
         _ = raptor.Surrogate
+
+
+def test_evaluation_does_not_load_the_training_module():
+    """Validation, phases, DMD baselines and summaries run without raptor.train.fit (the
+    Distiller builds on raptor.eval.validation, not the other way round)."""
+    loaded = loaded_after(
+        "import raptor.eval.validation, raptor.eval.phases, raptor.eval.dmd_baselines, "
+        "raptor.eval.summary"
+    )
+    assert "raptor.eval.validation" in loaded
+    assert "raptor.train.fit" not in loaded
