@@ -6,7 +6,7 @@ entering block 1; tokens are rows; an operator maps column vectors, y ~ K x.
 """
 
 from dmd.fit import SELECTIONS, fit, selection_pairs
-from dmd.metrics import METRICS, TrajectoryMetrics, trajectory_metrics
+from dmd.metrics import METRICS, FidelityTable, TrajectoryMetrics, trajectory_metrics
 from dmd.moments import MomentAccumulator, PairMoments
 from dmd.operator import LinearOperator, identity
 from dmd.solvers import SOLVERS
@@ -15,6 +15,7 @@ __all__ = [
     "METRICS",
     "SELECTIONS",
     "SOLVERS",
+    "FidelityTable",
     "LinearOperator",
     "MomentAccumulator",
     "PairMoments",

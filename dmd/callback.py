@@ -21,7 +21,10 @@ Duck-typed contract (nothing is imported from the training code):
 - batches are dicts with "image" (B, C, H, W) and optionally "valid" bool (B,)
   and "label" long (B,) (-1: none);
 - when ``validation_step`` / ``training_step`` return a dict holding
-  "trajectory" (B, L+1, T, D), it is used instead of a second teacher forward.
+  "trajectory" (B, L+1, T, D), it is used instead of a second teacher forward;
+- ``pl_module.fidelity_table`` (optional): the student's `dmd.metrics.FidelityTable`
+  of the validation just finished, set in its on_validation_epoch_end; its layers
+  beside the DMD ones go into the comparison table.
 
 Logged at each validation (L = 1-based layer, j = span end layer), next to the
 student's ``val/{metric}/L{l}``:
@@ -51,10 +54,11 @@ from torch import Tensor
 
 from dmd.evaluate import Evaluator, fit_entries
 from dmd.fit import SELECTIONS, check_span, endpoint_pairs
-from dmd.metrics import METRICS
+from dmd.metrics import METRICS, FidelityTable
 from dmd.moments import MomentAccumulator, moment_dtype
 from dmd.plots import curve_figure, eigenvalue_figure, save_figure
 from dmd.solvers import SOLVERS
+from dmd.stream import stream_trajectories, through_teacher
 
 COMPARE_FILE = "dmd_compare.csv"
 PLOT_METRICS = ("cos", "r2", "rel_l2")
@@ -167,8 +171,7 @@ class DMDCallback(L.Callback):
         full = getattr(pl_module.teacher, "num_layers", None)
         if shared is not None and (full is None or shared.shape[1] == full + 1):
             return shared  # the module's own teacher forward (a truncated one is not used)
-        with torch.no_grad():
-            return pl_module.teacher.trajectory(batch["image"].to(pl_module.device))
+        return through_teacher(batch, pl_module.teacher.trajectory, pl_module.device).trajectory
 
     def _calibration_loader(self, trainer: L.Trainer, pl_module: Any) -> Iterable:
         if self.calib_loader is not None:
@@ -178,15 +181,14 @@ class DMDCallback(L.Callback):
         return pl_module.train_dataloader()
 
     def _calibrate(self, trainer: L.Trainer, pl_module: Any) -> None:
-        share = math.ceil(self.calib_images / max(trainer.world_size, 1))
         acc = None
-        for batch in self._calibration_loader(trainer, pl_module):
-            traj = self._trajectory(pl_module, batch)
-            valid = batch.get("valid")
-            valid = (
-                torch.ones(traj.shape[0], dtype=torch.bool) if valid is None else valid.bool().cpu()
-            )
-            valid = valid & (torch.cumsum(valid, 0) <= share - (acc.images if acc else 0))
+        for traj, valid, _ in stream_trajectories(
+            self._calibration_loader(trainer, pl_module),
+            pl_module.teacher.trajectory,
+            pl_module.device,
+            images=self.calib_images,
+            ranks=trainer.world_size,
+        ):
             if acc is None:
                 spans = self._spans(traj.shape[1] - 1)
                 acc = MomentAccumulator(
@@ -197,10 +199,8 @@ class DMDCallback(L.Callback):
                     compute_dtype=self.compute_dtype,
                 )
             acc.update(traj, valid)
-            if acc.images >= share:
-                break
         if acc is None:
-            raise RuntimeError("DMDCallback: the calibration loader yielded no batch")
+            raise RuntimeError("DMDCallback: the calibration loader yielded no valid image")
         self._local = acc
         self._fit(trainer, pl_module)
 
@@ -266,29 +266,23 @@ class DMDCallback(L.Callback):
         self.last_results = results
         flat = {}
         for name, res in results.items():
-            for key, values in res["fidelity"].items():
-                metric, group = key.split("/")
-                if group != "all" and not self.log_groups:
-                    continue
-                tag = metric if group == "all" else f"{metric}_{group}"
-                for layer, v in zip(res["layers"], values):
-                    flat[f"val_dmd/{name}/{tag}/L{layer}"] = v
-            ends = [i + p for i, p in res["spans"]]
-            for key, values in (res["final"] or {}).items():
-                metric, group = key.split("/")
-                if group == "all":
-                    flat.update(
-                        {f"val_dmd/{name}/final_{metric}/L{j}": v for j, v in zip(ends, values)}
-                    )
+            prefix = f"val_dmd/{name}"
+            flat.update(self._table(res).flat(prefix, groups=self.log_groups))
+            if res["final"] is not None:
+                ends = [i + p for i, p in res["spans"]]
+                final = FidelityTable.from_metrics(res["final"], ends)
+                flat.update(final.flat(prefix, groups=False, tag="final_"))
             if res["top1"] is not None:
-                flat.update({f"val_dmd/{name}/top1/L{j}": v for j, v in zip(ends, res["top1"])})
+                ends = [i + p for i, p in res["spans"]]
+                flat.update({f"{prefix}/top1/L{j}": v for j, v in zip(ends, res["top1"])})
         # already reduced over ranks by the metrics: identical on every rank
         pl_module.log_dict({k: float(v) for k, v in flat.items()}, sync_dist=False)
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.sanity_checking or not trainer.is_global_zero or self.last_results is None:
             return
-        rows = self.comparison_rows(trainer.callback_metrics, trainer.global_step)
+        student = getattr(pl_module, "fidelity_table", None)
+        rows = self.comparison_rows(student, trainer.global_step)
         self._write_table(trainer, rows)
         for metric in PLOT_METRICS:
             curves = {}
@@ -312,27 +306,25 @@ class DMDCallback(L.Callback):
                 trainer.global_step,
             )
 
-    def comparison_rows(self, logged: Mapping[str, Any], step: int) -> list[dict]:
-        """Rows (step, predictor, layer, group, every metric) for the student (read from
-        the logged val/{metric}[_{group}]/L{l}), every DMD variant and the identity."""
-        rows = []
-        first = next(iter(self.last_results.values()))
-        groups = sorted({k.split("/")[1] for k in first["fidelity"]}, key=lambda g: (g != "all", g))
-        layers = sorted({layer for res in self.last_results.values() for layer in res["layers"]})
-        for group in groups:
-            for layer in layers:
-                tag = "" if group == "all" else f"_{group}"
-                vals = {m: logged.get(f"val/{m}{tag}/L{layer}") for m in METRICS}
-                if any(v is not None for v in vals.values()):
-                    vals = {m: None if v is None else float(v) for m, v in vals.items()}
-                    rows.append(
-                        dict(step=step, predictor="student", layer=layer, group=group, **vals)
-                    )
-            for name, res in self.last_results.items():
-                for idx, layer in enumerate(res["layers"]):
-                    vals = {m: res["fidelity"][f"{m}/{group}"][idx] for m in METRICS}
-                    rows.append(dict(step=step, predictor=name, layer=layer, group=group, **vals))
-        return rows
+    @staticmethod
+    def _table(result: Mapping[str, Any]) -> FidelityTable:
+        return FidelityTable.from_metrics(result["fidelity"], result["layers"])
+
+    def comparison_rows(self, student: Optional[FidelityTable], step: int) -> list[dict]:
+        """Rows (step, predictor, layer, group, every metric) for the student (its table's
+        values at the DMD layers, when given), every DMD variant and the identity."""
+        tables = {name: self._table(res) for name, res in self.last_results.items()}
+        groups = next(iter(tables.values())).groups
+        if student is not None:
+            dmd_layers = {layer for t in tables.values() for layer in t.layers}
+            shared = [layer for layer in student.layers if layer in dmd_layers]
+            tables = {"student": FidelityTable(shared, student.aligned(shared)), **tables}
+        return [
+            dict(step=step, predictor=name, **row)
+            for group in groups
+            for name, table in tables.items()
+            for row in table.rows(group)
+        ]
 
     def _write_table(self, trainer: L.Trainer, rows: list[dict]) -> None:
         path = self._out(trainer) / COMPARE_FILE

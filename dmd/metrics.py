@@ -20,13 +20,17 @@ given plus "all" = every token) `compute()` returns tensors of shape (S,):
 - ``rel_l2``: mean over rows of ||pred - target|| / ||target||;
 - ``norm_ratio``: mean over rows of ||pred|| / ||target||.
 
-Keys are f"{metric}/{group}". A group with no rows gives NaN.
+Keys are f"{metric}/{group}" (`metric_key`). A group with no rows gives NaN.
+
+`FidelityTable` holds such results by metric, group and layer, and gives them in the
+forms the reports use: logged names, CSV rows, the nested JSON of eval.json.
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -35,6 +39,100 @@ from torchmetrics import Metric
 
 METRICS = ("r2", "r2_ref", "cos", "rel_l2", "norm_ratio")
 _EPS = 1e-12  # floor on norms in the per-row ratios
+
+
+def metric_key(metric: str, group: str) -> str:
+    """The key of one metric of one token group in `TrajectoryMetrics.compute()`."""
+    return f"{metric}/{group}"
+
+
+@dataclass
+class FidelityTable:
+    """Fidelity results: values[metric][group] = [value per layer of `layers`].
+
+    Metrics and groups keep the order they were computed in (`METRICS`; the groups
+    given, then "all"). Build one with `from_metrics` (a `TrajectoryMetrics.compute()`
+    result or an evaluation's "fidelity" dict, keyed by `metric_key`) or `from_json`.
+    """
+
+    layers: list[int]
+    values: dict[str, dict[str, list[float]]]
+
+    @classmethod
+    def from_metrics(
+        cls, computed: Mapping[str, Sequence[float] | Tensor], layers: Iterable[int]
+    ) -> FidelityTable:
+        values: dict[str, dict[str, list[float]]] = {}
+        for key, per_layer in computed.items():
+            metric, _, group = key.partition("/")
+            values.setdefault(metric, {})[group] = [float(v) for v in per_layer]
+        return cls([int(layer) for layer in layers], values)
+
+    @classmethod
+    def from_json(cls, values: Mapping[str, Mapping[str, Sequence]], layers: Iterable[int]):
+        """The inverse of `to_json` (eval.json's "student" / "identity" with its "layers")."""
+        return cls(
+            [int(layer) for layer in layers],
+            {m: {g: list(v) for g, v in by_group.items()} for m, by_group in values.items()},
+        )
+
+    @property
+    def metrics(self) -> list[str]:
+        return list(self.values)
+
+    @property
+    def groups(self) -> list[str]:
+        """The token groups, "all" first, then the others by name (the order of the rows)."""
+        names = dict.fromkeys(g for by_group in self.values.values() for g in by_group)
+        return sorted(names, key=lambda g: (g != "all", g))
+
+    def get(self, metric: str, group: str = "all") -> list[float]:
+        """The values of one metric and group, one per layer of `layers`."""
+        return self.values[metric][group]
+
+    def flat(
+        self, prefix: str, groups: bool = True, mean: bool = False, tag: str = ""
+    ) -> dict[str, float]:
+        """Logged names -> values: f"{prefix}/{tag}{metric}/L{layer}" over all tokens and
+        f"{prefix}/{tag}{metric}_{group}/L{layer}" per group (only with `groups`);
+        with `mean`, f"{prefix}/{tag}{metric}/mean" (all tokens, mean over layers)."""
+        out: dict[str, float] = {}
+        for metric, by_group in self.values.items():
+            for group, per_layer in by_group.items():
+                if group != "all" and not groups:
+                    continue
+                name = f"{tag}{metric}" if group == "all" else f"{tag}{metric}_{group}"
+                for layer, v in zip(self.layers, per_layer):
+                    out[f"{prefix}/{name}/L{layer}"] = float(v)
+                if mean and group == "all":
+                    out[f"{prefix}/{name}/mean"] = float(
+                        torch.tensor(per_layer, dtype=torch.float64).mean()
+                    )
+        return out
+
+    def rows(self, group: Optional[str] = None) -> list[dict]:
+        """CSV / markdown rows {"layer", "group", every metric}, group by group ("all"
+        first), layer by layer; only `group`'s rows when given."""
+        return [
+            {"layer": layer, "group": g, **{m: self.values[m][g][i] for m in self.values}}
+            for g in ([group] if group is not None else self.groups)
+            for i, layer in enumerate(self.layers)
+        ]
+
+    def to_json(self) -> dict[str, dict[str, list[float]]]:
+        """{metric: {group: [value per layer]}}, as eval.json stores it."""
+        return {m: {g: list(v) for g, v in by_group.items()} for m, by_group in self.values.items()}
+
+    def aligned(self, layers: Sequence[int]) -> dict[str, dict[str, list[Optional[float]]]]:
+        """`to_json` over other `layers`: None where this table has no value."""
+        where = {layer: i for i, layer in enumerate(self.layers)}
+        return {
+            m: {
+                g: [float(v[where[layer]]) if layer in where else None for layer in layers]
+                for g, v in by_group.items()
+            }
+            for m, by_group in self.values.items()
+        }
 
 
 class TrajectoryMetrics(Metric):
@@ -152,10 +250,14 @@ class TrajectoryMetrics(Metric):
         for metric in METRICS:
             for g, group in enumerate(self.group_names):
                 v = values[metric][g]
-                out[f"{metric}/{group}"] = torch.where(
+                out[metric_key(metric, group)] = torch.where(
                     rows[g] > 0, v, torch.full_like(v, float("nan"))
                 )
         return out
+
+    def table(self, layers: Iterable[int]) -> FidelityTable:
+        """`compute()` as a table over `layers` (one per step)."""
+        return FidelityTable.from_metrics(self.compute(), layers)
 
 
 def trajectory_metrics(

@@ -22,7 +22,7 @@ from typing import Any, Optional
 
 import numpy as np
 
-from dmd.metrics import METRICS
+from dmd.metrics import METRICS, metric_key
 
 RANK_SOLVERS = ("pcr", "rrr")
 SWEEPS = ("rank", "alpha", "budget", "cut_start", "prune_length", "token_group")
@@ -106,7 +106,7 @@ def plan_sweeps(
 def score(result: Mapping[str, Any], layer: int, group: str = "all") -> dict[str, float]:
     """Every metric of an evaluation result (dmd.evaluate) at one layer, for one group."""
     idx = result["layers"].index(layer)
-    return {m: result["fidelity"][f"{m}/{group}"][idx] for m in METRICS}
+    return {m: result["fidelity"][metric_key(m, group)][idx] for m in METRICS}
 
 
 def power_law(budgets: Sequence[float], errors: Sequence[float]) -> dict[str, float]:

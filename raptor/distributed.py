@@ -6,11 +6,16 @@ torchrun sets RANK / LOCAL_RANK / WORLD_SIZE, `srun` sets SLURM_PROCID / SLURM_L
 SLURM_NTASKS, Lightning's own launcher sets LOCAL_RANK / NODE_RANK / WORLD_SIZE in the
 processes it starts. RANK comes before SLURM_PROCID, so torchrun inside a SLURM allocation
 (where every process inherits the batch shell's SLURM_PROCID=0) is read correctly.
+A Lightning Trainer, when there is one, knows best (`rank_and_world(trainer)`).
+Also here: the device a process computes on (`device`) and the world size a Trainer will
+have, from its config, before it exists (`planned_world_size`).
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
+from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
@@ -56,6 +61,37 @@ def world_size() -> int:
     return int(value) if value.isdigit() else 1
 
 
+def rank_and_world(trainer: Optional[Any] = None) -> tuple[int, int]:
+    """(global rank, world size): the Trainer's when given, else as above."""
+    if trainer is not None:
+        return int(trainer.global_rank), int(trainer.world_size)
+    return global_rank(), world_size()
+
+
+def planned_world_size(devices: Any, num_nodes: int = 1) -> int:
+    """The world size a Trainer given `devices` (a count, a list of device ids, or e.g.
+    "auto": every GPU here, else 1) and `num_nodes` will have."""
+    if isinstance(devices, str) and devices.isdigit():
+        devices = int(devices)
+    if isinstance(devices, int):
+        count = devices
+    elif isinstance(devices, Sequence) and not isinstance(devices, str):
+        count = len(devices)
+    else:
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 1
+    return count * int(num_nodes)
+
+
+def uses_gpu(accelerator: str = "auto") -> bool:
+    """Whether a run asking for `accelerator` (auto, gpu, cuda, cpu) computes on a GPU here."""
+    return accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()
+
+
+def device(accelerator: str = "auto") -> torch.device:
+    """This process's device for `accelerator`: its local rank's GPU, else the CPU."""
+    return torch.device("cuda", local_rank()) if uses_gpu(accelerator) else torch.device("cpu")
+
+
 def is_rank_zero() -> bool:
     """True on the one process that prints results and writes shared files."""
     return global_rank() == 0
@@ -71,4 +107,15 @@ def all_max(value: int, device: torch.device | str = "cpu") -> int:
     return int(flag.item())
 
 
-__all__ = ["all_max", "global_rank", "initialised", "is_rank_zero", "local_rank", "world_size"]
+__all__ = [
+    "all_max",
+    "device",
+    "global_rank",
+    "initialised",
+    "is_rank_zero",
+    "local_rank",
+    "planned_world_size",
+    "rank_and_world",
+    "uses_gpu",
+    "world_size",
+]

@@ -45,7 +45,8 @@ def _batches(n, seed, batch_size=4):
 
 
 class Student(L.LightningModule):
-    """One linear map per layer, teacher-forced; logs val/{metric}[_{group}]/L{l}."""
+    """One linear map per layer, teacher-forced; logs val/{metric}[_{group}]/L{l} and keeps
+    its table for the callback's comparison."""
 
     def __init__(self):
         super().__init__()
@@ -68,13 +69,9 @@ class Student(L.LightningModule):
         self.val_metrics.update(self._preds(traj), traj[:, 1:], batch["valid"])
 
     def on_validation_epoch_end(self):
-        out = {}
-        for key, v in self.val_metrics.compute().items():
-            metric, group = key.split("/")
-            tag = metric if group == "all" else f"{metric}_{group}"
-            out.update({f"val/{tag}/L{j + 1}": float(x) for j, x in enumerate(v)})
+        self.fidelity_table = self.val_metrics.table(range(1, self.teacher.num_layers + 1))
         self.val_metrics.reset()
-        self.log_dict(out)
+        self.log_dict(self.fidelity_table.flat("val"))
 
     def configure_optimizers(self):
         return torch.optim.SGD(self.maps.parameters(), lr=0.01)
@@ -166,6 +163,14 @@ def test_lightning_run_logs_dmd_identity_and_student_side_by_side(tmp_path):
         by
     )
     assert float(by["student"]["cos"]) == pytest.approx(float(rows[-1]["val/cos/L3"]), rel=1e-6)
+    # the student's rows are its own table (float64), not the logged (float32) values
+    for m in ("cos", "r2", "rel_l2"):
+        assert float(by["student"][m]) == student.fidelity_table.get(m)[2]
+    cls = [r for r in table if int(r["step"]) == 4 and r["group"] == "cls" and r["layer"] == "2"]
+    assert (
+        float(next(r for r in cls if r["predictor"] == "student")["r2"])
+        == (student.fidelity_table.get("r2", "cls")[1])
+    )
     assert float(by["identity"]["r2"]) == pytest.approx(float(ident["r2/all"][2]), rel=1e-5)
     for name in ("dmd_eigenvalues", "dmd_vs_student_cos", "dmd_vs_student_r2"):
         assert (tmp_path / f"{name}.png").stat().st_size > 1000

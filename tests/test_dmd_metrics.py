@@ -9,7 +9,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from sklearn.metrics import r2_score
 
-from dmd.metrics import METRICS, TrajectoryMetrics, trajectory_metrics
+from dmd.metrics import METRICS, FidelityTable, TrajectoryMetrics, trajectory_metrics
 
 GROUPS = {"cls": slice(0, 1), "reg": slice(1, 3), "patch": slice(3, None)}
 B, S, T, D = 7, 3, 9, 5
@@ -93,6 +93,46 @@ def test_perfect_prediction_and_bad_input():
         TrajectoryMetrics(S, GROUPS).update(target[:, :2], target[:, :2])
     with pytest.raises(ValueError, match="reserved"):
         TrajectoryMetrics(S, {"all": slice(None)})
+
+
+def test_fidelity_table_names_rows_and_json():
+    """The table of a metric's results: every logged name (as `raptor fit` and the DMD
+    callback log them), every CSV row and the nested JSON hold the direct values."""
+    pred, target = _data(5)
+    metric = TrajectoryMetrics(S, GROUPS)
+    metric.update(pred, target)
+    layers = [4, 5, 6]  # steps predict layers 4..6
+    table = metric.table(layers)
+    want = _direct(pred, target)
+
+    flat = table.flat("val", mean=True)
+    expected = {}
+    for m in METRICS:
+        for group in ("cls", "reg", "patch", "all"):
+            tag = m if group == "all" else f"{m}_{group}"
+            for s, layer in enumerate(layers):
+                expected[f"val/{tag}/L{layer}"] = want[f"{m}/{group}"][s]
+        expected[f"val/{m}/mean"] = want[f"{m}/all"].mean()
+    assert set(flat) == set(expected)
+    for key, value in expected.items():
+        assert flat[key] == pytest.approx(value, rel=1e-10), key
+    only_all = table.flat("val_dmd/x", groups=False, tag="final_")
+    assert set(only_all) == {f"val_dmd/x/final_{m}/L{layer}" for m in METRICS for layer in layers}
+
+    rows = table.rows()
+    assert [(r["group"], r["layer"]) for r in rows] == [
+        (g, layer) for g in ("all", "cls", "patch", "reg") for layer in layers
+    ]
+    for r in rows:
+        for m in METRICS:
+            assert r[m] == pytest.approx(want[f"{m}/{r['group']}"][layers.index(r["layer"])])
+    assert [r["layer"] for r in table.rows("cls")] == layers
+
+    nested = table.to_json()
+    assert list(nested) == list(METRICS) and list(nested["r2"]) == ["cls", "reg", "patch", "all"]
+    assert FidelityTable.from_json(nested, layers) == table
+    aligned = table.aligned([3, 5])
+    assert aligned["cos"]["patch"] == [None, pytest.approx(want["cos/patch"][1])]
 
 
 def _ddp_worker(rank, world, port, result_path):

@@ -66,3 +66,14 @@ def test_dmd_imports_nothing_from_raptor():
     loaded = loaded_after("import dmd, dmd.callback, dmd.evaluate, dmd.sweeps, dmd.plots")
     assert "dmd.callback" in loaded
     assert {m for m in loaded if m.split(".")[0] == "raptor"} == set()
+
+
+def test_evaluation_does_not_load_the_training_module():
+    """Validation, phases, DMD baselines and summaries run without raptor.train.fit (the
+    Distiller builds on raptor.eval.validation, not the other way round)."""
+    loaded = loaded_after(
+        "import raptor.eval.validation, raptor.eval.phases, raptor.eval.dmd_baselines, "
+        "raptor.eval.summary"
+    )
+    assert "raptor.eval.validation" in loaded
+    assert "raptor.train.fit" not in loaded

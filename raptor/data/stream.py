@@ -50,7 +50,6 @@ import io
 import itertools
 import math
 import multiprocessing
-import os
 import posixpath
 import random
 import time
@@ -67,6 +66,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from raptor import distributed
 from raptor.data.shards import MANIFEST, TarSamples, count_problem, parse_manifest, read_manifest
 from raptor.errors import RunFailed, UserError
 
@@ -811,13 +811,6 @@ class ShardDataModule(L.LightningDataModule):
             self._shards[split] = resolve_shards(spec, split, bool(self.cfg.allow_pipe))
         return self._shards[split]
 
-    def _rank_world(self) -> Tuple[int, int]:
-        if self.trainer is not None:
-            return self.trainer.global_rank, self.trainer.world_size
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            return torch.distributed.get_rank(), torch.distributed.get_world_size()
-        return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-
     def _total(self, split: str) -> int:
         """Samples of the split: data.train_samples (the epoch length) if set, else the
         manifest's count, else data.val_samples (validation), else counted by reading."""
@@ -845,10 +838,11 @@ class ShardDataModule(L.LightningDataModule):
     @property
     def num_train_batches(self) -> int:
         """Training batches per rank per epoch: samples // (world size x batch size), >= 1."""
-        return max(1, self._total("train") // (self._rank_world()[1] * int(self.cfg.batch_size)))
+        world = distributed.rank_and_world(self.trainer)[1]
+        return max(1, self._total("train") // (world * int(self.cfg.batch_size)))
 
     def _stream_kwargs(self, split: str, batch_size: int) -> Dict[str, Any]:
-        rank, world = self._rank_world()
+        rank, world = distributed.rank_and_world(self.trainer)
         return dict(
             image_shape=tuple(self.transform_config["input_size"]),
             batch_size=batch_size,

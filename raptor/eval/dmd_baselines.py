@@ -30,9 +30,8 @@ from __future__ import annotations
 
 import csv
 import json
-import math
 from pathlib import Path
-from typing import Any, Dict, Iterable, Iterator, List, Optional
+from typing import Any, Dict, Iterable, List, Optional
 
 import torch
 from omegaconf import DictConfig
@@ -40,9 +39,10 @@ from omegaconf import DictConfig
 from dmd import MomentAccumulator, fit
 from dmd.evaluate import Entry, Evaluator, fit_entries
 from dmd.fit import check_span, endpoint_pairs
-from dmd.metrics import METRICS
+from dmd.metrics import FidelityTable, metric_key
 from dmd.moments import moment_dtype
 from dmd.plots import curve_figure, eigenvalue_figure, power_law_figure, save_figure, sweep_figure
+from dmd.stream import rank_share, stream_trajectories
 from dmd.sweeps import FitSpec, plan_sweeps, power_law, sweep_rows
 from raptor import distributed
 from raptor.config import ConfigError
@@ -143,35 +143,27 @@ def sweep_points(cfg: DictConfig, base: FitSpec, num_layers: int):
 # --------------------------------------------------------------------------- streaming
 
 
-def _rank_world() -> tuple[int, int]:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
+def _images(loader: Iterable, teacher: Any, device: torch.device, images: int, what: str):
+    """This rank's share of the first `images` valid images of `loader` through the
+    teacher, with a progress bar on rank 0 (`dmd.stream.stream_trajectories`)."""
+    return stream_trajectories(
+        loader,
+        teacher.trajectory,
+        device,
+        images=images,
+        ranks=distributed.world_size(),
+        progress=f"dmd: {what}" if distributed.is_rank_zero() else None,
+    )
 
 
-def _images(
-    loader: Iterable, teacher: Any, device: torch.device, limit: int, desc: str
-) -> Iterator:
-    """(trajectory, valid, labels) of the first `limit` valid images of this rank's loader."""
-    from tqdm.auto import tqdm
-
-    rank, _ = _rank_world()
-    seen = 0
-    with tqdm(total=limit, desc=desc, unit="img", disable=rank != 0) as bar:
-        for batch in loader:
-            valid = batch["valid"].bool()
-            valid = valid & (torch.cumsum(valid, 0) <= limit - seen)
-            if not valid.any():
-                break
-            traj = teacher.trajectory(batch["image"].to(device))
-            n = int(valid.sum())
-            seen += n
-            bar.update(n)
-            yield traj, valid.to(device), batch["label"].to(device)
-            if seen >= limit:
-                break
-    if seen < limit:
-        print(f"raptor dmd: {desc}: only {seen} of {limit} images available on rank {rank}")
+def _short(what: str, seen: int, images: int) -> None:
+    """Say so when this rank's stream ended before its share of `images`."""
+    share = rank_share(images, distributed.world_size())
+    if seen < share:
+        print(
+            f"raptor dmd: dmd: {what}: only {seen} of {share} images available on rank "
+            f"{distributed.global_rank()}"
+        )
 
 
 def calibrate(cfg, teacher, loader, spans_needed, device) -> Dict[str, Any]:
@@ -181,18 +173,17 @@ def calibrate(cfg, teacher, loader, spans_needed, device) -> Dict[str, Any]:
     L, D = teacher.num_layers, teacher.embed_dim
     dtype = moment_dtype_or_fail(d.compute_dtype)
     ends = endpoint_pairs(spans_needed)
-    _, world = _rank_world()
-    share = lambda n: math.ceil(n / world)  # noqa: E731  (per-rank share of a global count)
+    world = distributed.world_size()
     main = MomentAccumulator(L, D, ends, device=device, compute_dtype=dtype)
     slices = dict(teacher.groups, all=slice(None))
     groups = {
         g: MomentAccumulator(L, D, ends, tokens=slices[g], device=device, compute_dtype=dtype)
         for g in d.sweep.token_groups
     }
-    stops = sorted({share(b) for b in d.sweep.budgets})
+    stops = sorted({rank_share(b, world) for b in d.sweep.budgets})
     snapshots: Dict[int, MomentAccumulator] = {}
-    total = share(d.calib_images)
-    for traj, valid, _ in _images(loader, teacher, device, total, "dmd: calibration"):
+    total = rank_share(d.calib_images, world)
+    for traj, valid, _ in _images(loader, teacher, device, d.calib_images, "calibration"):
         count = main.images + torch.cumsum(valid.long(), 0)
         lo = main.images
         for stop in [s for s in stops if s > lo] + [total]:
@@ -206,9 +197,10 @@ def calibrate(cfg, teacher, loader, spans_needed, device) -> Dict[str, Any]:
             lo = stop
             if int(count[-1]) <= stop:
                 break
+    _short("calibration", main.images, d.calib_images)
     budgets = {}
     for b in sorted(set(d.sweep.budgets)):
-        snap = snapshots.get(share(b))
+        snap = snapshots.get(rank_share(b, world))
         if snap is None:  # fewer images than the budget on this rank: use what there is
             snap = main.clone()
         budgets[b] = snap.all_reduce()
@@ -292,21 +284,17 @@ def write_outputs(
             selection=e.meta["selection"],
             solver=e.meta["solver"],
         )
-        groups = sorted({k.split("/")[1] for k in res["fidelity"]}, key=lambda g: (g != "all", g))
-        for group in groups:
-            for idx, layer in enumerate(res["layers"]):
-                vals = {m: res["fidelity"][f"{m}/{group}"][idx] for m in METRICS}
-                metric_rows.append(dict(head, q=layer - i, layer=layer, group=group, **vals))
-            if res["final"] is not None:
-                vals = {m: res["final"][f"{m}/{group}"][0] for m in METRICS}
+        table = FidelityTable.from_metrics(res["fidelity"], res["layers"])
+        metric_rows += [dict(head, q=row["layer"] - i, **row) for row in table.rows()]
+        if res["final"] is not None:
+            final = FidelityTable.from_metrics(res["final"], [i + p])
+            for row in final.rows():
                 top = (
                     {"top1": res["top1"][0], "agree": res["agree"][0]}
-                    if res["top1"] is not None
+                    if res["top1"] is not None and row["group"] == "all"
                     else {}
                 )
-                down_rows.append(
-                    dict(head, layer=i + p, group=group, **vals, **(top if group == "all" else {}))
-                )
+                down_rows.append(dict(head, **row, **top))
         if e.meta["selection"] != "identity":
             for k, lam in enumerate(op.eigenvalues().tolist()):
                 eig_rows.append(dict(head, index=k, real=lam.real, imag=lam.imag, abs=abs(lam)))
@@ -377,7 +365,7 @@ def _plots(run_dir: Path, entries: List[Entry], results, tables, budget_fit) -> 
                     res = results[e.name]
                     curves[e.meta["variant"]] = (
                         [layer - i for layer in res["layers"]],
-                        res["fidelity"][f"{metric}/all"],
+                        res["fidelity"][metric_key(metric, "all")],
                     )
             fig = curve_figure(
                 curves,
@@ -400,12 +388,6 @@ def _plots(run_dir: Path, entries: List[Entry], results, tables, budget_fit) -> 
 # --------------------------------------------------------------------------- entry points
 
 
-def _device(cfg: DictConfig) -> torch.device:
-    if cfg.trainer.accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available():
-        return torch.device("cuda", distributed.local_rank())
-    return torch.device("cpu")
-
-
 def run_dmd(
     cfg: DictConfig, run_dir: Optional[str | Path] = None, overwrite: bool = False
 ) -> Dict[str, Any]:
@@ -418,9 +400,8 @@ def run_dmd(
         raise ConfigError(
             f"{run_dir / REPORT_FILE} exists; pass --overwrite to replace it, or choose another run_dir"
         )
-    rank, _ = _rank_world()
     run_dir = prepare_run_dir(cfg, run_dir)
-    device = _device(cfg)
+    device = distributed.device(cfg.trainer.accelerator)
     teacher = Teacher.from_config(cfg.teacher).to(device)
     L, D = teacher.num_layers, teacher.embed_dim
     check_settings(cfg, L, D, teacher.groups)
@@ -440,19 +421,16 @@ def run_dmd(
     ).to(device)
     seen = 0
     for traj, valid, labels in _images(
-        dm.val_dataloader(),
-        teacher,
-        device,
-        math.ceil(cfg.dmd.eval_images / _rank_world()[1]),
-        "dmd: evaluation",
+        dm.val_dataloader(), teacher, device, cfg.dmd.eval_images, "evaluation"
     ):
         evaluator.update(traj, valid, labels)
         seen += int(valid.sum())
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
+    _short("evaluation", seen, cfg.dmd.eval_images)
+    if distributed.initialised():
         count = torch.tensor([seen], device=device)
         torch.distributed.all_reduce(count)
         seen = int(count)
     results = evaluator.compute()
-    if rank != 0:
+    if not distributed.is_rank_zero():
         return {}
     return write_outputs(run_dir, cfg, entries, results, points, moments, seen)

@@ -14,7 +14,7 @@ same batches, and writes into `run_dir`:
   or null when dmd.enabled is false};
 - `fidelity.png`: R^2, cosine and relative l2 per layer, student per token group
   and the identity baseline, phase boundaries marked (also sent to W&B);
-- the same values in `metrics.csv` / W&B under the names `raptor.train.fit` logs.
+- the same values in `metrics.csv` / W&B under the names `raptor.eval.validation` logs.
 """
 
 from __future__ import annotations
@@ -23,13 +23,15 @@ import json
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
-from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig
 
+from dmd.metrics import FidelityTable
+from raptor import distributed
 from raptor.config import ConfigError
+from raptor.eval.validation import Fidelity, block_losses
 from raptor.train.checkpoints import load_raptor
-from raptor.train.fit import Distiller
 from raptor.train.runs import log_figure, make_loggers, make_trainer, prepare_run_dir
+from raptor.train.schedules import stage_config
 
 EVAL_FILE = "eval.json"
 
@@ -46,14 +48,16 @@ def run_validation(
     callbacks: Sequence[Any] = (),
 ) -> Dict[str, Any]:
     """One validation pass of `raptor` against `teacher` over cfg.data's validation set
-    (its first `limit_batches` batches per rank when given); returns the structured
-    results of `Distiller.compute_validation` (the same on every rank) and "metrics",
-    the flat logged values."""
+    (its first `limit_batches` batches per rank when given), with the losses of
+    cfg.train.stage; returns the structured results of `Fidelity.compute_validation`
+    (the same on every rank) and "metrics", the flat logged values."""
     if datamodule is None:
         from raptor.data.stream import ShardDataModule
 
         datamodule = ShardDataModule(cfg.data, teacher.data_config, teacher.num_classes)
-    module = Distiller(cfg, teacher, raptor, rollout=rollout)
+    stage = int(cfg.train.stage)
+    loss_fns = block_losses(stage_config(cfg), stage, teacher.groups, raptor)
+    module = Fidelity(teacher, raptor, loss_fns, rollout=rollout)
     trainer = make_trainer(
         cfg,
         run_dir,
@@ -113,7 +117,7 @@ def evaluate(
         "missing": res["missing"],
         "dmd": dmd_per_layer(dmd.last_results, res["layers"]) if dmd else None,
     }
-    if rank_zero_only.rank == 0:
+    if distributed.is_rank_zero():
         (run_dir / EVAL_FILE).write_text(json.dumps(out, indent=1))
         log_figure(fidelity_figure(out), run_dir, "fidelity", loggers)
     for logger in loggers:
@@ -122,20 +126,13 @@ def evaluate(
 
 
 def dmd_per_layer(results: Dict[str, Any], layers: List[int]) -> Dict[str, Any]:
-    """DMDCallback results -> {variant: {metric: {"all": [value or None per layer]}}},
+    """DMDCallback results -> {variant: {metric: {group: [value or None per layer]}}},
     aligned with `layers` (a variant predicts only the layers of its spans; an
     endpoint map only each span's last layer)."""
-    out = {}
-    for name, res in results.items():
-        where = {layer: i for i, layer in enumerate(res["layers"])}
-        per_metric: Dict[str, Any] = {}
-        for key, values in res["fidelity"].items():
-            metric, group = key.split("/")
-            per_metric.setdefault(metric, {})[group] = [
-                float(values[where[layer]]) if layer in where else None for layer in layers
-            ]
-        out[name] = per_metric
-    return out
+    return {
+        name: FidelityTable.from_metrics(res["fidelity"], res["layers"]).aligned(layers)
+        for name, res in results.items()
+    }
 
 
 def fidelity_figure(result: Dict[str, Any]):

@@ -57,6 +57,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from dmd.stream import stream_trajectories
+from raptor import distributed
 from raptor.config import ConfigError
 from raptor.errors import UserError, read_json
 
@@ -312,22 +314,16 @@ def layer_similarity(
 ) -> tuple[np.ndarray, int]:
     """Stream up to `num_images` valid images of `batches` through the teacher;
     returns (S (L, L), images used)."""
-    from tqdm.auto import tqdm
-
     acc = LayerSimilarity(teacher.num_layers, token_mode)
-    with tqdm(total=num_images, desc="phases: layer similarity", unit="img") as bar:
-        for batch in batches:
-            keep = (
-                batch["valid"].bool()
-                if "valid" in batch
-                else torch.ones(len(batch["image"]), dtype=torch.bool)
-            )
-            images = batch["image"][keep][: num_images - acc.num_images]
-            if len(images):
-                acc.update(teacher.trajectory(images.to(device)), teacher.groups)
-                bar.update(len(images))
-            if acc.num_images >= num_images:
-                break
+    for traj, _, _ in stream_trajectories(
+        batches,
+        teacher.trajectory,
+        device,
+        images=num_images,
+        only_valid=True,
+        progress="phases: layer similarity",
+    ):
+        acc.update(traj, teacher.groups)
     return acc.compute(), acc.num_images
 
 
@@ -375,7 +371,7 @@ def discover_phases(
             raise ConfigError(
                 f"phases.ks: k={k} phases of >= {pc.min_length} layer(s) do not fit in {L} layers"
             )
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = distributed.device(cfg.trainer.accelerator)
     teacher.to(device)
     data = ShardDataModule(cfg.data, teacher.data_config)
     similarity, used = layer_similarity(

@@ -74,7 +74,6 @@ step, or saying that there is none.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import time
@@ -85,13 +84,11 @@ from typing import Any, Dict, List, Optional
 import lightning as L
 import torch
 from omegaconf import DictConfig
-from torchmetrics import Metric
-from torchmetrics.aggregation import SumMetric
 
-from dmd.metrics import TrajectoryMetrics
 from raptor.config import ConfigError, to_container
 from raptor.data.stream import ShardDataModule
 from raptor.errors import RunFailed
+from raptor.eval.validation import Fidelity, block_losses
 from raptor.model.partition import Partition
 from raptor.model.raptor import Raptor
 from raptor.model.teacher import Teacher
@@ -145,29 +142,12 @@ def selected_blocks(cfg: DictConfig, k: int) -> List[int]:
     return sorted(j - 1 for j in out)
 
 
-class MeanVector(Metric):
-    """Mean over rows of (N, n) values, summed across updates and DDP ranks; NaN if no rows."""
-
-    full_state_update = False
-
-    def __init__(self, n: int, **kwargs) -> None:
-        super().__init__(**kwargs)
-        self.add_state("total", default=torch.zeros(n, dtype=torch.float64), dist_reduce_fx="sum")
-        self.add_state("count", default=torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
-
-    def update(self, values: torch.Tensor) -> None:
-        self.total += values.to(torch.float64).sum(0)
-        self.count += values.shape[0]
-
-    def compute(self) -> torch.Tensor:
-        return self.total / self.count if self.count > 0 else torch.full_like(self.total, math.nan)
-
-
 # --------------------------------------------------------------------------- module
 
 
-class Distiller(L.LightningModule):
-    """One stage of Raptor distillation (see the module docstring).
+class Distiller(Fidelity):
+    """One stage of Raptor distillation (see the module docstring), validated by
+    `raptor.eval.validation.Fidelity`.
 
     teacher: a `raptor.model.teacher.Teacher` (frozen; its weights are left out of
     checkpoints); raptor: a `raptor.model.raptor.Raptor`; blocks: 0-based blocks to
@@ -187,29 +167,21 @@ class Distiller(L.LightningModule):
         rollout: Optional[str] = None,
         global_batch: Optional[int] = None,
     ) -> None:
-        super().__init__()
+        stage, hp = int(cfg.train.stage), stage_config(cfg)
+        super().__init__(
+            teacher,
+            raptor,
+            block_losses(hp, stage, teacher.groups, raptor),
+            blocks,
+            rollout or ("phase" if stage == 1 else "full"),
+        )
         self.cfg = cfg
         self.global_batch = global_batch
-        self.stage = int(cfg.train.stage)
-        self.hp = stage_config(cfg)
-        self.teacher = teacher
-        self.raptor = raptor
-        self.trained = list(range(raptor.k)) if blocks is None else sorted(blocks)
+        self.stage = stage
+        self.hp = hp
         for j, block in enumerate(raptor.blocks):
             block.requires_grad_(j in self.trained)
-        self.rollout_mode = rollout or ("phase" if self.stage == 1 else "full")
         self.anneal_steps = anneal_steps(self.hp)
-        weights = {"cls": self.hp.w_cls, "reg": self.hp.w_reg, "patch": self.hp.w_patch}
-        # one loss per block (`weighted_final` differs by block in stage 1)
-        self.loss_fns = [
-            losses.make_loss(
-                str(self.hp.loss),
-                teacher.groups,
-                weights,
-                final_phase=self.stage == 2 or last == raptor.num_layers,
-            )
-            for _, last in raptor.phases
-        ]
         self.save_hyperparameters(
             {
                 "config": to_container(cfg),
@@ -219,30 +191,6 @@ class Distiller(L.LightningModule):
             },
             logger=False,
         )
-        # validated layers: all of them (full rollout) or those of the trained phases
-        if self.rollout_mode == "full":
-            self.val_layers = list(range(1, raptor.num_layers + 1))
-        else:
-            self.val_layers = [
-                layer
-                for j in self.trained
-                for layer in range(raptor.phases[j][0], raptor.phases[j][1] + 1)
-            ]
-        S, D = len(self.val_layers), teacher.embed_dim
-        self.val_student = TrajectoryMetrics(S, teacher.groups, dim=D)
-        self.val_identity = TrajectoryMetrics(S, teacher.groups, dim=D)
-        self.val_loss = MeanVector(S)
-        self.top1_names = ["teacher"] + (
-            ["student"]
-            if self.rollout_mode == "full"
-            else [f"student_B{j + 1}" for j in self.trained]
-        )
-        self.val_top1 = MeanVector(len(self.top1_names))
-        self.val_missing = SumMetric()  # validation samples the data could not deliver
-        self.last_val: Dict[str, float] = {}
-        self.results: Dict[str, Any] = {}
-        self.val_file: Optional[Path] = None  # where to write the latest validation (JSON)
-        self.last_val_step: Optional[int] = None
         self._tick: Optional[float] = None
         # the newest checkpoint known good (path, step), and the step of pending.ckpt
         self.good_ckpt: Optional[tuple[Path, int]] = None
@@ -435,108 +383,6 @@ class Distiller(L.LightningModule):
             torch.set_rng_state(rng["torch"])
         if "cuda" in rng and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(rng["cuda"])
-
-    # ---------------------------------------------------------------- validation
-
-    def student_predictions(self, traj: torch.Tensor) -> tuple[torch.Tensor, List[torch.Tensor]]:
-        """Student states for `val_layers` (B, S, T, D), and the state each top-1 reads."""
-        if self.rollout_mode == "full":
-            preds = self.raptor(traj[:, 0])
-            return preds, [preds[:, -1]]
-        parts = [
-            self.raptor.rollout(traj[:, f - 1], f - 1, e)
-            for f, e in (self.raptor.phases[j] for j in self.trained)
-        ]
-        return torch.cat(parts, dim=1), [p[:, -1] for p in parts]
-
-    def validation_step(
-        self, batch: Dict[str, torch.Tensor], batch_idx: int
-    ) -> Dict[str, torch.Tensor]:
-        """Student vs teacher on one batch; returns {"trajectory"} so callbacks (DMD) reuse
-        the teacher's forward."""
-        images, labels, valid = batch["image"], batch["label"], batch["valid"].bool()
-        traj = self.teacher.trajectory(images)
-        layers = torch.tensor(self.val_layers, device=traj.device)
-        targets = traj[:, layers]
-        preds, finals = self.student_predictions(traj)
-        preds = preds.float()
-        self.val_student.update(preds, targets, valid)
-        self.val_identity.update(traj[:, :1].expand_as(targets), targets, valid)
-        per_layer = [
-            self.loss_fns[self.raptor.block_of(layer)](preds[:, i], targets[:, i])
-            for i, layer in enumerate(self.val_layers)
-        ]
-        self.val_loss.update(torch.stack(per_layer, dim=1)[valid])
-        if "missing" in batch:
-            self.val_missing.update(batch["missing"])
-        if self.teacher.num_classes:
-            keep = valid & (labels >= 0)
-            L_ = self.raptor.num_layers
-            ends = (
-                [L_]
-                if self.rollout_mode == "full"
-                else [self.raptor.phases[j][1] for j in self.trained]
-            )
-            hits = [
-                self.teacher.logits_from_tokens(self.teacher.final_norm(traj[:, L_])).argmax(-1)
-            ]
-            for a, end in zip(finals, ends):
-                hits.append(self.teacher.finish(a.float(), end)["logits"].argmax(-1))
-            correct = torch.stack([h == labels for h in hits], dim=1)[keep]
-            self.val_top1.update(correct)
-        return {"trajectory": traj}
-
-    def on_validation_epoch_end(self) -> None:
-        flat, self.results = self.compute_validation()
-        self.log_dict(flat)
-        self.last_val = {k: float(v) for k, v in flat.items()}
-        self.last_val_step = int(self.global_step)
-        if self.val_file is not None and self.trainer.is_global_zero:
-            self.val_file.write_text(
-                json.dumps({"step": self.last_val_step, **self.results}, indent=1)
-            )
-
-    def compute_validation(self) -> tuple[Dict[str, float], Dict[str, Any]]:
-        """(flat logged metrics, structured results) of the validation so far; resets the metrics."""
-        student, identity = self.val_student.compute(), self.val_identity.compute()
-        loss, top1 = self.val_loss.compute(), self.val_top1.compute()
-        flat: Dict[str, float] = {}
-        results: Dict[str, Any] = {"layers": self.val_layers, "student": {}, "identity": {}}
-        for prefix, values, key in (
-            ("val", student, "student"),
-            ("val_identity", identity, "identity"),
-        ):
-            for name, v in values.items():
-                metric, group = name.split("/")
-                results[key].setdefault(metric, {})[group] = [float(x) for x in v]
-                tag = metric if group == "all" else f"{metric}_{group}"
-                for i, layer in enumerate(self.val_layers):
-                    flat[f"{prefix}/{tag}/L{layer}"] = float(v[i])
-                if group == "all":
-                    flat[f"{prefix}/{metric}/mean"] = float(v.mean())
-        results["loss"] = [float(x) for x in loss]
-        for i, layer in enumerate(self.val_layers):
-            flat[f"val/loss/L{layer}"] = float(loss[i])
-        flat["val/loss"] = float(loss.mean())
-        results["images"] = int(self.val_loss.count)
-        results["top1"] = None
-        if self.teacher.num_classes and int(self.val_top1.count) > 0:
-            results["top1"] = {n: float(v) for n, v in zip(self.top1_names, top1)}
-            flat.update({f"val/top1_{n}": float(v) for n, v in zip(self.top1_names, top1)})
-        from raptor.data.stream import validation_complete
-
-        results["missing"] = int(self.val_missing.compute())
-        results["complete"] = validation_complete(results["missing"], "top-1 and all metrics")
-        flat["val/complete"] = float(results["complete"])
-        for m in (
-            self.val_student,
-            self.val_identity,
-            self.val_loss,
-            self.val_top1,
-            self.val_missing,
-        ):
-            m.reset()
-        return flat, results
 
 
 # --------------------------------------------------------------------------- runs

@@ -14,7 +14,6 @@ import uuid
 from pathlib import Path
 from typing import Any, Iterable, List, Optional
 
-import torch
 from omegaconf import DictConfig, OmegaConf
 
 from raptor import distributed
@@ -128,23 +127,12 @@ def default_precision(cfg: DictConfig) -> str:
     """bf16 autocast on GPU, float32 on CPU, unless `trainer.precision` says otherwise."""
     if cfg.trainer.precision:
         return str(cfg.trainer.precision)
-    on_gpu = cfg.trainer.accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()
-    return "bf16-mixed" if on_gpu else "32-true"
-
-
-def _num_devices(devices: Any) -> int:
-    if isinstance(devices, int):
-        return devices
-    if isinstance(devices, str) and devices.isdigit():
-        return int(devices)
-    if isinstance(devices, (list, tuple)) or OmegaConf.is_list(devices):
-        return len(devices)
-    return torch.cuda.device_count() if torch.cuda.is_available() else 1
+    return "bf16-mixed" if distributed.uses_gpu(cfg.trainer.accelerator) else "32-true"
 
 
 def world_size(cfg: DictConfig) -> int:
     """Devices x nodes, as the Trainer will see it."""
-    return _num_devices(cfg.trainer.devices) * int(cfg.trainer.num_nodes)
+    return distributed.planned_world_size(cfg.trainer.devices, int(cfg.trainer.num_nodes))
 
 
 def make_trainer(
