@@ -197,6 +197,7 @@ def bench_config(args: argparse.Namespace):
 
     cfg = config_from_args(args)
     cfg.teacher.pretrained, cfg.teacher.weights, cfg.teacher.head = False, "", ""
+    cfg.teacher.init = "random"
     cfg.train.init_from = ""
     if args.stage is not None:
         cfg.train.stage = args.stage
@@ -212,14 +213,10 @@ def even_boundaries(num_layers: int, k: int) -> List[int]:
 
 def build_models(cfg, device: torch.device, args: argparse.Namespace):
     """Teacher (random weights) and Raptor on `device`, with compile/checkpointing applied."""
-    import warnings
-
     from raptor.model.raptor import Raptor
     from raptor.model.teacher import Teacher
 
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*has random weights.*")
-        teacher = Teacher.from_config(cfg.teacher)
+    teacher = Teacher.from_config(cfg.teacher)
     if cfg.phases.boundaries is None and not cfg.phases.file:
         cfg.phases.boundaries = even_boundaries(teacher.num_layers, int(cfg.model.k))
     from raptor.train.fit import phase_boundaries
