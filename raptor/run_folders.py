@@ -7,7 +7,7 @@ reads and writes by default, so that commands run one by one compose as the pipe
       phases/                    `raptor phases`: phases.json
       k{K}/stage1, k{K}/stage2   `raptor fit` (by model.k and train.stage)
       k{K}/eval                  `raptor eval`
-      k{K}/export/backbone       the pipeline's export
+      k{K}/export/backbone       `raptor export`
       dmd/                       `raptor dmd`
 
 A command writes into run_dir when given, else into its folder above. The shards' folder
@@ -89,6 +89,16 @@ def command_folder(cfg: DictConfig, command: str) -> Path:
     if command == "fit":
         return f.stage(k, int(cfg.train.stage))
     return {"teacher": f.teacher, "phases": f.phases, "eval": f.eval(k), "dmd": f.dmd}[command]
+
+
+def beside_stage2(run: str | Path, name: str) -> Path:
+    """The pipeline's `name` folder (eval, export) of the Raptor whose stage-2 run folder is
+    `run` (or a checkpoint in it, RUN/checkpoints/*.ckpt): `k{K}/NAME` beside `k{K}/stage2`,
+    or `RUN/NAME` for a folder named otherwise."""
+    run = Path(run).absolute()
+    if run.is_file():
+        run = run.parent.parent
+    return run.parent / name if run.name == "stage2" else run / name
 
 
 def absolute_paths(cfg: DictConfig) -> DictConfig:

@@ -16,7 +16,7 @@ from pathlib import Path
 from raptor.config import load_config
 from raptor.errors import UserError
 from raptor.eval.fidelity import EVAL_FILE, evaluate
-from raptor.run_folders import absolute_paths
+from raptor.run_folders import absolute_paths, beside_stage2
 from raptor.train.fit import checkpoint_file, read_checkpoint
 
 
@@ -33,12 +33,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def eval_folder(ckpt: Path) -> Path:
-    """The pipeline's eval folder of the run holding `ckpt` (RUN/checkpoints/NAME.ckpt)."""
-    run = ckpt.parent.parent
-    return run.parent / "eval" if run.name == "stage2" else run / "eval"
-
-
 def main(args: argparse.Namespace) -> int:
     path = checkpoint_file(args.source).absolute()
     hp = read_checkpoint(path)["hyper_parameters"]
@@ -49,7 +43,7 @@ def main(args: argparse.Namespace) -> int:
         )
     cfg = absolute_paths(load_config(None, args.overrides, stored=hp["config"]))
     if not any(o.startswith("run_dir=") for o in args.overrides):
-        cfg.run_dir = str(eval_folder(path))
+        cfg.run_dir = str(beside_stage2(path, "eval"))
     out = evaluate(cfg, path, cfg.run_dir)
     top1 = out["top1"]
     line = f"teacher {top1['teacher']:.4f}, student {top1['student']:.4f}" if top1 else "no head"
