@@ -152,7 +152,7 @@ def command_config(cfg: DictConfig, command: str, config: str = "CONFIG") -> Dic
         if not (stage1 / CKPT_DIR / LAST_CKPT).is_file():
             raise UserError(
                 f"stage 2 starts from stage 1, and {stage1} holds no {CKPT_DIR}/{LAST_CKPT}: "
-                f"train it with `raptor fit {config} stage=1` first, or set "
+                f"train it with `raptor fit {config} model.k={cfg.model.k} stage=1` first, or set "
                 "train.init_from=PATH"
             )
         cfg.train.init_from = str(stage1)
