@@ -74,11 +74,16 @@ def config_from_args(args: argparse.Namespace, command: Optional[str] = None):
         from raptor.run_folders import command_config  # imports torch: not for `config show`
 
         cfg = command_config(cfg, command, args.config)
-    if cfg.trainer.num_threads:  # process-wide: DDP workers re-run the CLI and set it too
+    apply_threads(cfg)
+    return cfg
+
+
+def apply_threads(cfg) -> None:
+    """trainer.num_threads, process-wide (DDP workers re-run the CLI and set it too)."""
+    if cfg.trainer.num_threads:
         import torch
 
         torch.set_num_threads(int(cfg.trainer.num_threads))
-    return cfg
 
 
 def build_parser(command: Optional[str]) -> argparse.ArgumentParser:

@@ -113,7 +113,9 @@ def test_fit_sbatch_passes_the_allocation(tmp_path):
     cfg = load_config(ROOT / args[0], overrides)
     assert (cfg.trainer.devices, cfg.trainer.num_nodes, cfg.train.stage) == (4, 2, 2)
     # the same folder after a requeue: the pipeline's stage-2 folder of this name and k
-    assert command_folder(cfg, "fit") == Path.cwd() / "runs" / "dinov2_vitb14_reg_k3" / "k3" / "stage2"
+    assert (
+        command_folder(cfg, "fit") == Path.cwd() / "runs" / "dinov2_vitb14_reg_k3" / "k3" / "stage2"
+    )
 
 
 @pytest.mark.parametrize("script", ["fit.sbatch", "stage1_array.sbatch"])

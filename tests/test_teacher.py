@@ -267,7 +267,12 @@ def test_no_random_teacher_unless_asked_by_name(tmp_path):
     tiny = dict(name="vit_tiny_patch16_224", **TINY)
     with pytest.raises(TeacherLoadError) as err:
         Teacher.from_config(teacher_cfg(**tiny))
-    for name in ("`raptor teacher CONFIG`", "teacher.weights=", "teacher.pretrained", "init=random"):
+    for name in (
+        "`raptor teacher CONFIG`",
+        "teacher.weights=",
+        "teacher.pretrained",
+        "init=random",
+    ):
         assert name in str(err.value)
     first = Teacher.from_config(teacher_cfg(**tiny, init="random"))
     assert first.num_layers == TINY["depth"]

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from raptor.cli import apply_threads
 from raptor.config import load_config
 from raptor.errors import UserError
 from raptor.eval.fidelity import EVAL_FILE, evaluate
@@ -42,6 +43,7 @@ def main(args: argparse.Namespace) -> int:
             "stage-2 run that continues it (`raptor fit CONFIG stage=2`)"
         )
     cfg = absolute_paths(load_config(None, args.overrides, stored=hp["config"]))
+    apply_threads(cfg)
     if not any(o.startswith("run_dir=") for o in args.overrides):
         cfg.run_dir = str(beside_stage2(path, "eval"))
     out = evaluate(cfg, path, cfg.run_dir)
