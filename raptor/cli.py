@@ -41,6 +41,10 @@ COMMANDS = {
         "raptor.commands.dmd",
         "fit and evaluate DMD operators along the teacher's depth",
     ),
+    "eval": (
+        "raptor.commands.eval",
+        "evaluate a stage-2 run as the pipeline does (student, identity, DMD; top-1)",
+    ),
     "pipeline": (
         "raptor.commands.pipeline",
         "the whole job: shards, teacher, phases, stages 1-2, DMD, export",
@@ -59,17 +63,27 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. trainer.devices=8")
 
 
-def config_from_args(args: argparse.Namespace):
-    """Load CONFIG with its overrides (`stage=N` -> `train.stage=N`)."""
+def config_from_args(args: argparse.Namespace, command: Optional[str] = None):
+    """Load CONFIG with its overrides (`stage=N` -> `train.stage=N`); with `command`, its
+    run folder and inputs resolved in the pipeline's layout (`raptor.run_folders`)."""
     from raptor.config import load_config
 
     overrides = [("train." + o) if o.startswith("stage=") else o for o in args.overrides]
     cfg = load_config(args.config, overrides)
-    if cfg.trainer.num_threads:  # process-wide: DDP workers re-run the CLI and set it too
+    if command is not None:
+        from raptor.run_folders import command_config  # imports torch: not for `config show`
+
+        cfg = command_config(cfg, command, args.config)
+    apply_threads(cfg)
+    return cfg
+
+
+def apply_threads(cfg) -> None:
+    """trainer.num_threads, process-wide (DDP workers re-run the CLI and set it too)."""
+    if cfg.trainer.num_threads:
         import torch
 
         torch.set_num_threads(int(cfg.trainer.num_threads))
-    return cfg
 
 
 def build_parser(command: Optional[str]) -> argparse.ArgumentParser:

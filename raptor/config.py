@@ -228,12 +228,17 @@ class TeacherConfig:
 
     `name` is a timm model name. Weights come from `weights` (a local file: timm
     state dict, the official DINOv2 torch.hub `.pth`, or a checkpoint written by
-    `raptor teacher`), else from the hub when `pretrained`, else the teacher is
-    trained by `raptor teacher` (the pipeline does this when `train_from_scratch`).
+    `raptor teacher`; commands default to `runs/NAME/teacher/teacher.safetensors`), else
+    from the hub when `pretrained`; with neither the teacher is trained by `raptor teacher`
+    (the pipeline does this when `train_from_scratch`). Random weights only with
+    `init=random`.
     The architecture keys below override timm's defaults for `name` when set.
     """
 
     name: str = valid("vit_base_patch14_reg4_dinov2.lvd142m", nonempty=True)
+    # weights: load teacher.weights, else the hub's when pretrained (never random weights);
+    # random: a randomly initialised teacher, asked for by name (benchmarks, tests)
+    init: str = valid("weights", OneOf(("weights", "random")))
     pretrained: bool = False
     weights: str = ""
     head: str = ""  # optional separate linear head on [cls ; mean(patch)] (safetensors/.pth)
@@ -431,8 +436,9 @@ class PipelineConfig:
 @dataclass
 class RaptorConfig:
     name: str = valid("raptor", nonempty=True)
-    # the run folder; every command writes its resolved config here
-    run_dir: str = valid("runs/${name}", nonempty=True)
+    # the run folder; every command writes its resolved config here. Empty: the command's
+    # folder in the pipeline's layout under runs/NAME (`raptor.run_folders`)
+    run_dir: str = ""
     data: DataConfig = field(default_factory=DataConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -519,14 +525,17 @@ def parse_overrides(overrides: List[str]) -> DictConfig:
 
 
 def load_config(
-    path: Optional[str | Path] = None, overrides: Optional[List[str]] = None
+    path: Optional[str | Path] = None,
+    overrides: Optional[List[str]] = None,
+    stored: Optional[Dict[str, Any]] = None,
 ) -> DictConfig:
-    """Schema <- YAML (with its defaults) <- overrides, validated; returns a typed DictConfig.
+    """Schema <- `stored` (a run's config) <- YAML (with its defaults) <- overrides,
+    validated; returns a typed DictConfig.
 
     Raises ConfigError naming the offending key and the nearest valid keys.
     """
     cfg = copy.deepcopy(_schema())
-    sources = []
+    sources = [] if stored is None else [("stored config", OmegaConf.create(stored))]
     if path is not None:
         sources.append((str(path), _read_yaml(Path(path))))
     if overrides:

@@ -1,6 +1,9 @@
 """`raptor pipeline CONFIG [--plan]`: the whole job, one sub-folder per step, resumable.
 
-    shards/    webdataset shards   (when data.source is digits or imagefolder:PATH)
+In run_dir (default runs/NAME), the layout of `raptor.run_folders`, which every command
+reads and writes by default too:
+    shards/    webdataset shards   (when data.source is digits or imagefolder:PATH; in
+               runs/NAME/shards, or data.shards_dir, whatever run_dir is)
     teacher/   small teacher       (when teacher.train_from_scratch and no teacher.weights)
     phases/    similarity matrix, phases.json, heat-map
     k{K}/stage1, k{K}/stage2, k{K}/eval, k{K}/export   for every K in pipeline.ks
@@ -43,6 +46,7 @@ from raptor.config import save_config
 from raptor.distributed import is_rank_zero
 from raptor.errors import read_json
 from raptor.eval.summary import report_files, write_summary
+from raptor.run_folders import RunFolders, absolute_paths, run_folders
 
 STEP_FILE = "step.json"  # written last: the step is complete
 INPUTS_FILE = "inputs.json"  # written first: what the step's folder was made from
@@ -185,8 +189,10 @@ def _with(cfg: DictConfig, **updates: Any) -> DictConfig:
 
 
 def pipeline_steps(cfg: DictConfig, root: Path) -> List[Step]:
-    """Every step of the module docstring, in order, with what it depends on."""
+    """Every step of the module docstring, in order, with what it depends on, in the
+    folders `raptor.run_folders` gives under `root`."""
     steps: List[Step] = []
+    folders = run_folders(cfg, root)
 
     def add(name, folder, keys, after, run, source: DictConfig = cfg) -> None:
         """Append a step depending on `keys` of `source` and on the steps `after`."""
@@ -200,12 +206,12 @@ def pipeline_steps(cfg: DictConfig, root: Path) -> List[Step]:
         if "teacher" in done:
             new["teacher.weights"] = done["teacher"]["result"]["weights"]
         if "phases" in done:
-            new["phases.file"] = str(root / "phases" / "phases.json")
+            new["phases.file"] = str(folders.phases_file)
         return _with(cfg, **new, **updates)
 
     data, teacher, phases = DEPENDS["data"], DEPENDS["given_teacher"], DEPENDS["given_phases"]
     inputs: List[str] = []  # upstream steps every later step consumes
-    shards_dir = Path(cfg.data.shards_dir or root / "shards")
+    shards_dir = folders.shards
     if cfg.data.source != "shards":
         from raptor.data.shards import ensure_shards
 
@@ -228,7 +234,7 @@ def pipeline_steps(cfg: DictConfig, root: Path) -> List[Step]:
 
         add(
             "teacher",
-            root / "teacher",
+            folders.teacher,
             data + DEPENDS["teacher"],
             inputs,
             lambda done, folder: train_teacher(given(done, run_dir=str(folder)), folder),
@@ -240,7 +246,7 @@ def pipeline_steps(cfg: DictConfig, root: Path) -> List[Step]:
 
         add(
             "phases",
-            root / "phases",
+            folders.phases,
             data + teacher + DEPENDS["phases"],
             inputs,
             lambda done, folder: discover_phases(given(done, run_dir=str(folder)), folder),
@@ -252,17 +258,19 @@ def pipeline_steps(cfg: DictConfig, root: Path) -> List[Step]:
             add,
             given,
             _with(cfg, **{"model.k": k}),
-            root / f"k{k}",
+            folders,
             data + teacher + phases,
             inputs,
         )
     return steps
 
 
-def raptor_steps(add, given, cfg: DictConfig, base: Path, reads, inputs: List[str]) -> None:
-    """Stage 1, stage 2, evaluation and export of the Raptor with k = cfg.model.k, in
-    `base/{stage1,stage2,eval,export}`: `add`s them to the pipeline's steps. `reads` are
-    the data/teacher/phases keys and `inputs` the upstream steps every one consumes."""
+def raptor_steps(
+    add, given, cfg: DictConfig, folders: RunFolders, reads, inputs: List[str]
+) -> None:
+    """Stage 1, stage 2, evaluation and export of the Raptor with k = cfg.model.k, in its
+    `folders`: `add`s them to the pipeline's steps. `reads` are the data/teacher/phases
+    keys and `inputs` the upstream steps every one consumes."""
     from raptor.eval.fidelity import evaluate
     from raptor.train.export import export_backbone
     from raptor.train.fit import fit
@@ -272,7 +280,7 @@ def raptor_steps(add, given, cfg: DictConfig, base: Path, reads, inputs: List[st
     def add_k(*args) -> None:  # values read from this Raptor's config (model.k = k)
         add(*args, source=cfg)
 
-    s1, s2 = base / "stage1", base / "stage2"
+    s1, s2 = folders.stage(k, 1), folders.stage(k, 2)
     n1, n2 = f"k{k}/stage1", f"k{k}/stage2"
 
     def stage2_cfg(done: Dict[str, Dict[str, Any]], **updates: Any) -> DictConfig:
@@ -299,7 +307,7 @@ def raptor_steps(add, given, cfg: DictConfig, base: Path, reads, inputs: List[st
     if cfg.pipeline.evaluate:
         add_k(
             f"k{k}/eval",
-            base / "eval",
+            folders.eval(k),
             reads + DEPENDS["eval"],
             inputs + [n2],
             lambda done, folder: evaluate(
@@ -309,7 +317,7 @@ def raptor_steps(add, given, cfg: DictConfig, base: Path, reads, inputs: List[st
     if cfg.pipeline.export:
         add_k(
             f"k{k}/export",
-            base / "export",
+            folders.export(k),
             DEPENDS["export"],
             [n2],
             lambda done, folder: {
@@ -415,7 +423,9 @@ def run_pipeline(cfg: DictConfig, plan_only: bool = False) -> Optional[Dict[str,
     """Plan every step of the module docstring, print the plan, move the folders of steps
     that rerun aside, then run them in order; returns `write_summary`'s result (None with
     `plan_only`)."""
-    root = Path(cfg.run_dir)
+    cfg = absolute_paths(cfg)
+    root = run_folders(cfg, cfg.run_dir or None).root
+    cfg.run_dir = str(root)
     steps = pipeline_steps(cfg, root)
     plan = plan_steps(steps)
     stamp = time.strftime("%Y%m%d-%H%M%S")

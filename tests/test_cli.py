@@ -146,21 +146,23 @@ def test_missing_file_raised_with_a_message_is_one_line(failing, capsys):
     )
 
 
-def test_run_dir_in_the_way_is_one_line(tmp_path, capsys):
+def test_run_dir_in_the_way_is_one_line(tmp_path, capsys, digits_shards):
     """A real command (`raptor phases`) whose run_dir is an existing file, or under one."""
     blocker = tmp_path / "file"
     blocker.write_text("")
-    assert cli_main(["phases", DEMO, f"run_dir={blocker}"]) == 2
+    given = [f"data.shards_dir={digits_shards}", "teacher.init=random"]
+    assert cli_main(["phases", DEMO, f"run_dir={blocker}", *given]) == 2
     _one_os_line(capsys.readouterr().err, str(blocker), errno.EEXIST)
-    assert cli_main(["phases", DEMO, f"run_dir={blocker}/run"]) == 2
+    assert cli_main(["phases", DEMO, f"run_dir={blocker}/run", *given]) == 2
     _one_os_line(capsys.readouterr().err, f"{blocker}/run", errno.ENOTDIR)
 
 
-def test_corrupt_phases_file_names_the_file(tmp_path, capsys):
+def test_corrupt_phases_file_names_the_file(tmp_path, capsys, digits_shards):
     run = tmp_path / "run"
     run.mkdir()
     (run / "phases.json").write_text('{"num_layers": 8, "partit')  # cut short
-    assert cli_main(["phases", DEMO, f"run_dir={run}"]) == 2
+    given = [f"data.shards_dir={digits_shards}", "teacher.init=random"]
+    assert cli_main(["phases", DEMO, f"run_dir={run}", *given]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"raptor phases: phases file {run / 'phases.json'} is not valid JSON")
     assert err.count("\n") == 1

@@ -37,7 +37,7 @@ def test_overrides_take_effect_and_win_over_yaml(tmp_path):
     assert cfg.data.batch_size == 32
     assert cfg.trainer.devices == 2
     assert list(cfg.phases.boundaries) == [3, 5]
-    assert cfg.run_dir == "runs/a"  # interpolation resolved from the YAML's name
+    assert cfg.run_dir == ""  # unset: each command's folder under runs/a (run_folders)
 
 
 def test_defaults_compose_later_files_win(tmp_path):
@@ -75,7 +75,7 @@ def test_save_config_round_trips(tmp_path):
     path = save_config(cfg, tmp_path / "run")
     again = load_config(path)
     assert again == cfg
-    assert yaml.safe_load(path.read_text())["run_dir"] == "runs/x"
+    assert yaml.safe_load(path.read_text())["name"] == "x"
 
 
 def test_cli_config_show(capsys, tmp_path):

@@ -22,6 +22,7 @@ def _cfg(shards, run_dir, *extra):
             f"data.shards_dir={shards}",
             "data.batch_size=16",
             "teacher.train_from_scratch=false",
+            "teacher.init=random",
             "teacher.depth=4",
             "teacher.embed_dim=32",
             "teacher.drop_path_rate=0.0",

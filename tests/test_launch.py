@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from raptor.config import load_config
+from raptor.run_folders import command_folder
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = [ROOT / "launch" / "torchrun.sh", *sorted((ROOT / "launch" / "slurm").glob("*.sbatch"))]
@@ -111,7 +112,10 @@ def test_fit_sbatch_passes_the_allocation(tmp_path):
     overrides = ["train." + a if a.startswith("stage=") else a for a in args[1:]]
     cfg = load_config(ROOT / args[0], overrides)
     assert (cfg.trainer.devices, cfg.trainer.num_nodes, cfg.train.stage) == (4, 2, 2)
-    assert cfg.run_dir == "runs/dinov2_vitb14_reg_k3/stage2"  # the same folder after a requeue
+    # the same folder after a requeue: the pipeline's stage-2 folder of this name and k
+    assert (
+        command_folder(cfg, "fit") == Path.cwd() / "runs" / "dinov2_vitb14_reg_k3" / "k3" / "stage2"
+    )
 
 
 @pytest.mark.parametrize("script", ["fit.sbatch", "stage1_array.sbatch"])
@@ -140,7 +144,7 @@ def test_stage1_array_trains_one_block_per_task(tmp_path):
     overrides = ["train." + a if a.startswith("stage=") else a for a in args[1:]]
     cfg = load_config(ROOT / args[0], overrides)
     assert list(cfg.train.blocks) == [2] and cfg.train.stage == 1
-    assert cfg.run_dir == "runs/dinov2_vitb14_reg_k3/stage1/block2"
+    assert cfg.run_dir == "runs/dinov2_vitb14_reg_k3/k3/stage1/block2"
     assert (cfg.data.batch_size, cfg.trainer.devices, cfg.trainer.accelerator) == (32, 8, "gpu")
 
 

@@ -258,4 +258,27 @@ def test_clear_errors(tmp_path):
     with pytest.raises(TeacherLoadError, match="weights_only=True"):
         Teacher.from_config(teacher_cfg(**{**base, **TINY, "weights": str(tmp_path / "junk.pth")}))
     with pytest.raises(TeacherLoadError, match="not a timm model name"):
-        Teacher.from_config(teacher_cfg(name="no_such_vit"))
+        Teacher.from_config(teacher_cfg(name="no_such_vit", init="random"))
+
+
+def test_no_random_teacher_unless_asked_by_name(tmp_path):
+    """Nothing to load (no weights file, not pretrained) is an error naming the command that
+    writes the file and the keys; random weights only with teacher.init=random."""
+    tiny = dict(name="vit_tiny_patch16_224", **TINY)
+    with pytest.raises(TeacherLoadError) as err:
+        Teacher.from_config(teacher_cfg(**tiny))
+    for name in (
+        "`raptor teacher CONFIG`",
+        "teacher.weights=",
+        "teacher.pretrained",
+        "init=random",
+    ):
+        assert name in str(err.value)
+    first = Teacher.from_config(teacher_cfg(**tiny, init="random"))
+    assert first.num_layers == TINY["depth"]
+    path = tmp_path / "t.safetensors"
+    first.save(path)
+    loaded = Teacher.from_config(teacher_cfg(name=tiny["name"], weights=str(path)))
+    assert_same_outputs(first, loaded, torch.randn(2, 3, 16, 16))
+    with pytest.raises(TeacherLoadError, match="choose random weights or the ones to load"):
+        Teacher.from_config(teacher_cfg(**tiny, init="random", weights=str(path)))

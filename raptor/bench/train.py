@@ -203,6 +203,7 @@ def bench_config(args: argparse.Namespace):
 
     cfg = config_from_args(args)
     cfg.teacher.pretrained, cfg.teacher.weights, cfg.teacher.head = False, "", ""
+    cfg.teacher.init = "random"
     cfg.train.init_from = ""
     if args.stage is not None:
         cfg.train.stage = args.stage
@@ -213,11 +214,7 @@ def bench_config(args: argparse.Namespace):
 
 def build_models(cfg, device: torch.device, args: argparse.Namespace):
     """Teacher (random weights) and Raptor on `device`, with compile/checkpointing applied."""
-    import warnings
-
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*has random weights.*")
-        teacher = Teacher.from_config(cfg.teacher)
+    teacher = Teacher.from_config(cfg.teacher)
     if cfg.phases.boundaries is None and not cfg.phases.file:
         even = Partition.even(teacher.num_layers, int(cfg.model.k))
         cfg.phases.boundaries = list(even.boundaries)

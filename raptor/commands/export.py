@@ -1,4 +1,5 @@
-"""`raptor export RUN_OR_CKPT --out DIR [--onnx] [--overwrite]`: write a distilled backbone."""
+"""`raptor export RUN_OR_CKPT [--out DIR] [--onnx] [--overwrite]`: write a distilled backbone
+(by default where the pipeline does: `k{K}/export/backbone` beside a `k{K}/stage2` run)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,9 @@ import argparse
 import sys
 from typing import Any, Dict
 
+from raptor.errors import UserError
 from raptor.model.backbone import BackboneFormatError
+from raptor.run_folders import beside_stage2
 from raptor.train.export import export_backbone
 
 
@@ -18,7 +21,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "runs of single blocks joined by commas",
     )
     parser.add_argument(
-        "--out", required=True, help="output folder (config.json, model.safetensors)"
+        "--out",
+        help="output folder (config.json, model.safetensors); default: the pipeline's, "
+        "k{K}/export/backbone beside a k{K}/stage2 run (RUN/export/backbone otherwise)",
     )
     parser.add_argument(
         "--onnx", action="store_true", help="also write model.onnx, checked in onnxruntime"
@@ -36,10 +41,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     report: Dict[str, Any] = {}
+    if args.out is None and "," in args.source:
+        raise UserError("export of several stage-1 runs: name the output folder with --out DIR")
     try:
         out = export_backbone(
             args.source,
-            args.out,
+            args.out or beside_stage2(args.source, "export") / "backbone",
             onnx=args.onnx,
             overwrite=args.overwrite,
             opset=args.opset,

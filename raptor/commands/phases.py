@@ -48,7 +48,7 @@ def main(args: argparse.Namespace) -> int:
         return 2
     from raptor.train.runs import prepare_run_dir
 
-    cfg = config_from_args(args)
+    cfg = config_from_args(args, "phases")
     run_dir = prepare_run_dir(cfg)
     result = discover_phases(cfg, run_dir)
     for k, b in result["partitions"].items():

@@ -1,4 +1,6 @@
-"""`raptor shards --source ... --out DIR` writes shards; `raptor shards verify DIR` checks them."""
+"""`raptor shards --source ... --out DIR` writes shards; `raptor shards write CONFIG [k=v ...]`
+writes the config's data.source where the pipeline does (runs/NAME/shards, or data.shards_dir);
+`raptor shards verify DIR` checks them."""
 
 from __future__ import annotations
 
@@ -7,12 +9,22 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from raptor.data.shards import MANIFEST, verify_shards, write_shards
+from raptor.cli import add_config_arguments, config_from_args
+from raptor.data.shards import MANIFEST, ensure_shards, verify_shards, write_shards
 from raptor.errors import UserError
+from raptor.run_folders import run_folders
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    actions = parser.add_subparsers(dest="action", metavar="verify")
+    actions = parser.add_subparsers(dest="action", metavar="write|verify")
+    write = actions.add_parser(
+        "write",
+        help="write the config's data.source where the pipeline does (runs/NAME/shards)",
+        description="Write the shards of the config's data.source (digits or imagefolder:PATH) "
+        "with its data.shard_size, val_fraction, split_seed and store_crop into data.shards_dir, "
+        "default runs/NAME/shards; a folder holding a manifest.json is kept.",
+    )
+    add_config_arguments(write)
     verify = actions.add_parser(
         "verify",
         help="check every shard's sha256 and sample count against DIR/manifest.json",
@@ -48,6 +60,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     if args.action == "verify":
         return verify_main(args.dir, progress=False if args.no_progress else None)
+    if args.action == "write":
+        cfg = config_from_args(args)
+        if cfg.data.source == "shards":
+            raise UserError("data.source=shards: the config reads shards, it names none to write")
+        folder = run_folders(cfg).shards
+        ensure_shards(cfg, folder)
+        print(f"shards of {cfg.data.source} in {folder}")
+        return 0
     if not (args.source and args.out):
         print(
             "raptor shards: --source and --out are required (or `raptor shards verify DIR`)",

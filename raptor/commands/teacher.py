@@ -18,5 +18,5 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    train_teacher(config_from_args(args), retrain=args.retrain)
+    train_teacher(config_from_args(args, "teacher"), retrain=args.retrain)
     return 0

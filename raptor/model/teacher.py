@@ -14,7 +14,9 @@ Weights (`Teacher.from_config(cfg.teacher)`):
 - `weights=PATH`, a timm state dict (.pth/.bin/.safetensors) or the official
   DINOv2 torch.hub `.pth` (converted by timm's own `checkpoint_filter_fn`),
   loaded into `timm.create_model(name, **architecture keys)`;
-- `pretrained=True`: timm's hub weights for `name`.
+- `pretrained=True`: timm's hub weights for `name`;
+- `init=random`: random weights, only when asked for by name (benchmarks, tests).
+With none of these there is nothing to load: a TeacherLoadError names `raptor teacher`.
 Files are read with `torch.load(weights_only=True)` or safetensors, never unpickled.
 
 Numerics: bf16 autocast on CUDA, float32 on CPU; every output is float32.
@@ -24,7 +26,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import warnings
 from pathlib import Path
 from typing import Any, Dict, Mapping, Optional
 
@@ -228,6 +229,11 @@ class Teacher(nn.Module):
         """Build from a `teacher` config section (see the module docstring)."""
         overrides = arch_overrides(cfg)
         data_config = None
+        if cfg.get("init") == "random" and (cfg.weights or cfg.pretrained):
+            raise TeacherLoadError(
+                "teacher.init=random with teacher.weights or teacher.pretrained set: "
+                "choose random weights or the ones to load"
+            )
         if cfg.weights:
             path = Path(str(cfg.weights)).expanduser()
             if not path.is_file():
@@ -242,13 +248,15 @@ class Teacher(nn.Module):
                 vit, arch = create_vit(cfg)
                 state = _convert(read_state_dict(path), vit, path)
                 _load_checked(vit, state, path, arch["name"], overrides)
-        else:
+        elif cfg.pretrained or cfg.get("init") == "random":
             vit, arch = create_vit(cfg, pretrained=bool(cfg.pretrained))
-            if not cfg.pretrained:
-                warnings.warn(
-                    f"teacher '{cfg.name}' has random weights (no teacher.weights, pretrained=false)",
-                    stacklevel=2,
-                )
+        else:
+            raise TeacherLoadError(
+                f"teacher '{cfg.name}' has no weights to load: train them with "
+                "`raptor teacher CONFIG` (then teacher.weights=PATH to its teacher.safetensors), "
+                "or set teacher.pretrained=true for the hub's, or teacher.init=random to use "
+                "random weights on purpose"
+            )
         head = load_linear_head(cfg.head, 2 * int(vit.embed_dim)) if cfg.get("head") else None
         return cls(vit, arch=arch, head=head, data_config=data_config)
 
