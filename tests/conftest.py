@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import socket
 
 import pytest
@@ -36,9 +37,95 @@ def _isolate_process_state():
     os.environ.update(env)
 
 
+def read_csv(path) -> list[dict]:
+    """The rows of a CSV file (a run's metrics.csv, a DMD table) as dicts."""
+    with open(path, newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
 @pytest.fixture
 def free_port() -> int:
     """A free TCP port on the loopback interface, for a gloo process group's rendezvous."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+# --------------------------------------------------------------------------- tiny models
+
+# Steps of each stage in the tiny distillation runs (`fit_overrides`).
+STAGE1_STEPS, STAGE2_STEPS = 40, 40
+
+
+def make_vit(seed: int = 0, name: str = "vit_tiny_patch16_224", **arch):
+    """A random timm ViT built after torch.manual_seed(seed): timm's `name` shrunk by `arch`
+    (img_size, patch_size, embed_dim, depth, ...), in train mode as timm returns it."""
+    import timm
+    import torch
+
+    torch.manual_seed(seed)
+    return timm.create_model(name, **arch)
+
+
+def write_tiny_teacher(path):
+    """The distillation tests' teacher as a `raptor teacher` safetensors file: depth 4,
+    width 32, 16 px images in 4 px patches, 2 registers, 10 classes, its residual branches
+    scaled up so each block moves the tokens visibly (the identity map a_L ~ a_0 has
+    R^2 < 0 at the last layer)."""
+    import torch
+
+    from raptor.model.teacher import Teacher
+
+    vit = make_vit(
+        img_size=16, patch_size=4, embed_dim=32, depth=4, num_heads=2, reg_tokens=2, num_classes=10
+    )
+    with torch.no_grad():
+        for blk in vit.blocks:
+            blk.attn.qkv.weight.mul_(10**0.5)
+            blk.attn.proj.weight.mul_(10.0)
+            blk.mlp.fc2.weight.mul_(10.0)
+    return Teacher(vit).save(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_teacher(tmp_path_factory):
+    """`write_tiny_teacher`'s file, written once per session (tests only read it)."""
+    return write_tiny_teacher(tmp_path_factory.mktemp("tiny_teacher") / "teacher.safetensors")
+
+
+def fit_overrides(teacher, shards, **extra) -> list[str]:
+    """`raptor fit` overrides for a tiny CPU run of `teacher` on `shards`: k=2 with phases
+    1-2 and 3-4, STAGE1_STEPS / STAGE2_STEPS steps, validation on 4 batches every 20 steps,
+    a checkpoint every 10, no DMD, a metrics row every step; `extra` adds or replaces keys."""
+    base = {
+        "teacher.weights": str(teacher),
+        "model.k": 2,
+        "phases.boundaries": "[2]",
+        "data.shards_dir": str(shards),
+        "data.num_workers": 0,
+        "data.batch_size": 16,
+        "data.shuffle_buffer": 64,
+        "train.val_batches": 4,
+        "train.val_every_n_steps": 20,
+        "train.ckpt_every_n_steps": 10,
+        "train.stage1.steps": STAGE1_STEPS,
+        "train.stage1.warmup_steps": 2,
+        "train.stage1.lr": 3e-3,
+        "train.stage2.steps": STAGE2_STEPS,
+        "train.stage2.warmup_steps": 2,
+        "train.stage2.lr": 3e-3,
+        "dmd.enabled": False,
+        "logging.progress_bar": False,
+        "logging.log_every_n_steps": 1,
+        "trainer.accelerator": "cpu",
+        "trainer.devices": 1,
+    }
+    base.update(extra)
+    return [f"{k}={v}" for k, v in base.items()]
+
+
+def fit_config(teacher, shards, **extra):
+    """The config `fit_overrides` gives."""
+    from raptor.config import load_config
+
+    return load_config(None, fit_overrides(teacher, shards, **extra))

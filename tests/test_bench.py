@@ -10,6 +10,7 @@ import sys
 
 import pytest
 import torch
+from conftest import make_vit
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -51,14 +52,11 @@ def test_recurrent_block_flops_match_flop_counter(mlp, depth):
 
 
 def test_teacher_and_stage2_flops_match_flop_counter():
-    import timm
 
     from raptor.model.raptor import Raptor
 
-    torch.manual_seed(0)
-    vit = timm.create_model(
-        "vit_small_patch16_224",
-        pretrained=False,
+    vit = make_vit(
+        name="vit_small_patch16_224",
         img_size=32,
         patch_size=8,
         embed_dim=48,
@@ -106,15 +104,13 @@ def by_hand_block(T: int, D: int, H: int, gated: bool, depth_hidden: int = 0) ->
 def test_stage1_flops_match_flop_counter(blocks, tf):
     """A real stage-1 step: the teacher's trajectory up to the last trained layer, then
     per trained block the AR rollout (+ the TF pass), forward and backward."""
-    import timm
 
     from raptor.model.raptor import Raptor
     from raptor.model.teacher import Teacher
     from raptor.train import losses
 
-    torch.manual_seed(0)
-    vit = timm.create_model(
-        "vit_small_patch16_224",
+    vit = make_vit(
+        name="vit_small_patch16_224",
         img_size=16,
         patch_size=8,
         embed_dim=24,

@@ -443,10 +443,12 @@ def test_manifest_overstating_a_count_is_reported(digits_shards, tmp_path):
     assert sum(int(b["missing"]) for b in batches) == 7
 
 
-def test_incomplete_validation_is_flagged_where_top1_is_reported(digits_shards, tmp_path):
+def test_incomplete_validation_is_flagged_where_top1_is_reported(
+    digits_shards, tmp_path, tiny_teacher
+):
     """A validation set with samples missing: the Distiller's validation (what `raptor fit`
     and `raptor evaluate` report) and the teacher's val top-1 say it is incomplete."""
-    from test_distill import config, write_teacher
+    from conftest import fit_config
     from test_teacher_train import TINY
 
     from raptor.eval.fidelity import run_validation
@@ -456,7 +458,7 @@ def test_incomplete_validation_is_flagged_where_top1_is_reported(digits_shards, 
     from raptor.train.teacher import TeacherTraining
 
     read = damaged_copy(digits_shards, tmp_path / "cut", "val-000001.tar", inside=False)
-    cfg = config(write_teacher(tmp_path / "teacher.safetensors"), tmp_path / "cut")
+    cfg = fit_config(tiny_teacher, tmp_path / "cut")
     cfg.data.max_bad_fraction = 1.0
     teacher = Teacher.from_config(cfg.teacher)
     raptor = Raptor.from_config(cfg.model, teacher, Partition.from_config(cfg, teacher.num_layers))

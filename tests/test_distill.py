@@ -8,7 +8,6 @@ whose residual branches are scaled up so that its depth trajectory moves far fro
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 import shutil
@@ -17,6 +16,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+from conftest import STAGE1_STEPS, STAGE2_STEPS, fit_config, fit_overrides, read_csv
 
 from raptor.config import ConfigError, from_container, load_config
 from raptor.errors import RunFailed
@@ -24,91 +24,26 @@ from raptor.train import fit as distill
 from raptor.train.checkpoints import checkpoint_file, first_non_finite, load_blocks, load_raptor
 from raptor.train.schedules import lr_at
 
-STAGE1_STEPS, STAGE2_STEPS = 40, 40
-
-
-def write_teacher(path: Path) -> Path:
-    """A tiny random ViT teacher saved as a `raptor teacher` safetensors file."""
-    import timm
-
-    from raptor.model.teacher import Teacher
-
-    torch.manual_seed(0)
-    vit = timm.create_model(
-        "vit_tiny_patch16_224",
-        img_size=16,
-        patch_size=4,
-        embed_dim=32,
-        depth=4,
-        num_heads=2,
-        reg_tokens=2,
-        num_classes=10,
-    )
-    with torch.no_grad():  # larger branches: each block moves the tokens visibly
-        for blk in vit.blocks:
-            blk.attn.qkv.weight.mul_(10**0.5)
-            blk.attn.proj.weight.mul_(10.0)
-            blk.mlp.fc2.weight.mul_(10.0)
-    return Teacher(vit).save(path)
-
-
-def overrides(teacher: Path, shards: Path, **extra) -> list[str]:
-    """Config overrides for a tiny CPU run (k=2, phases 1-2 and 3-4)."""
-    base = {
-        "teacher.weights": str(teacher),
-        "model.k": 2,
-        "phases.boundaries": "[2]",
-        "data.shards_dir": str(shards),
-        "data.num_workers": 0,
-        "data.batch_size": 16,
-        "data.shuffle_buffer": 64,
-        "train.val_batches": 4,
-        "train.val_every_n_steps": 20,
-        "train.ckpt_every_n_steps": 10,
-        "train.stage1.steps": STAGE1_STEPS,
-        "train.stage1.warmup_steps": 2,
-        "train.stage1.lr": 3e-3,
-        "train.stage2.steps": STAGE2_STEPS,
-        "train.stage2.warmup_steps": 2,
-        "train.stage2.lr": 3e-3,
-        "dmd.enabled": False,
-        "logging.progress_bar": False,
-        "logging.log_every_n_steps": 1,
-        "trainer.accelerator": "cpu",
-        "trainer.devices": 1,
-    }
-    base.update(extra)
-    return [f"{k}={v}" for k, v in base.items()]
-
-
-def config(teacher: Path, shards: Path, **extra):
-    return load_config(None, overrides(teacher, shards, **extra))
-
-
-def read_csv(path: Path) -> list[dict]:
-    with open(path, newline="") as fh:
-        return list(csv.DictReader(fh))
-
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory, digits_shards):
+def setup(tmp_path_factory, digits_shards, tiny_teacher):
     root = tmp_path_factory.mktemp("distill")
     return {
         "root": root,
-        "teacher": write_teacher(root / "teacher.safetensors"),
+        "teacher": tiny_teacher,
         "shards": digits_shards,
     }
 
 
 @pytest.fixture(scope="module")
 def stage1(setup):
-    cfg = config(setup["teacher"], setup["shards"], **{"train.stage": 1})
+    cfg = fit_config(setup["teacher"], setup["shards"], **{"train.stage": 1})
     return cfg, distill.fit(cfg, setup["root"] / "stage1")
 
 
 @pytest.fixture(scope="module")
 def stage2(setup, stage1):
-    cfg = config(
+    cfg = fit_config(
         setup["teacher"],
         setup["shards"],
         **{
@@ -238,7 +173,7 @@ def test_schedule_logging_and_checkpoint_contents(stage1):
 
 
 def test_block_subset_and_joining(setup, stage1, tmp_path):
-    cfg = config(
+    cfg = fit_config(
         setup["teacher"],
         setup["shards"],
         **{"train.blocks": "[2]", "train.stage1.steps": 6, "train.val_every_n_steps": 4},
@@ -284,7 +219,7 @@ def test_non_finite_loss_stops_and_keeps_last_checkpoint(setup, stage1, tmp_path
         [
             "fit",
             str(cfg_file),
-            *overrides(setup["teacher"], setup["shards"]),
+            *fit_overrides(setup["teacher"], setup["shards"]),
             f"run_dir={run}",
             "train.stage1.steps=50",
             "train.schedule_change=apply",
@@ -333,7 +268,7 @@ def step_data(cfg, **kwargs):
 def test_non_finite_loss_names_the_checkpoint_that_exists(setup, tmp_path):
     """Checkpoints every 5 steps and a NaN batch at step 10: the checkpoint taken at step 10
     gave that loss, so the good one is step 5's; the run resumes from it."""
-    cfg = config(
+    cfg = fit_config(
         setup["teacher"],
         setup["shards"],
         **{
@@ -369,7 +304,7 @@ def test_non_finite_weights_are_never_checkpointed(setup, tmp_path):
     """Only block 2 trains (its loss starts from the teacher's a_2, so block 1's weights do
     not enter it): a NaN weight in frozen block 1 leaves the loss finite, and the
     checkpoint after the step is refused, naming the weight and the step."""
-    cfg = config(
+    cfg = fit_config(
         setup["teacher"],
         setup["shards"],
         **{
@@ -395,7 +330,7 @@ def test_resume_with_changed_schedule(setup, tmp_path):
     run = tmp_path / "run"
 
     def cfg(**extra):
-        return config(
+        return fit_config(
             setup["teacher"],
             setup["shards"],
             **{"train.val_every_n_steps": 4, "train.val_batches": 1, **extra},
@@ -423,19 +358,19 @@ def test_resume_with_changed_schedule(setup, tmp_path):
 
 def test_run_folder_errors(setup, stage1, tmp_path):
     run1 = stage1[1]["run_dir"]
-    cfg = config(setup["teacher"], setup["shards"], **{"train.resume": "never"})
+    cfg = fit_config(setup["teacher"], setup["shards"], **{"train.resume": "never"})
     with pytest.raises(ConfigError, match="resume=never"):
         distill.fit(cfg, run1)
-    cfg = config(setup["teacher"], setup["shards"], **{"train.stage": 2})
+    cfg = fit_config(setup["teacher"], setup["shards"], **{"train.stage": 2})
     with pytest.raises(ConfigError, match="stage-1 checkpoint but train.stage=2"):
         distill.fit(cfg, run1)
-    cfg = config(setup["teacher"], setup["shards"], **{"train.stage": 2, "train.blocks": "[1]"})
+    cfg = fit_config(setup["teacher"], setup["shards"], **{"train.stage": 2, "train.blocks": "[1]"})
     with pytest.raises(ConfigError, match="train.blocks"):
         distill.fit(cfg, tmp_path / "x")
-    cfg = config(setup["teacher"], setup["shards"], **{"train.blocks": "[3]"})
+    cfg = fit_config(setup["teacher"], setup["shards"], **{"train.blocks": "[3]"})
     with pytest.raises(ConfigError, match=r"1\.\.2"):
         distill.fit(cfg, tmp_path / "y")
-    cfg = config(setup["teacher"], setup["shards"], **{"phases.boundaries": "null"})
+    cfg = fit_config(setup["teacher"], setup["shards"], **{"phases.boundaries": "null"})
     with pytest.raises(ConfigError, match="no phase partition"):
         distill.fit(cfg, tmp_path / "z")
     with pytest.raises(ConfigError, match="checkpoint not found"):

@@ -8,7 +8,7 @@ import warnings
 import lightning as L
 import pytest
 import torch
-from test_distill import config, write_teacher
+from conftest import fit_config
 
 from raptor.train import fit as distill
 
@@ -28,10 +28,10 @@ def adam_gradients(before: dict, after: dict) -> dict:
 
 
 @pytest.mark.parametrize("stage", [1, 2])
-def test_gradient_norm_is_clipped(stage, tmp_path, digits_shards):
-    teacher = write_teacher(tmp_path / "teacher.safetensors")
+def test_gradient_norm_is_clipped(stage, tmp_path, digits_shards, tiny_teacher):
+    teacher = tiny_teacher
     s = f"train.stage{stage}"
-    cfg = config(
+    cfg = fit_config(
         teacher,
         digits_shards,
         **{

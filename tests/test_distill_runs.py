@@ -14,17 +14,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_distill import overrides, read_csv, write_teacher
+from conftest import fit_overrides, read_csv
 
 from raptor.config import load_config
 from raptor.train import fit as distill
 
 TIMEOUT = 240
-
-
-@pytest.fixture(scope="module")
-def teacher(tmp_path_factory):
-    return write_teacher(tmp_path_factory.mktemp("runs") / "teacher.safetensors")
 
 
 def cli(config: Path, args: list[str]) -> list[str]:
@@ -62,12 +57,12 @@ def losses_by_step(run_dir: Path) -> dict[int, float]:
     }
 
 
-def test_ddp_two_processes_match_one_process(teacher, digits_shards, tmp_path):
+def test_ddp_two_processes_match_one_process(tiny_teacher, digits_shards, tmp_path):
     """Same global batch (2 x 8 vs 1 x 16) over one training shard read in order: the two
     ranks take every other sample of it, so the global batches are the same samples."""
     steps = 6
-    common = overrides(
-        teacher,
+    common = fit_overrides(
+        tiny_teacher,
         digits_shards,
         **{
             "data.train_urls": str(digits_shards / "train-000000.tar"),
@@ -128,11 +123,11 @@ STEPS = 30  # stage-1 steps of the interrupted runs: checkpoints every 5, valida
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(teacher, digits_shards, tmp_path_factory):
+def uninterrupted(tiny_teacher, digits_shards, tmp_path_factory):
     """(overrides, run folder) of the stage-1 run the interrupted runs must reproduce, run once
     in this process without W&B."""
-    common = overrides(
-        teacher,
+    common = fit_overrides(
+        tiny_teacher,
         digits_shards,
         **{
             "train.stage1.steps": STEPS,

@@ -1,11 +1,9 @@
 """DMDCallback in a real Lightning run: DMD, identity and student metrics side by side."""
 
-import csv
-
 import lightning as L
 import pytest
-import timm
 import torch
+from conftest import make_vit, read_csv
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -17,9 +15,7 @@ SPANS = [(0, 2), (2, 2)]  # (i, p): the phases 1-2 and 3-4 of the 4 layers
 
 
 def _teacher():
-    torch.manual_seed(0)
-    vit = timm.create_model(
-        "vit_tiny_patch16_224",
+    vit = make_vit(
         img_size=16,
         patch_size=8,
         embed_dim=16,
@@ -83,11 +79,6 @@ class Student(L.LightningModule):
         return _batches(10, seed=2)
 
 
-def _read_csv(path):
-    with open(path) as fh:
-        return list(csv.DictReader(fh))
-
-
 def test_lightning_run_logs_dmd_identity_and_student_side_by_side(tmp_path):
     student = Student()
     callback = DMDCallback(SPANS, solvers=["ridge", "rrr"], rank=8, alpha=1e-3, calib_images=18)
@@ -115,7 +106,7 @@ def test_lightning_run_logs_dmd_identity_and_student_side_by_side(tmp_path):
             break
     assert ref.images == 18 and torch.allclose(ref.buffer, callback.moments.buffer, rtol=1e-10)
 
-    rows = [r for r in _read_csv(tmp_path / "metrics.csv") if r.get("val/cos/L3")]
+    rows = [r for r in read_csv(tmp_path / "metrics.csv") if r.get("val/cos/L3")]
     assert len(rows) == 2  # two validations
     for row in rows:
         for key in (
@@ -154,7 +145,7 @@ def test_lightning_run_logs_dmd_identity_and_student_side_by_side(tmp_path):
     assert float(rows[-1]["val_dmd/span_ridge/top1/L2"]) == pytest.approx(float(acc))
 
     # comparison table: student, every variant and identity at the same step and layers
-    table = _read_csv(tmp_path / COMPARE_FILE)
+    table = read_csv(tmp_path / COMPARE_FILE)
     steps = sorted({int(r["step"]) for r in table})
     assert steps == [2, 4]
     last = [r for r in table if int(r["step"]) == 4 and r["group"] == "all" and r["layer"] == "3"]

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import timm
 import torch
+from conftest import make_vit
 from safetensors.torch import load_file, save_file
 
 from raptor.cli import main as cli_main
@@ -53,9 +53,8 @@ VARIANTS = {
 
 
 def make_teacher_file(path: Path, seed: int = 0, **variant) -> Path:
-    torch.manual_seed(seed)
-    vit = timm.create_model(
-        "vit_tiny_patch16_224",
+    vit = make_vit(
+        seed=seed,
         img_size=IMG,
         patch_size=PATCH,
         embed_dim=DIM,

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import make_vit
 
 from raptor.config import load_config
 from raptor.run_folders import command_folder
@@ -158,13 +159,10 @@ def test_sbatch_without_config_fails_with_usage(tmp_path):
 @pytest.fixture
 def tiny_run_config(tmp_path, digits_shards):
     """A random 4-layer ViT teacher file on the digits shards and a k=2 stage-1 config."""
-    import timm
 
     from raptor.model.teacher import Teacher
 
-    torch.manual_seed(0)
-    vit = timm.create_model(
-        "vit_tiny_patch16_224",
+    vit = make_vit(
         img_size=8,
         patch_size=2,
         embed_dim=32,

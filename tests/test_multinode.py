@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_distill import overrides
+from conftest import fit_overrides
 from test_distill_runs import (
     TIMEOUT,
     assert_same_weights,
@@ -22,7 +22,6 @@ from test_distill_runs import (
     losses_by_step,
     raptor_state,
     run_cli,
-    teacher,  # noqa: F401 (module fixture)
 )
 
 TORCHRUN = Path(__file__).resolve().parents[1] / "launch" / "torchrun.sh"
@@ -57,10 +56,10 @@ def kill_node(proc: subprocess.Popen) -> None:
     proc.wait(timeout=60)
 
 
-def test_two_nodes_match_two_devices_and_resume(teacher, digits_shards, tmp_path, free_port):  # noqa: F811
+def test_two_nodes_match_two_devices_and_resume(tiny_teacher, digits_shards, tmp_path, free_port):
     steps = 20
-    common = overrides(
-        teacher,
+    common = fit_overrides(
+        tiny_teacher,
         digits_shards,
         **{
             "train.stage1.steps": steps,

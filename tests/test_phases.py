@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import make_vit
 
 from raptor.cli import main as cli_main
 from raptor.eval.phases import (
@@ -272,16 +273,13 @@ def test_discover_phases_end_to_end(tmp_path, digits_shards, capsys):
     """`raptor phases CONFIG` on digits shards with a tiny saved teacher: the matrix
     equals a float64 computation on the same images, the files are written, and a
     second run is skipped."""
-    import timm
 
     from raptor.config import load_config
     from raptor.data.stream import ShardDataModule
     from raptor.eval.phases import discover_phases
     from raptor.model.teacher import Teacher
 
-    torch.manual_seed(0)
-    vit = timm.create_model(
-        "vit_tiny_patch16_224",
+    vit = make_vit(
         img_size=8,
         patch_size=2,
         embed_dim=16,

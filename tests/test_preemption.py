@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_distill import overrides, write_teacher
+from conftest import fit_overrides
 from test_distill_runs import (
     STOP_LINE,
     TIMEOUT,
@@ -29,11 +29,6 @@ from raptor import distributed
 from raptor.config import load_config
 from raptor.train import fit as distill
 from raptor.train.preemption import requeue_job, slurm_job_id
-
-
-@pytest.fixture(scope="module")
-def teacher(tmp_path_factory):
-    return write_teacher(tmp_path_factory.mktemp("preempt") / "teacher.safetensors")
 
 
 def fake_scontrol(folder: Path, status: int = 0) -> Path:
@@ -86,13 +81,13 @@ def test_process_group_wins_over_the_environment(monkeypatch, free_port):
 
 
 def test_fit_prints_its_result_on_rank_zero_only(
-    teacher, digits_shards, tmp_path, capsys, monkeypatch
+    tiny_teacher, digits_shards, tmp_path, capsys, monkeypatch
 ):
     """Under srun only SLURM_PROCID tells the ranks apart."""
     for var in ("RANK", "LOCAL_RANK"):
         monkeypatch.delenv(var, raising=False)
-    args = overrides(
-        teacher,
+    args = fit_overrides(
+        tiny_teacher,
         digits_shards,
         **{"train.stage1.steps": 2, "train.val_batches": 1, "run_dir": str(tmp_path / "run")},
     )
@@ -129,7 +124,7 @@ def test_requeue_runs_scontrol_from_path(tmp_path, monkeypatch):
 
 
 def test_one_rank_signalled_stops_both_ranks_and_requeues_the_array_task(
-    teacher,
+    tiny_teacher,
     digits_shards,
     tmp_path,
     free_port,
@@ -140,8 +135,8 @@ def test_one_rank_signalled_stops_both_ranks_and_requeues_the_array_task(
     and prints, both exit 0."""
     calls = fake_scontrol(tmp_path / "bin")
     cfg, run = config_file(tmp_path), tmp_path / "run"
-    args = overrides(
-        teacher,
+    args = fit_overrides(
+        tiny_teacher,
         digits_shards,
         **{"train.stage1.steps": 60, "train.ckpt_every_n_steps": 5, "data.batch_size": 8},
     )
@@ -185,7 +180,7 @@ def test_one_rank_signalled_stops_both_ranks_and_requeues_the_array_task(
 
 
 def test_final_validation_ignores_a_stale_hpc_checkpoint(
-    teacher, digits_shards, tmp_path, monkeypatch
+    tiny_teacher, digits_shards, tmp_path, monkeypatch
 ):
     """Under SLURM, Lightning validates the newest `hpc_ckpt_*.ckpt` of the run folder when
     given no checkpoint. A resumed run must report its own final weights, and the stale
@@ -206,8 +201,8 @@ def test_final_validation_ignores_a_stale_hpc_checkpoint(
     run = tmp_path / "run"
     cfg = load_config(
         None,
-        overrides(
-            teacher,
+        fit_overrides(
+            tiny_teacher,
             digits_shards,
             **{"train.stage1.steps": 6, "train.val_every_n_steps": 4, "train.val_batches": 2},
         ),

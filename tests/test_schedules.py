@@ -5,8 +5,7 @@ from __future__ import annotations
 import math
 
 import pytest
-import timm
-import torch
+from conftest import make_vit
 
 from raptor.config import load_config
 from raptor.model.partition import Partition
@@ -67,10 +66,7 @@ def test_the_distiller_scales_the_lr_by_the_global_batch_it_is_given():
             "train.stage1.lr_reference_batch=64",
         ],
     )
-    torch.manual_seed(0)
-    vit = timm.create_model(
-        "vit_tiny_patch16_224", img_size=16, patch_size=8, embed_dim=16, depth=4, num_heads=2
-    )
+    vit = make_vit(img_size=16, patch_size=8, embed_dim=16, depth=4, num_heads=2)
     teacher = Teacher(vit)
     raptor = Raptor.from_config(cfg.model, teacher, Partition(4, [2]))
     module = Distiller(cfg, teacher, raptor, global_batch=48)

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import pytest
-import timm
 import torch
+from conftest import make_vit as tiny_vit
 from omegaconf import OmegaConf
 from safetensors.torch import save_file
 
@@ -15,10 +15,9 @@ TINY = dict(img_size=16, patch_size=4, embed_dim=32, depth=3, num_heads=2, init_
 
 
 def make_vit(reg_tokens=0, num_classes=5, seed=0, name="vit_tiny_patch16_224", **kw):
-    torch.manual_seed(seed)
     args = dict(TINY, reg_tokens=reg_tokens, num_classes=num_classes)
     args.update(kw)
-    vit = timm.create_model(name, **args).eval()
+    vit = tiny_vit(seed, name, **args).eval()
     with torch.no_grad():  # non-trivial prefix tokens and position embeddings
         for p in (vit.cls_token, vit.reg_token, vit.pos_embed):
             if p is not None:

@@ -17,36 +17,6 @@ from raptor.bench.common import environment, print_pairs, print_table
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
-HELP = "shard decode + transform throughput: full images vs stored crops"
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The options of `bench data` (synthetic images, transform, loader workers)."""
-    parser.add_argument("--images", type=int, default=512, help="synthetic images (default 512)")
-    parser.add_argument(
-        "--image-size", default="500x375", help="WxH of the synthetic JPEGs (default 500x375)"
-    )
-    parser.add_argument("--classes", type=int, default=4, help="class folders (default 4)")
-    parser.add_argument(
-        "--input-size", type=int, default=224, help="transform output side (default 224)"
-    )
-    parser.add_argument(
-        "--crop-pct",
-        type=float,
-        default=1.0,
-        help="resize side = input/crop_pct, also the stored crop side (default 1.0, DINOv2's)",
-    )
-    parser.add_argument(
-        "--interpolation", default="bicubic", help="resize interpolation (default bicubic)"
-    )
-    parser.add_argument("--batch-size", type=int, default=32, help="images per batch (default 32)")
-    parser.add_argument(
-        "--workers", type=int, nargs="+", default=[0, 1, 2], help="loader workers W to try"
-    )
-    parser.add_argument(
-        "--dir", help="keep the synthetic images and shards here (empty or new folder)"
-    )
-
 
 def synthetic_image_folder(
     root: Path, images: int, size: Sequence[int], classes: int, seed: int = 0

@@ -26,34 +26,6 @@ from raptor.bench.common import (
     to_mib,
 )
 
-HELP = "streaming DMD moments and solvers: time and memory vs budget B"
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The options of `bench dmd` (sizes of the synthetic trajectories, budgets, solvers)."""
-    parser.add_argument("--dim", type=int, default=128, help="feature width d (default 128)")
-    parser.add_argument("--layers", type=int, default=12, help="transitions L (default 12)")
-    parser.add_argument("--tokens", type=int, default=65, help="tokens per image T (default 65)")
-    parser.add_argument(
-        "--budgets",
-        type=int,
-        nargs="+",
-        default=[200, 2000],
-        help="calibration budgets B in images (default 200 2000: 10x)",
-    )
-    parser.add_argument("--batch-size", type=int, default=50, help="images per update (default 50)")
-    parser.add_argument(
-        "--solvers", nargs="+", default=["ridge", "pcr", "rrr"], help="dmd.solvers names"
-    )
-    parser.add_argument("--rank", type=int, default=32, help="rank for pcr/rrr (default 32)")
-    parser.add_argument("--alpha", type=float, default=1e-4, help="relative ridge (default 1e-4)")
-    parser.add_argument(
-        "--compute-dtype",
-        choices=["float64", "float32"],
-        default="float64",
-        help="dtype of the per-batch products (accumulation is always float64)",
-    )
-
 
 def synthetic_trajectory(
     batch: int,

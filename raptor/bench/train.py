@@ -39,8 +39,6 @@ from raptor.train.fit import Distiller, selected_blocks
 from raptor.train.runs import default_precision, make_trainer
 from raptor.train.schedules import stage_config, tf_ratio
 
-HELP = "timed training steps of stage 1 or 2 on synthetic images"
-
 ATTN_BACKENDS = {
     "flash": "FLASH_ATTENTION",
     "efficient": "EFFICIENT_ATTENTION",
@@ -59,60 +57,6 @@ def attention_backend(name: str) -> Iterator[None]:
 
     with sdpa_kernel([getattr(SDPBackend, ATTN_BACKENDS[name])]):
         yield
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The options of `bench train`: CONFIG [k=v ...] and what to time."""
-    from raptor.cli import add_config_arguments
-
-    add_config_arguments(parser)
-    parser.add_argument(
-        "--stage", type=int, choices=[1, 2], help="default: the config's train.stage"
-    )
-    parser.add_argument("--batch-size", type=int, help="images per step (default: data.batch_size)")
-    parser.add_argument("--steps", type=int, default=20, help="timed steps (default 20)")
-    parser.add_argument("--warmup", type=int, default=5, help="untimed steps first (default 5)")
-    parser.add_argument(
-        "--precision", help="Lightning precision (default: bf16-mixed on GPU, 32-true on CPU)"
-    )
-    parser.add_argument(
-        "--attn-backend",
-        choices=["auto", *ATTN_BACKENDS],
-        default="auto",
-        help="scaled_dot_product_attention backend (torch.nn.attention.sdpa_kernel)",
-    )
-    parser.add_argument(
-        "--compile", action="store_true", help="torch.compile every teacher and surrogate block"
-    )
-    parser.add_argument(
-        "--activation-checkpointing",
-        action="store_true",
-        help="recompute surrogate block activations in the backward pass",
-    )
-    parser.add_argument(
-        "--max-batch",
-        action="store_true",
-        help="CUDA: first find the largest batch that fits (doubling from the batch size, "
-        "then bisection to a multiple of 8) and bench that",
-    )
-    parser.add_argument(
-        "--peak-tflops", type=float, help="device peak to compare with (overrides the table)"
-    )
-    parser.add_argument(
-        "--skip-separate", action="store_true", help="stage 1: skip the k single-block runs"
-    )
-    parser.add_argument(
-        "--skip-dmd-pass", action="store_true", help="skip the DMD moments-pass ratio"
-    )
-    parser.add_argument(
-        "--dmd-repeats", type=int, default=5, help="batches timed for the DMD ratio"
-    )
-    parser.add_argument(
-        "--dmd-compute-dtype",
-        choices=["float64", "float32"],
-        default="float64",
-        help="MomentAccumulator compute_dtype for the DMD ratio",
-    )
 
 
 class StepTimer(Callback):

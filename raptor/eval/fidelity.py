@@ -26,11 +26,12 @@ from typing import Any, Dict, List, Optional, Sequence
 from omegaconf import DictConfig
 
 from dmd.metrics import FidelityTable
+from dmd.plots import save_figure
 from raptor import distributed
 from raptor.config import ConfigError
 from raptor.eval.validation import Fidelity, block_losses
 from raptor.train.checkpoints import load_raptor
-from raptor.train.runs import log_figure, make_loggers, make_trainer, prepare_run_dir
+from raptor.train.runs import make_loggers, make_trainer, prepare_run_dir
 from raptor.train.schedules import stage_config
 
 EVAL_FILE = "eval.json"
@@ -119,7 +120,7 @@ def evaluate(
     }
     if distributed.is_rank_zero():
         (run_dir / EVAL_FILE).write_text(json.dumps(out, indent=1))
-        log_figure(fidelity_figure(out), run_dir, "fidelity", loggers)
+        save_figure(fidelity_figure(out), run_dir, "fidelity", loggers)
     for logger in loggers:
         logger.finalize("success")
     return out
@@ -138,14 +139,12 @@ def dmd_per_layer(results: Dict[str, Any], layers: List[int]) -> Dict[str, Any]:
 def fidelity_figure(result: Dict[str, Any]):
     """Per-layer R^2, cosine and relative l2 of the student (per token group) and of the
     identity baseline, with the phase boundaries as dotted lines."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
 
     layers = result["layers"]
     panels = [("r2", "R$^2$"), ("cos", "cosine"), ("rel_l2", "relative $\\ell_2$")]
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4), squeeze=False)
+    fig = Figure(figsize=(4.2 * len(panels), 3.4))
+    axes = fig.subplots(1, len(panels), squeeze=False)
     for ax, (metric, title) in zip(axes[0], panels):
         for group, values in result["student"][metric].items():
             ax.plot(

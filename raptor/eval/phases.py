@@ -329,11 +329,12 @@ def layer_similarity(
 
 def phases_figure(similarity: np.ndarray, partitions: Mapping[str, Sequence[int]], title: str = ""):
     """Heat-map of S with each partition's boundaries drawn, one panel per k."""
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
 
     L = similarity.shape[0]
     ks = sorted(partitions, key=int)
-    fig, axes = plt.subplots(1, len(ks), figsize=(4.2 * len(ks) + 0.8, 4.0), squeeze=False)
+    fig = Figure(figsize=(4.2 * len(ks) + 0.8, 4.0))
+    axes = fig.subplots(1, len(ks), squeeze=False)
     for ax, k in zip(axes[0], ks):
         im = ax.imshow(similarity, extent=(0.5, L + 0.5, L + 0.5, 0.5), cmap="viridis")
         for b in partitions[k]:
@@ -360,9 +361,10 @@ def discover_phases(
         print(f"[phases] {out} exists: skipped (delete it to recompute)")
         return read_json(out, "phases file")
     pc = cfg.phases
+    from dmd.plots import save_figure
     from raptor.data.stream import ShardDataModule
     from raptor.model.teacher import Teacher
-    from raptor.train.runs import log_figure, make_loggers
+    from raptor.train.runs import make_loggers
 
     teacher = Teacher.from_config(cfg.teacher)
     L = teacher.num_layers
@@ -406,7 +408,7 @@ def discover_phases(
     fig = phases_figure(
         similarity, partitions, f"{cfg.teacher.name}: {pc.token_mode}, {used} images, {pc.method}"
     )
-    log_figure(fig, run_dir, "phases", make_loggers(cfg, run_dir) if loggers is None else loggers)
+    save_figure(fig, run_dir, "phases", make_loggers(cfg, run_dir) if loggers is None else loggers)
     tmp = out.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(result, indent=2))
     tmp.replace(out)

@@ -29,6 +29,7 @@ from torch import Tensor, nn
 
 from raptor.errors import UserError
 from raptor.model.raptor import Raptor
+from raptor.model.tokens import token_groups
 
 FORMAT = "raptor-backbone"
 FORMAT_VERSION = 1
@@ -190,12 +191,7 @@ class RaptorBackbone(nn.Module):
     @property
     def groups(self) -> Dict[str, slice]:
         """Token-group slices along T: cls, reg (only with registers), patch."""
-        r = self.stem.num_reg_tokens
-        groups = {"cls": slice(0, 1)}
-        if r:
-            groups["reg"] = slice(1, 1 + r)
-        groups["patch"] = slice(1 + r, None)
-        return groups
+        return token_groups(self.stem.num_reg_tokens)
 
     def embed(self, images: Tensor) -> Tensor:
         """(B, C, H, W) -> a_0 (B, T, D)."""

@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from raptor.config import ConfigError
+from raptor.model.tokens import token_groups
 
 # cfg.teacher keys passed to timm.create_model when set (override the defaults of `name`)
 ARCH_KEYS = (
@@ -122,12 +123,7 @@ class Teacher(nn.Module):
     @property
     def groups(self) -> Dict[str, slice]:
         """Token-group slices along T: cls, reg (only when R > 0), patch."""
-        r = self.num_reg_tokens
-        groups = {"cls": slice(0, 1)}
-        if r:
-            groups["reg"] = slice(1, 1 + r)
-        groups["patch"] = slice(1 + r, None)
-        return groups
+        return token_groups(self.num_reg_tokens)
 
     def train(self, mode: bool = True) -> Teacher:
         """The teacher is frozen: always eval (no dropout, no stochastic depth)."""

@@ -167,21 +167,21 @@ class Distiller(Fidelity):
         rollout: Optional[str] = None,
         global_batch: Optional[int] = None,
     ) -> None:
-        stage, hp = int(cfg.train.stage), stage_config(cfg)
+        stage, stage_cfg = int(cfg.train.stage), stage_config(cfg)
         super().__init__(
             teacher,
             raptor,
-            block_losses(hp, stage, teacher.groups, raptor),
+            block_losses(stage_cfg, stage, teacher.groups, raptor),
             blocks,
             rollout or ("phase" if stage == 1 else "full"),
         )
         self.cfg = cfg
         self.global_batch = global_batch
         self.stage = stage
-        self.hp = hp
+        self.stage_cfg = stage_cfg
         for j, block in enumerate(raptor.blocks):
             block.requires_grad_(j in self.trained)
-        self.anneal_steps = anneal_steps(self.hp)
+        self.anneal_steps = anneal_steps(self.stage_cfg)
         self.save_hyperparameters(
             {
                 "config": to_container(cfg),
@@ -200,8 +200,13 @@ class Distiller(Fidelity):
 
     def _lr_schedule(self) -> tuple[float, float, int, int]:
         """(peak, min_lr, warmup, total): the arguments of `lr_at` for this config."""
-        peak = peak_lr(self.hp, self._global_batch())
-        return peak, float(self.hp.min_lr), int(self.hp.warmup_steps), int(self.hp.steps)
+        peak = peak_lr(self.stage_cfg, self._global_batch())
+        return (
+            peak,
+            float(self.stage_cfg.min_lr),
+            int(self.stage_cfg.warmup_steps),
+            int(self.stage_cfg.steps),
+        )
 
     def _global_batch(self) -> int:
         if self.global_batch is None:
@@ -211,7 +216,7 @@ class Distiller(Fidelity):
     def configure_optimizers(self):
         peak, min_lr, warmup, total = self._lr_schedule()
         params = [p for p in self.raptor.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(params, lr=peak, weight_decay=float(self.hp.weight_decay))
+        opt = torch.optim.AdamW(params, lr=peak, weight_decay=float(self.stage_cfg.weight_decay))
         sched = torch.optim.lr_scheduler.LambdaLR(
             opt, lambda s: lr_at(s, peak, min_lr, warmup, total) / peak
         )
@@ -225,7 +230,7 @@ class Distiller(Fidelity):
         self.trainer.lr_scheduler_configs[0].scheduler.base_lrs = [peak] * len(opt.param_groups)
         lr = lr_at(self.global_step, peak, min_lr, warmup, total)
         for group in opt.param_groups:
-            group.update(lr=lr, initial_lr=peak, weight_decay=float(self.hp.weight_decay))
+            group.update(lr=lr, initial_lr=peak, weight_decay=float(self.stage_cfg.weight_decay))
 
     def configure_gradient_clipping(
         self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None
@@ -245,7 +250,7 @@ class Distiller(Fidelity):
 
     def _noise(self) -> Optional[torch.Generator]:
         """A generator seeded by (seed, stage, step, rank): reproducible noise across resumes."""
-        if not self.hp.noise_sigma:
+        if not self.stage_cfg.noise_sigma:
             return None
         seed = hash((int(self.cfg.train.seed), self.stage, self.global_step, self.global_rank))
         return torch.Generator(device=self.device).manual_seed(seed % (2**63))
@@ -257,7 +262,7 @@ class Distiller(Fidelity):
     ) -> Dict[str, torch.Tensor]:
         """{"loss", "trajectory" (the teacher's, shared with callbacks)}."""
         images = batch["image"]
-        B, sigma, gen = images.shape[0], float(self.hp.noise_sigma), self._noise()
+        B, sigma, gen = images.shape[0], float(self.stage_cfg.noise_sigma), self._noise()
         logs: Dict[str, torch.Tensor | float] = {}
         if self.stage == 1:
             r = tf_ratio(self.global_step, self.anneal_steps)
@@ -425,7 +430,7 @@ def fit(
     logged by the last validation: val/..., val_identity/..., val_dmd/... with the DMD
     callback)}. A signal stops it with `raptor.train.preemption.Stopped` (a SystemExit).
     """
-    hp = stage_config(cfg)
+    stage_cfg = stage_config(cfg)
     run_dir = Path(run_dir or cfg.run_dir)
     ckpt_path = resume_path(cfg, run_dir)
     L.seed_everything(int(cfg.train.seed), verbose=False)
@@ -440,13 +445,13 @@ def fit(
     module = Distiller(cfg, teacher, raptor, blocks, global_batch=global_batch)
     module.val_file = run_dir / VAL_FILE
     module.good_ckpt = (ckpt_path, start) if ckpt_path is not None else None
-    steps = int(hp.steps)
+    steps = int(stage_cfg.steps)
     trainer = make_trainer(
         cfg,
         run_dir,
         max_steps=steps,
         callbacks=_callbacks(cfg, raptor.partition),
-        gradient_clip_val=float(hp.grad_clip) or None,
+        gradient_clip_val=float(stage_cfg.grad_clip) or None,
         val_check_interval=max(1, min(int(cfg.train.val_every_n_steps), steps)),
         check_val_every_n_epoch=None,
         limit_val_batches=cfg.train.val_batches if cfg.train.val_batches is not None else 1.0,

@@ -184,19 +184,3 @@ def make_trainer(
     kwargs.update(OmegaConf.to_container(t.extra, resolve=True))
     kwargs.update(overrides)
     return L.Trainer(**kwargs)
-
-
-def log_figure(
-    fig, run_dir: Path, name: str, loggers: Iterable[Any] = (), step: Optional[int] = None
-) -> Path:
-    """Save a matplotlib figure as `run_dir/name.png` and send it to W&B loggers."""
-    import matplotlib.pyplot as plt
-
-    path = Path(run_dir) / f"{name}.png"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120, bbox_inches="tight")
-    plt.close(fig)
-    for logger in loggers:
-        if hasattr(logger, "log_image"):
-            logger.log_image(key=name, images=[str(path)], step=step)
-    return path

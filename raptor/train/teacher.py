@@ -37,10 +37,10 @@ from raptor.config import ConfigError
 from raptor.data.shards import ensure_shards
 from raptor.errors import UserError, read_json
 from raptor.model.teacher import create_vit, default_data_config, save_teacher_file
+from raptor.run_folders import TEACHER_FILE
 from raptor.train.runs import CKPT_DIR, LAST_CKPT, make_trainer, prepare_run_dir
 
 RESULT_FILE = "teacher.json"
-WEIGHTS_FILE = "teacher.safetensors"
 
 
 class TeacherTraining(L.LightningModule):
@@ -157,7 +157,7 @@ def train_teacher(
         return result
     ckpt_dir = run_dir / CKPT_DIR
     if retrain:
-        for old in (result_path, run_dir / WEIGHTS_FILE):
+        for old in (result_path, run_dir / TEACHER_FILE):
             old.unlink(missing_ok=True)
         shutil.rmtree(ckpt_dir, ignore_errors=True)
     prepare_run_dir(cfg, run_dir)
@@ -188,7 +188,7 @@ def train_teacher(
     result = {
         "val_top1": float(metrics["val/top1"]),
         "val_complete": float(metrics["val/complete"]) == 1.0,
-        "weights": str(run_dir / WEIGHTS_FILE),
+        "weights": str(run_dir / TEACHER_FILE),
     }
     if trainer.is_global_zero:
         save_teacher_file(result["weights"], module.vit, module.arch, data.transform_config)
