@@ -305,10 +305,10 @@ def read_reference(paths: Sequence[str | Path]) -> Reference:
             )
         raptor, where = objs[0], str(paths[0])
         modules = _child(raptor, "blocks", [_MODULE_LIST], where).state.get("_modules") or {}
-        blocks = [
-            block_weights(modules[key], f"{where} block {j + 1}")
-            for j, key in enumerate(sorted(modules, key=int))
-        ]
+        keys = [str(j) for j in range(len(modules))]
+        if sorted(modules) != sorted(keys):
+            raise UserError(f"{where}: blocks are named {list(modules)}, expected {keys}")
+        blocks = [block_weights(modules[key], f"{where} block {int(key) + 1}") for key in keys]
         thresholds = raptor.state.get("thresholds")
         if not isinstance(thresholds, (list, tuple)) or len(thresholds) != len(blocks) - 1:
             raise UserError(
