@@ -53,6 +53,10 @@ COMMANDS = {
         "raptor.commands.export",
         "export a distilled backbone (config.json + model.safetensors)",
     ),
+    "import-reference": (
+        "raptor.commands.import_reference",
+        "a run from the Raptor reference code's saved blocks (read without running pickled code)",
+    ),
     "bench": ("raptor.commands.bench", "throughput and memory benchmarks (train, dmd, data)"),
 }
 
