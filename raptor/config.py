@@ -300,8 +300,12 @@ class StageConfig:
     is not scaled). Schedule: linear warmup over `warmup_steps`, cosine to `min_lr`
     at `steps`; AdamW; `grad_clip` is the gradient-norm limit (per block in stage 1;
     0: none). Loss per state: w_cls*mean(cls) + w_reg*mean(reg) + w_patch*mean(patch)
-    of the squared error (`weighted`) or the plain MSE (`mse`). Resuming with a different
-    schedule is refused unless `train.schedule_change=apply`.
+    of the squared error (`weighted`) or the plain MSE (`mse`); `weighted_final` is
+    `weighted` for the block whose phase ends at the last layer and `mse` for the others
+    in stage 1 (every block is weighted in stage 2). Stage 1 defaults to `weighted_final`
+    (the reference's recipe: its run scripts train the inner blocks with --mse and the
+    block ending at layer L with --weighted), stage 2 to `weighted`. Resuming with a
+    different schedule is refused unless `train.schedule_change=apply`.
     """
 
     steps: int = valid(10000, POSITIVE)
@@ -341,7 +345,7 @@ class TrainConfig:
     val_every_n_steps: int = valid(1000, POSITIVE)
     # limit validation batches per evaluation (per rank)
     val_batches: Optional[int] = valid(None, POSITIVE)
-    stage1: StageConfig = field(default_factory=StageConfig)
+    stage1: StageConfig = field(default_factory=lambda: StageConfig(loss="weighted_final"))
     stage2: StageConfig = field(
         default_factory=lambda: StageConfig(w_cls=0.45, w_reg=0.10, w_patch=0.45)
     )
