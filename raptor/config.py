@@ -153,6 +153,7 @@ PRECISIONS = (
 # the same names as raptor.eval.phases.METHODS/TOKEN_MODES and dmd's SOLVERS/SELECTIONS (a test
 # checks), written out so that `raptor config show` imports neither torch nor dmd
 PHASE_METHODS = ("dp", "bisect")
+TEACHER_PRECISIONS = ("bf16", "fp32")  # teacher.precision: the teacher forward's on GPU
 TOKEN_MODES = ("all", "cls+patchmean")
 DMD_SOLVERS = ("ridge", "pcr", "rrr")
 DMD_SELECTIONS = ("span", "anchor", "endpoint", "identity")
@@ -232,6 +233,8 @@ class TeacherConfig:
     from the hub when `pretrained`; with neither the teacher is trained by `raptor teacher`
     (the pipeline does this when `train_from_scratch`). Random weights only with
     `init=random`.
+    `precision`: the teacher's forward on GPU, `bf16` (autocast, fast) or `fp32` (float32,
+    autocast off, as the reference computes its targets); float32 on CPU either way.
     The architecture keys below override timm's defaults for `name` when set.
     """
 
@@ -243,6 +246,7 @@ class TeacherConfig:
     weights: str = ""
     head: str = ""  # optional separate linear head on [cls ; mean(patch)] (safetensors/.pth)
     train_from_scratch: bool = False
+    precision: str = valid("bf16", OneOf(TEACHER_PRECISIONS))  # the forward's precision on GPU
     img_size: Optional[int] = valid(None, POSITIVE)
     patch_size: Optional[int] = valid(None, POSITIVE)
     in_chans: Optional[int] = valid(None, POSITIVE)
