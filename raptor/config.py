@@ -163,11 +163,19 @@ DMD_SELECTIONS = ("span", "anchor", "endpoint", "identity")
 
 @dataclass
 class TransformConfig:
-    """Evaluation-style preprocessing; every unset key is taken from the teacher's
-    timm data config (`timm.data.resolve_data_config`)."""
+    """Evaluation-style preprocessing: resize the shorter side, center-crop
+    input_size x input_size, normalize with mean/std. Every unset key is taken from the
+    teacher's timm data config (`timm.data.resolve_data_config`). `resize`: the shorter side
+    in pixels before the crop (torchvision's Resize(resize) + CenterCrop(input_size), as the
+    Raptor reference preprocesses: 256 -> 224 bicubic); null: timm's rule, shorter side
+    floor(input_size / crop_pct), through timm's own transform. Shards stored with
+    `raptor shards --crop SIDE` need SIDE = that resize side."""
 
     input_size: Optional[int] = valid(None, POSITIVE)  # square side in pixels after crop
-    crop_pct: Optional[float] = valid(None, GREATER_THAN_0)  # resize = input_size / crop_pct
+    resize: Optional[int] = valid(None, POSITIVE)  # shorter side before the crop; null: crop_pct
+    crop_pct: Optional[float] = valid(
+        None, GREATER_THAN_0
+    )  # with resize null: input_size / crop_pct
     interpolation: Optional[str] = valid(
         None, OneOf(("bicubic", "bilinear", "nearest", "box", "hamming", "lanczos"))
     )
