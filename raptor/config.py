@@ -153,6 +153,7 @@ PRECISIONS = (
 # the same names as raptor.eval.phases.METHODS/TOKEN_MODES and dmd's SOLVERS/SELECTIONS (a test
 # checks), written out so that `raptor config show` imports neither torch nor dmd
 PHASE_METHODS = ("dp", "bisect")
+TEACHER_PRECISIONS = ("bf16", "fp32")  # teacher.precision: the teacher forward's on GPU
 TOKEN_MODES = ("all", "cls+patchmean")
 DMD_SOLVERS = ("ridge", "pcr", "rrr")
 DMD_SELECTIONS = ("span", "anchor", "endpoint", "identity")
@@ -162,11 +163,19 @@ DMD_SELECTIONS = ("span", "anchor", "endpoint", "identity")
 
 @dataclass
 class TransformConfig:
-    """Evaluation-style preprocessing; every unset key is taken from the teacher's
-    timm data config (`timm.data.resolve_data_config`)."""
+    """Evaluation-style preprocessing: resize the shorter side, center-crop
+    input_size x input_size, normalize with mean/std. Every unset key is taken from the
+    teacher's timm data config (`timm.data.resolve_data_config`). `resize`: the shorter side
+    in pixels before the crop (torchvision's Resize(resize) + CenterCrop(input_size), as the
+    Raptor reference preprocesses: 256 -> 224 bicubic); null: timm's rule, shorter side
+    floor(input_size / crop_pct), through timm's own transform. Shards stored with
+    `raptor shards --crop SIDE` need SIDE = that resize side."""
 
     input_size: Optional[int] = valid(None, POSITIVE)  # square side in pixels after crop
-    crop_pct: Optional[float] = valid(None, GREATER_THAN_0)  # resize = input_size / crop_pct
+    resize: Optional[int] = valid(None, POSITIVE)  # shorter side before the crop; null: crop_pct
+    crop_pct: Optional[float] = valid(
+        None, GREATER_THAN_0
+    )  # with resize null: input_size / crop_pct
     interpolation: Optional[str] = valid(
         None, OneOf(("bicubic", "bilinear", "nearest", "box", "hamming", "lanczos"))
     )
@@ -232,6 +241,8 @@ class TeacherConfig:
     from the hub when `pretrained`; with neither the teacher is trained by `raptor teacher`
     (the pipeline does this when `train_from_scratch`). Random weights only with
     `init=random`.
+    `precision`: the teacher's forward on GPU, `bf16` (autocast, fast) or `fp32` (float32,
+    autocast off, as the reference computes its targets); float32 on CPU either way.
     The architecture keys below override timm's defaults for `name` when set.
     """
 
@@ -243,6 +254,7 @@ class TeacherConfig:
     weights: str = ""
     head: str = ""  # optional separate linear head on [cls ; mean(patch)] (safetensors/.pth)
     train_from_scratch: bool = False
+    precision: str = valid("bf16", OneOf(TEACHER_PRECISIONS))  # the forward's precision on GPU
     img_size: Optional[int] = valid(None, POSITIVE)
     patch_size: Optional[int] = valid(None, POSITIVE)
     in_chans: Optional[int] = valid(None, POSITIVE)
@@ -300,8 +312,12 @@ class StageConfig:
     is not scaled). Schedule: linear warmup over `warmup_steps`, cosine to `min_lr`
     at `steps`; AdamW; `grad_clip` is the gradient-norm limit (per block in stage 1;
     0: none). Loss per state: w_cls*mean(cls) + w_reg*mean(reg) + w_patch*mean(patch)
-    of the squared error (`weighted`) or the plain MSE (`mse`). Resuming with a different
-    schedule is refused unless `train.schedule_change=apply`.
+    of the squared error (`weighted`) or the plain MSE (`mse`); `weighted_final` is
+    `weighted` for the block whose phase ends at the last layer and `mse` for the others
+    in stage 1 (every block is weighted in stage 2). Stage 1 defaults to `weighted_final`
+    (the reference's recipe: its run scripts train the inner blocks with --mse and the
+    block ending at layer L with --weighted), stage 2 to `weighted`. Resuming with a
+    different schedule is refused unless `train.schedule_change=apply`.
     """
 
     steps: int = valid(10000, POSITIVE)
@@ -341,7 +357,7 @@ class TrainConfig:
     val_every_n_steps: int = valid(1000, POSITIVE)
     # limit validation batches per evaluation (per rank)
     val_batches: Optional[int] = valid(None, POSITIVE)
-    stage1: StageConfig = field(default_factory=StageConfig)
+    stage1: StageConfig = field(default_factory=lambda: StageConfig(loss="weighted_final"))
     stage2: StageConfig = field(
         default_factory=lambda: StageConfig(w_cls=0.45, w_reg=0.10, w_patch=0.45)
     )

@@ -123,6 +123,10 @@ OUT_OF_RANGE = [
         "teacher.drop_path_rate=1.0",
         "teacher.drop_path_rate=1.0 is out of range: expected a number in [0, 1)",
     ),
+    (
+        "teacher.precision=fp16",
+        "teacher.precision=fp16 is not a valid choice: expected one of bf16, fp32",
+    ),
     ("model.mlp=relu", "model.mlp=relu is not a valid choice: expected one of swiglu, gelu"),
     ("model.ln_eps=0", "model.ln_eps=0.0 is out of range: expected a number > 0"),
     (

@@ -104,3 +104,41 @@ def test_autoregressive_loss_equals_explicit_rollout_with_full_backprop():
     assert torch.allclose(preds, raptor(traj[:, 0]), rtol=0, atol=1e-12)
     want = sum(fn(preds[:, i], traj[:, i + 1]).mean() for i in range(6)) / 6
     assert loss.item() == pytest.approx(want.item(), rel=1e-12)
+
+
+@pytest.mark.parametrize(
+    "overrides, stage, expect",
+    [
+        # defaults: the reference's stage 1 (--mse for inner blocks, --weighted for the block
+        # ending at layer L) and stage 2 (weighted on every block)
+        ([], 1, ["mse", "mse", "weighted"]),
+        ([], 2, ["weighted", "weighted", "weighted"]),
+        (["train.stage1.loss=weighted"], 1, ["weighted", "weighted", "weighted"]),
+        (["train.stage1.loss=mse"], 1, ["mse", "mse", "mse"]),
+        (["train.stage2.loss=mse"], 2, ["mse", "mse", "mse"]),
+    ],
+)
+def test_block_losses_default_to_the_reference_and_an_override_wins(overrides, stage, expect):
+    """Each block's loss function from the config, compared on one prediction with the plain
+    MSE and with the stage's group-weighted MSE computed directly."""
+    from raptor.config import load_config
+    from raptor.eval.validation import block_losses
+
+    cfg = load_config(None, overrides)
+    stage_cfg = cfg.train[f"stage{stage}"]
+    raptor = Raptor(12, [7, 10], dim=8, num_heads=2)
+    fns = block_losses(stage_cfg, stage, GROUPS, raptor)
+    torch.manual_seed(0)
+    p, t = torch.randn(3, 7, 5, dtype=torch.float64), torch.randn(3, 7, 5, dtype=torch.float64)
+    e = (p - t) ** 2
+    w = (stage_cfg.w_cls, stage_cfg.w_reg, stage_cfg.w_patch)
+    want = {
+        "mse": e.mean(dim=(-2, -1)),
+        "weighted": w[0] * e[:, :1].mean(dim=(-2, -1))
+        + w[1] * e[:, 1:3].mean(dim=(-2, -1))
+        + w[2] * e[:, 3:].mean(dim=(-2, -1)),
+    }
+    assert not torch.allclose(want["mse"], want["weighted"])
+    assert len(fns) == 3
+    for fn, kind in zip(fns, expect):
+        torch.testing.assert_close(fn(p, t), want[kind], rtol=1e-12, atol=0)

@@ -49,7 +49,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=int,
         default=None,
         metavar="SIDE",
-        help="store resize(shorter side=SIDE, bicubic) + center crop SIDE x SIDE as JPEG q95",
+        help="store resize(shorter side=SIDE, bicubic) + center crop SIDE x SIDE as JPEG q95; "
+        "SIDE must be the reader's resize side (data.transform.resize; 256 for the DINOv2 configs)",
     )
     parser.add_argument("--workers", type=int, default=1, help="encoding processes")
     parser.add_argument(

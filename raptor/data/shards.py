@@ -21,7 +21,11 @@ Sources:
 
 `crop=SIDE` stores a fixed preprocessing instead of the original image: resize the
 shorter side to SIDE (bicubic), center-crop SIDE x SIDE, convert to RGB, JPEG
-quality 95. Readers with a center-crop transform then decode small files.
+quality 95. Readers with a center-crop transform then decode small files. SIDE must be
+the transform's resize side (`data.transform.resize`, else input_size / crop_pct): the
+reader's resize is then the identity and its center crop gives the original image's
+crop up to JPEG loss (the reader refuses other sides). For the reference's 256 -> 224
+preprocessing store `--crop 256`.
 
 `manifest.json`::
 
@@ -138,14 +142,38 @@ def imagefolder_source(root: Path, seed: int) -> Tuple[List[str], Dict[str, List
 # --------------------------------------------------------------------------- encoding
 
 
-def center_crop(img: Image.Image, side: int) -> Image.Image:
-    """Resize the shorter side to `side` (bicubic), then center-crop side x side."""
+PIL_FILTERS = {
+    "nearest": Image.NEAREST,
+    "bilinear": Image.BILINEAR,
+    "bicubic": Image.BICUBIC,
+    "box": Image.BOX,
+    "hamming": Image.HAMMING,
+    "lanczos": Image.LANCZOS,
+}
+
+
+def resize_center_crop(
+    img: Image.Image, resize: int, side: int, interpolation: str = "bicubic"
+) -> Image.Image:
+    """Resize the shorter side to `resize` (the longer one to int(resize * long / short),
+    PIL's antialiased `interpolation`), then center-crop side x side with the top-left corner
+    at round((size - side) / 2): torchvision's Resize(resize) + CenterCrop(side) on PIL
+    images. Needs resize >= side."""
+    if resize < side:
+        raise ValueError(f"resize ({resize}) must be >= the crop side ({side})")
     w, h = img.size
-    scale = side / min(w, h)
-    w2, h2 = max(side, round(w * scale)), max(side, round(h * scale))
-    img = img.resize((w2, h2), Image.BICUBIC)
-    left, top = (w2 - side) // 2, (h2 - side) // 2
+    short, long = min(w, h), max(w, h)
+    new_long = int(resize * long / short)
+    w2, h2 = (resize, new_long) if w <= h else (new_long, resize)
+    img = img.resize((w2, h2), PIL_FILTERS[interpolation])
+    left, top = int(round((w2 - side) / 2.0)), int(round((h2 - side) / 2.0))
     return img.crop((left, top, left + side, top + side))
+
+
+def center_crop(img: Image.Image, side: int) -> Image.Image:
+    """The stored crop of `raptor shards --crop SIDE`: shorter side resized to `side`
+    (bicubic), then the central side x side square."""
+    return resize_center_crop(img, side, side, "bicubic")
 
 
 def encode(item: Item, crop: Optional[int]) -> Tuple[str, int, str, Optional[str], Optional[bytes]]:

@@ -67,7 +67,14 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from raptor import distributed
-from raptor.data.shards import MANIFEST, TarSamples, count_problem, parse_manifest, read_manifest
+from raptor.data.shards import (
+    MANIFEST,
+    TarSamples,
+    count_problem,
+    parse_manifest,
+    read_manifest,
+    resize_center_crop,
+)
 from raptor.errors import RunFailed, UserError
 
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp", "bmp", "ppm", "tif", "tiff")
@@ -88,11 +95,13 @@ class BadSampleWarning(UserWarning):
 
 @dataclass
 class ShardSet:
-    """Shard URLs of one split; `counts` (samples per shard) when a manifest lists them."""
+    """Shard URLs of one split; `counts` (samples per shard) when a manifest lists them;
+    `stored_crop`: the side of the crops they store (`raptor shards --crop`), per the manifest."""
 
     urls: List[str]
     counts: Optional[List[int]] = None
     classes: Optional[List[str]] = None
+    stored_crop: Optional[int] = None
 
     @property
     def total(self) -> Optional[int]:
@@ -127,6 +136,7 @@ def resolve_shards(spec: str, split: str, allow_pipe: bool = False) -> ShardSet:
             [str(Path(spec) / s["name"]) for s in shards],
             [int(s["num_samples"]) for s in shards],
             manifest.get("classes"),
+            _stored_crop(manifest),
         )
     else:
         urls = wds.shardlists.expand_urls(spec)
@@ -149,11 +159,18 @@ def _check_local_files(urls: Sequence[str]) -> None:
         )
 
 
-def _manifest_counts(urls: List[str]) -> Tuple[Optional[List[int]], Optional[List[str]]]:
-    """Per-shard counts from a manifest.json in the shards' common folder, if it lists them all."""
+def _stored_crop(manifest: Dict[str, Any]) -> Optional[int]:
+    return (manifest.get("options") or {}).get("crop")
+
+
+def _manifest_counts(
+    urls: List[str],
+) -> Tuple[Optional[List[int]], Optional[List[str]], Optional[int]]:
+    """Per-shard counts, classes and stored crop side from a manifest.json in the shards'
+    common folder, if it lists them all."""
     folders = {posixpath.dirname(u) for u in urls}
     if len(folders) != 1 or urls[0].startswith("pipe:"):
-        return None, None
+        return None, None, None
     import fsspec
 
     path = posixpath.join(folders.pop(), MANIFEST)
@@ -161,15 +178,15 @@ def _manifest_counts(urls: List[str]) -> Tuple[Optional[List[int]], Optional[Lis
         with fsspec.open(path, "rt") as fh:
             text = fh.read()
     except (OSError, ImportError, UnicodeDecodeError):  # no (readable) manifest: count later
-        return None, None
+        return None, None, None
     manifest = parse_manifest(text, path)
     counts = {
         s["name"]: s["num_samples"] for sp in manifest["splits"].values() for s in sp["shards"]
     }
     names = [posixpath.basename(u) for u in urls]
     if not all(n in counts for n in names):
-        return None, None
-    return [counts[n] for n in names], manifest.get("classes")
+        return None, None, None
+    return [counts[n] for n in names], manifest.get("classes"), _stored_crop(manifest)
 
 
 def _local_path(url: str) -> str:
@@ -746,30 +763,85 @@ def resolve_transform_config(
 ) -> Dict[str, Any]:
     """timm's data config (input_size (3,H,W), interpolation, mean, std, crop_pct, crop_mode)
     with every key set in `overrides` (data.transform) replacing it; timm defaults without
-    a teacher."""
+    a teacher. `resize` (the shorter side before the center crop) is added when
+    data.transform.resize is set."""
     from timm.data import resolve_data_config
 
     cfg = dict(data_config) if data_config else resolve_data_config(args={"input_size": None})
     get = (lambda k: getattr(overrides, k, None)) if overrides is not None else (lambda k: None)
     if get("input_size"):
         cfg["input_size"] = (3, int(get("input_size")), int(get("input_size")))
-    for key in ("crop_pct", "interpolation"):
+    for key in ("crop_pct", "interpolation", "resize"):
         if get(key) is not None:
             cfg[key] = get(key)
     for key in ("mean", "std"):
         if get(key) is not None:
             cfg[key] = tuple(float(v) for v in get(key))
+    side = cfg["input_size"][-1]
+    if cfg.get("resize") and (cfg["resize"] < side or cfg["input_size"][-2] != side):
+        raise UserError(
+            f"data.transform.resize={cfg['resize']} needs a square input_size of at most that "
+            f"side, got {tuple(cfg['input_size'][1:])}"
+        )
     return cfg
 
 
-def build_transform(resolved: Dict[str, Any], training: bool = False) -> Callable:
-    """PIL RGB image -> normalized float (3, H, W); training=True uses timm's augmentation."""
-    from timm.data import create_transform
+def resize_side(resolved: Dict[str, Any]) -> int:
+    """The shorter side an evaluation transform resizes to before its center crop:
+    `resize` when set, else timm's floor(input_size / crop_pct)."""
+    from timm.data.constants import DEFAULT_CROP_PCT
 
+    if resolved.get("resize"):
+        return int(resolved["resize"])
+    return math.floor(resolved["input_size"][-1] / (resolved.get("crop_pct") or DEFAULT_CROP_PCT))
+
+
+class ResizeCenterCrop:
+    """PIL image -> `raptor.data.shards.resize_center_crop` of it (a picklable transform)."""
+
+    def __init__(self, resize: int, side: int, interpolation: str) -> None:
+        self.resize, self.side, self.interpolation = resize, side, interpolation
+
+    def __call__(self, img: Image.Image) -> Image.Image:
+        return resize_center_crop(img, self.resize, self.side, self.interpolation)
+
+
+def build_transform(resolved: Dict[str, Any], training: bool = False) -> Callable:
+    """PIL RGB image -> normalized float (3, H, W). Evaluation with `resize` set: shorter
+    side to `resize`, center crop input_size, ToTensor, Normalize (torchvision's Resize +
+    CenterCrop arithmetic); otherwise timm's `create_transform` (training=True: timm's
+    augmentation)."""
+    from timm.data import create_transform
+    from torchvision import transforms
+
+    if resolved.get("resize") and not training:
+        side = resolved["input_size"][-1]
+        interpolation = resolved.get("interpolation") or "bicubic"
+        return transforms.Compose(
+            [
+                ResizeCenterCrop(int(resolved["resize"]), side, interpolation),
+                transforms.ToTensor(),
+                transforms.Normalize(torch.tensor(resolved["mean"]), torch.tensor(resolved["std"])),
+            ]
+        )
     keys = ("input_size", "interpolation", "mean", "std") + (
         () if training else ("crop_pct", "crop_mode")
     )
     return create_transform(**{k: resolved[k] for k in keys if k in resolved}, is_training=training)
+
+
+def check_stored_crop(shards: ShardSet, resolved: Dict[str, Any], split: str) -> None:
+    """UserError when the shards hold crops stored by `raptor shards --crop SIDE` whose side
+    is not the transform's resize side: the reader would resample the crop again (an
+    upsampled or doubly resampled image, not the original's crop)."""
+    want = resize_side(resolved)
+    if shards.stored_crop is not None and int(shards.stored_crop) != want:
+        raise UserError(
+            f"the {split} shards store {shards.stored_crop}px center crops (raptor shards "
+            f"--crop {shards.stored_crop}) but data.transform resizes to {want}px before its "
+            f"{resolved['input_size'][-1]}px crop: rewrite them with --crop {want}, or read "
+            "shards of the full images"
+        )
 
 
 # --------------------------------------------------------------------------- module
@@ -808,7 +880,10 @@ class ShardDataModule(L.LightningDataModule):
             spec = str(self.cfg.get(f"{split}_urls") or self.cfg.shards_dir or "")
             if not spec:
                 raise UserError(f"no {split} shards: set data.{split}_urls or data.shards_dir")
-            self._shards[split] = resolve_shards(spec, split, bool(self.cfg.allow_pipe))
+            shards = resolve_shards(spec, split, bool(self.cfg.allow_pipe))
+            if not (split == "train" and self.cfg.transform.train_augment):
+                check_stored_crop(shards, self.transform_config, split)
+            self._shards[split] = shards
         return self._shards[split]
 
     def _total(self, split: str) -> int:

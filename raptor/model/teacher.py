@@ -19,7 +19,9 @@ Weights (`Teacher.from_config(cfg.teacher)`):
 With none of these there is nothing to load: a TeacherLoadError names `raptor teacher`.
 Files are read with `torch.load(weights_only=True)` or safetensors, never unpickled.
 
-Numerics: bf16 autocast on CUDA, float32 on CPU; every output is float32.
+Numerics: on CUDA the forward runs under bf16 autocast (`precision="bf16"`, the default)
+or in float32 with any outer autocast switched off (`precision="fp32"`, config key
+`teacher.precision`); float32 on CPU either way; every output is float32.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from typing import Any, Dict, Mapping, Optional
 import torch
 from torch import nn
 
+from raptor.config import TEACHER_PRECISIONS as PRECISIONS
 from raptor.config import ConfigError
 from raptor.model.tokens import token_groups
 
@@ -76,11 +79,12 @@ def _jsonable(value: Any) -> Any:
 class Teacher(nn.Module):
     """A frozen timm VisionTransformer exposing its depth trajectory.
 
-    `Teacher(vit, arch=None, head=None, data_config=None)`: `arch` is the plain
-    dict `{"name": timm name, "kwargs": create_model kwargs}` that rebuilds `vit`
+    `Teacher(vit, arch=None, head=None, data_config=None, precision="bf16")`: `arch` is
+    the plain dict `{"name": timm name, "kwargs": create_model kwargs}` that rebuilds `vit`
     (default: read from the timm model); `head` an optional linear classifier on
     the pooled (B, 2D) features that replaces the model's own head; `data_config`
-    timm's preprocessing dict (default: resolved from the model, at its image size).
+    timm's preprocessing dict (default: resolved from the model, at its image size);
+    `precision` the compute precision on CUDA ("bf16" or "fp32", see `compute_dtype`).
     The module stays in eval mode and holds no trainable parameter.
     """
 
@@ -90,8 +94,15 @@ class Teacher(nn.Module):
         arch: Optional[Dict[str, Any]] = None,
         head: Optional[nn.Linear] = None,
         data_config: Optional[Dict[str, Any]] = None,
+        precision: str = "bf16",
     ):
         super().__init__()
+        if precision not in PRECISIONS:
+            raise ConfigError(
+                f"teacher.precision={precision!r} is not a valid choice: expected one of "
+                f"{', '.join(PRECISIONS)}"
+            )
+        self.precision = precision
         from timm.models.vision_transformer import VisionTransformer
 
         if not isinstance(vit, VisionTransformer):
@@ -129,14 +140,21 @@ class Teacher(nn.Module):
         """The teacher is frozen: always eval (no dropout, no stochastic depth)."""
         return super().train(False)
 
-    @staticmethod
-    def autocast(device: torch.device | str):
-        """bf16 autocast on CUDA; float32 elsewhere (also inside an outer CPU autocast)."""
+    def compute_dtype(self, device: torch.device | str) -> torch.dtype:
+        """The dtype of the forward's products on `device`: bfloat16 on CUDA with
+        precision "bf16", float32 otherwise."""
+        bf16 = torch.device(device).type == "cuda" and self.precision == "bf16"
+        return torch.bfloat16 if bf16 else torch.float32
+
+    def autocast(self, device: torch.device | str):
+        """The forward's autocast context on `device`: bf16 autocast where `compute_dtype`
+        is bfloat16; on CUDA and CPU otherwise autocast off (float32 also inside an outer
+        autocast, e.g. the student's bf16-mixed training)."""
         device = torch.device(device)
-        if device.type == "cuda":
-            return torch.autocast("cuda", dtype=torch.bfloat16)
-        if device.type == "cpu":
-            return torch.autocast("cpu", enabled=False)
+        if self.compute_dtype(device) == torch.bfloat16:
+            return torch.autocast(device.type, dtype=torch.bfloat16)
+        if device.type in ("cuda", "cpu"):
+            return torch.autocast(device.type, enabled=False)
         return contextlib.nullcontext()
 
     # ------------------------------------------------------------------ forward
@@ -254,7 +272,8 @@ class Teacher(nn.Module):
                 "random weights on purpose"
             )
         head = load_linear_head(cfg.head, 2 * int(vit.embed_dim)) if cfg.get("head") else None
-        return cls(vit, arch=arch, head=head, data_config=data_config)
+        precision = str(cfg.get("precision") or "bf16")
+        return cls(vit, arch=arch, head=head, data_config=data_config, precision=precision)
 
 
 # ---------------------------------------------------------------------- helpers
