@@ -65,7 +65,13 @@ DEPENDS: Dict[str, Tuple[str, ...]] = {
     "data": ("data.batch_size", "data.val_batch_size", "data.shuffle_buffer", "data.seed")
     + ("data.train_samples", "data.val_samples", "data.require_labels", "data.transform"),
     "given_data": ("data.source", "data.shards_dir", "data.train_urls", "data.val_urls"),
-    "teacher": ("teacher", "train.seed", "trainer.precision", "trainer.extra"),
+    "teacher": (
+        "teacher",
+        "!teacher.precision",
+        "train.seed",
+        "trainer.precision",
+        "trainer.extra",
+    ),
     "given_teacher": ("teacher", "!teacher.train"),
     "phases": ("phases", "!phases.boundaries", "!phases.file"),
     "given_phases": ("phases.boundaries", "phases.file"),
