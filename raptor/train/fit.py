@@ -32,8 +32,8 @@ Logged metrics (CSV, W&B), layers l 1-based:
   second), per trained block j train/loss_B{j}, train/ar_B{j}, train/tf_B{j} (NaN once
   the TF pass is skipped);
 - at validation, on the same batches for teacher and student, rows with
-  valid=False ignored (`dmd.metrics.TrajectoryMetrics`, metrics r2, r2_ref, cos,
-  rel_l2, norm_ratio): val/{metric}/L{l} over all tokens and
+  valid=False ignored (`dmd.metrics.TrajectoryMetrics`, metrics r2, r2_ref,
+  r2_affine, cos, rel_l2, norm_ratio): val/{metric}/L{l} over all tokens and
   val/{metric}_{group}/L{l} for group cls, reg, patch; val/{metric}/mean over
   layers; the identity baseline (a_l predicted as a_0) under val_identity/...;
   val/loss/L{l} (the training loss function per layer) and val/loss;
