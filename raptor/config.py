@@ -156,6 +156,7 @@ PHASE_METHODS = ("dp", "bisect")
 TOKEN_MODES = ("all", "cls+patchmean")
 DMD_SOLVERS = ("ridge", "pcr", "rrr")
 DMD_SELECTIONS = ("span", "anchor", "endpoint", "identity")
+TEACHER_FORCING = ("anneal", "always", "never")  # stage 1: r annealed, 1 throughout, 0 throughout
 
 # --------------------------------------------------------------------------- sections
 
@@ -300,8 +301,9 @@ class StageConfig:
     is not scaled). Schedule: linear warmup over `warmup_steps`, cosine to `min_lr`
     at `steps`; AdamW; `grad_clip` is the gradient-norm limit (per block in stage 1;
     0: none). Loss per state: w_cls*mean(cls) + w_reg*mean(reg) + w_patch*mean(patch)
-    of the squared error (`weighted`) or the plain MSE (`mse`). Resuming with a different
-    schedule is refused unless `train.schedule_change=apply`.
+    of the squared error (`weighted`) or the plain MSE (`mse`). Stage 1's teacher-forcing
+    weight r follows `teacher_forcing` (annealed over `anneal_steps`, or fixed at 1 or 0).
+    Resuming with a different schedule is refused unless `train.schedule_change=apply`.
     """
 
     steps: int = valid(10000, POSITIVE)
@@ -312,6 +314,10 @@ class StageConfig:
     grad_clip: float = valid(1.0, NON_NEGATIVE)
     # teacher-forcing anneal (stage 1); default steps // 4; 0: no teacher forcing
     anneal_steps: Optional[int] = valid(None, NON_NEGATIVE)
+    # stage 1's teacher-forcing weight r (the ablations of the Raptor paper's Table 2):
+    # anneal (1 -> 0 over anneal_steps) | always (r = 1: teacher forcing alone)
+    # | never (r = 0: autoregressive alone)
+    teacher_forcing: str = valid("anneal", OneOf(TEACHER_FORCING))
     w_cls: float = valid(0.34, NON_NEGATIVE)
     w_reg: float = valid(0.33, NON_NEGATIVE)
     w_patch: float = valid(0.33, NON_NEGATIVE)
@@ -326,7 +332,13 @@ class StageConfig:
 
 @dataclass
 class TrainConfig:
+    """`stage` is the one `raptor fit` trains; `stages` the ones a Raptor gets (the pipeline
+    runs them; the ablations of the Raptor paper's Table 2): [1, 2] both, stage 2 from
+    stage 1's blocks; [1] stage 1 only, its blocks evaluated and exported as one rollout;
+    [2] stage 2 only, from freshly initialised blocks (no train.init_from)."""
+
     stage: int = valid(1, OneOf((1, 2)))
+    stages: List[int] = valid(lambda: [1, 2], OneOf((1, 2)), nonempty=True)
     blocks: Optional[List[int]] = valid(None, POSITIVE)  # stage 1: train only these (1-based)
     init_from: str = ""  # stage 2: stage-1 run folder(s)/checkpoint(s), comma-separated
     seed: int = valid(0, SEED)
