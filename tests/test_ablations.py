@@ -143,3 +143,40 @@ def test_stage1_runs_are_evaluated_as_one_rollout(tmp_path, digits_shards, tiny_
         r2 = 1 - ((pi - yi) ** 2).sum() / ((yi - yi.mean(0)) ** 2).sum()
         assert whole["student"]["r2"]["all"][i] == pytest.approx(r2.item(), abs=1e-5)
     assert whole["images"] == n and whole["top1"]["student"] == pytest.approx(hits / n)
+
+
+@pytest.mark.parametrize(
+    "stages, names, evaluated",
+    [
+        ([1, 2], ["k3/stage1", "k3/stage2"], "k3/stage2"),
+        ([1], ["k3/stage1"], "k3/stage1"),
+        ([2], ["k3/stage2"], "k3/stage2"),
+    ],
+)
+def test_pipeline_steps_follow_train_stages(stages, names, evaluated, tmp_path):
+    from raptor.pipeline import pipeline_steps
+
+    cfg = load_config(ABLATIONS / "table2_5_connect.yaml", [f"train.stages={stages}"])
+    steps = {s.name: s for s in pipeline_steps(cfg, tmp_path)}
+    assert [n for n in steps if "/stage" in n] == names
+    assert evaluated in steps["k3/eval"].after and evaluated in steps["k3/export"].after
+    if stages == [2]:  # fresh blocks: nothing from a stage 1
+        assert not any("stage1" in a for a in steps["k3/stage2"].after)
+
+
+def test_ablation_configs_are_the_ladder():
+    rungs = sorted(ABLATIONS.glob("table2_*.yaml"))
+    got = []
+    for f in rungs:
+        c = load_config(f)
+        s1 = c.train.stage1
+        got.append((s1.teacher_forcing, c.model.depth_conditioning, s1.loss, list(c.train.stages)))
+    assert got == [
+        ("always", False, "mse", [1]),
+        ("anneal", False, "mse", [1]),
+        ("anneal", True, "mse", [1]),
+        ("anneal", True, "weighted_final", [1]),
+        ("anneal", True, "weighted_final", [1, 2]),
+    ]
+    assert load_config(ABLATIONS / "ar_only.yaml").train.stage1.teacher_forcing == "never"
+    assert list(load_config(ABLATIONS / "stage2_only.yaml").train.stages) == [2]
