@@ -16,6 +16,11 @@ given plus "all" = every token) `compute()` returns tensors of shape (S,):
   ``r2_score(pred, target)``): SST is the prediction's own spread around its
   scalar mean over all entries, sum((p - mean(p))^2); computed here over all
   rows at once rather than averaged over batches, and without its 1e-6 epsilon;
+- ``r2_affine``: the Raptor paper's regression R^2 (Appendix B.2): per row, the
+  target is regressed on the prediction by least squares with a bias over the D
+  features (one scale and one shift), and the R^2 of that fit, which is the squared
+  Pearson correlation of the two vectors over features (0 when either is constant),
+  is averaged over rows; it lies in [0, 1];
 - ``cos``: mean over rows of the cosine similarity of pred and target;
 - ``rel_l2``: mean over rows of ||pred - target|| / ||target||;
 - ``norm_ratio``: mean over rows of ||pred|| / ||target||.
@@ -37,7 +42,7 @@ import torch
 from torch import Tensor
 from torchmetrics import Metric
 
-METRICS = ("r2", "r2_ref", "cos", "rel_l2", "norm_ratio")
+METRICS = ("r2", "r2_ref", "r2_affine", "cos", "rel_l2", "norm_ratio")
 _EPS = 1e-12  # floor on norms in the per-row ratios
 
 
@@ -169,7 +174,8 @@ class TrajectoryMetrics(Metric):
         self.slices = list(groups.values()) + [slice(None)]
         G, S = len(self.group_names), self.num_steps
         f64 = torch.float64
-        for name in ("rows", "sse", "sum_y2", "sum_p", "sum_p2", "sum_cos", "sum_rel", "sum_ratio"):
+        sums = ("sse", "sum_y2", "sum_p", "sum_p2", "sum_r2a", "sum_cos", "sum_rel", "sum_ratio")
+        for name in ("rows",) + sums:
             self.add_state(name, default=torch.zeros(G, S, dtype=f64), dist_reduce_fx="sum")
         self.add_state(
             "sum_y", default=torch.zeros(G, S, dim or 0, dtype=f64), dist_reduce_fx="sum"
@@ -208,11 +214,15 @@ class TrajectoryMetrics(Metric):
             e2 = (p - y).square().sum(-1)  # (B, T)
             p2, y2, py = p.square().sum(-1), y.square().sum(-1), (p * y).sum(-1)
             pn, yn = p2.sqrt(), y2.sqrt().clamp_min(_EPS)
+            pc, yc = p - p.mean(-1, keepdim=True), y - y.mean(-1, keepdim=True)
+            spread = pc.square().sum(-1) * yc.square().sum(-1)
+            r2a = (pc * yc).sum(-1).square() / spread.clamp_min(torch.finfo(spread.dtype).tiny)
             per_row = {
                 "sse": e2,
                 "sum_y2": y2,
                 "sum_p": p.sum(-1),
                 "sum_p2": p2,
+                "sum_r2a": torch.where(spread > 0, r2a, torch.zeros_like(r2a)),
                 "sum_cos": py / (pn * yn).clamp_min(_EPS),
                 "sum_rel": e2.sqrt() / yn,
                 "sum_ratio": pn / yn,
@@ -242,6 +252,7 @@ class TrajectoryMetrics(Metric):
         values = {
             "r2": 1.0 - self.sse / sst,
             "r2_ref": 1.0 - self.sse / sst_ref,
+            "r2_affine": self.sum_r2a / rows,
             "cos": self.sum_cos / rows,
             "rel_l2": self.sum_rel / rows,
             "norm_ratio": self.sum_ratio / rows,

@@ -157,6 +157,7 @@ TEACHER_PRECISIONS = ("bf16", "fp32")  # teacher.precision: the teacher forward'
 TOKEN_MODES = ("all", "cls+patchmean")
 DMD_SOLVERS = ("ridge", "pcr", "rrr")
 DMD_SELECTIONS = ("span", "anchor", "endpoint", "identity")
+TEACHER_FORCING = ("anneal", "always", "never")  # stage 1: r annealed, 1 throughout, 0 throughout
 
 # --------------------------------------------------------------------------- sections
 
@@ -316,8 +317,10 @@ class StageConfig:
     `weighted` for the block whose phase ends at the last layer and `mse` for the others
     in stage 1 (every block is weighted in stage 2). Stage 1 defaults to `weighted_final`
     (the reference's recipe: its run scripts train the inner blocks with --mse and the
-    block ending at layer L with --weighted), stage 2 to `weighted`. Resuming with a
-    different schedule is refused unless `train.schedule_change=apply`.
+    block ending at layer L with --weighted), stage 2 to `weighted`. Stage 1's
+    teacher-forcing weight r follows `teacher_forcing` (annealed over `anneal_steps`, or
+    fixed at 1 or 0). Resuming with a different schedule is refused unless
+    `train.schedule_change=apply`.
     """
 
     steps: int = valid(10000, POSITIVE)
@@ -328,6 +331,10 @@ class StageConfig:
     grad_clip: float = valid(1.0, NON_NEGATIVE)
     # teacher-forcing anneal (stage 1); default steps // 4; 0: no teacher forcing
     anneal_steps: Optional[int] = valid(None, NON_NEGATIVE)
+    # stage 1's teacher-forcing weight r (the ablations of the Raptor paper's Table 2):
+    # anneal (1 -> 0 over anneal_steps) | always (r = 1: teacher forcing alone)
+    # | never (r = 0: autoregressive alone)
+    teacher_forcing: str = valid("anneal", OneOf(TEACHER_FORCING))
     w_cls: float = valid(0.34, NON_NEGATIVE)
     w_reg: float = valid(0.33, NON_NEGATIVE)
     w_patch: float = valid(0.33, NON_NEGATIVE)
@@ -342,7 +349,13 @@ class StageConfig:
 
 @dataclass
 class TrainConfig:
+    """`stage` is the one `raptor fit` trains; `stages` the ones a Raptor gets (the pipeline
+    runs them; the ablations of the Raptor paper's Table 2): [1, 2] both, stage 2 from
+    stage 1's blocks; [1] stage 1 only, its blocks evaluated and exported as one rollout;
+    [2] stage 2 only, from freshly initialised blocks (no train.init_from)."""
+
     stage: int = valid(1, OneOf((1, 2)))
+    stages: List[int] = valid(lambda: [1, 2], OneOf((1, 2)), nonempty=True)
     blocks: Optional[List[int]] = valid(None, POSITIVE)  # stage 1: train only these (1-based)
     init_from: str = ""  # stage 2: stage-1 run folder(s)/checkpoint(s), comma-separated
     seed: int = valid(0, SEED)

@@ -7,6 +7,7 @@ reads and writes by default too:
     teacher/   small teacher       (when teacher.train_from_scratch and no teacher.weights)
     phases/    similarity matrix, phases.json, heat-map
     k{K}/stage1, k{K}/stage2, k{K}/eval, k{K}/export   for every K in pipeline.ks
+               (`train.stages` [1] or [2]: only that stage, evaluated and exported)
     config.yaml, summary.md, summary.json, *.png
 
 Results cannot go stale. Each step depends on the config keys listed for it in `DEPENDS`
@@ -98,6 +99,7 @@ NO_RESULT_KEYS = (
     "trainer.benchmark",
     "trainer.num_threads",
     "train.stage",  # set by the pipeline per step
+    "train.stages",  # which stage steps exist; what each consumes reaches its hash (`after`)
     "train.init_from",  # set by the pipeline: stage 2 starts from stage 1 (its hash)
     "train.resume",
     "train.schedule_change",  # how a resume in place treats a changed schedule; a rerun starts fresh
@@ -274,50 +276,55 @@ def pipeline_steps(cfg: DictConfig, root: Path) -> List[Step]:
 def raptor_steps(
     add, given, cfg: DictConfig, folders: RunFolders, reads, inputs: List[str]
 ) -> None:
-    """Stage 1, stage 2, evaluation and export of the Raptor with k = cfg.model.k, in its
-    `folders`: `add`s them to the pipeline's steps. `reads` are the data/teacher/phases
+    """Stage 1 and stage 2 (those of `train.stages`), evaluation and export of the Raptor
+    with k = cfg.model.k, in its `folders`: `add`s them to the pipeline's steps. The
+    evaluation and export take the last stage run (stage 1 alone: all its blocks as one
+    rollout; stage 2 alone: trained from fresh blocks). `reads` are the data/teacher/phases
     keys and `inputs` the upstream steps every one consumes."""
     from raptor.eval.fidelity import evaluate
     from raptor.train.export import export_backbone
     from raptor.train.fit import fit
 
-    k = cfg.model.k
+    k, stages = cfg.model.k, sorted(set(cfg.train.stages))
 
     def add_k(*args) -> None:  # values read from this Raptor's config (model.k = k)
         add(*args, source=cfg)
 
     s1, s2 = folders.stage(k, 1), folders.stage(k, 2)
     n1, n2 = f"k{k}/stage1", f"k{k}/stage2"
+    last, final = (s2, n2) if 2 in stages else (s1, n1)  # what is evaluated and exported
 
     def stage2_cfg(done: Dict[str, Dict[str, Any]], **updates: Any) -> DictConfig:
-        return given(
-            done, **{"model.k": k, "train.stage": 2, "train.init_from": str(s1)}, **updates
-        )
+        """The stage-2 config (also the evaluation's: the whole rollout's losses)."""
+        init = str(s1) if 1 in stages else ""
+        return given(done, **{"model.k": k, "train.stage": 2, "train.init_from": init}, **updates)
 
-    add_k(
-        n1,
-        s1,
-        reads + DEPENDS["stage1"],
-        inputs,
-        lambda done, folder: fit(
-            given(done, **{"model.k": k, "train.stage": 1, "run_dir": str(folder)}), folder
-        ),
-    )
-    add_k(
-        n2,
-        s2,
-        reads + DEPENDS["stage2"],
-        inputs + [n1],
-        lambda done, folder: fit(stage2_cfg(done, run_dir=str(folder)), folder),
-    )
+    if 1 in stages:
+        add_k(
+            n1,
+            s1,
+            reads + DEPENDS["stage1"],
+            inputs,
+            lambda done, folder: fit(
+                given(done, **{"model.k": k, "train.stage": 1, "run_dir": str(folder)}), folder
+            ),
+        )
+    if 2 in stages:
+        add_k(
+            n2,
+            s2,
+            reads + DEPENDS["stage2"],
+            inputs + ([n1] if 1 in stages else []),
+            lambda done, folder: fit(stage2_cfg(done, run_dir=str(folder)), folder),
+        )
     if cfg.pipeline.evaluate:
         add_k(
             f"k{k}/eval",
             folders.eval(k),
             reads + DEPENDS["eval"],
-            inputs + [n2],
+            inputs + [final],
             lambda done, folder: evaluate(
-                stage2_cfg(done, run_dir=str(folder)), done[n2]["result"]["checkpoint"], folder
+                stage2_cfg(done, run_dir=str(folder)), done[final]["result"]["checkpoint"], folder
             ),
         )
     if cfg.pipeline.export:
@@ -325,11 +332,11 @@ def raptor_steps(
             f"k{k}/export",
             folders.export(k),
             DEPENDS["export"],
-            [n2],
+            [final],
             lambda done, folder: {
                 "dir": str(
                     export_backbone(
-                        s2,
+                        last,
                         folder / "backbone",
                         onnx=cfg.export.onnx,
                         overwrite=True,

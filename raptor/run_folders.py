@@ -147,7 +147,8 @@ def command_config(cfg: DictConfig, command: str, config: str = "CONFIG") -> Dic
                 f"`raptor phases {config}` first, or set phases.boundaries=[...] or "
                 "phases.file=PATH"
             )
-    if command == "fit" and int(cfg.train.stage) == 2 and not cfg.train.init_from:
+    fresh = 1 not in cfg.train.stages  # stage 2 without stage 1: fresh blocks on purpose
+    if command == "fit" and int(cfg.train.stage) == 2 and not cfg.train.init_from and not fresh:
         stage1 = f.stage(int(cfg.model.k), 1)
         if not (stage1 / CKPT_DIR / LAST_CKPT).is_file():
             raise UserError(

@@ -68,7 +68,7 @@ def test_stored_paths_are_absolute(tmp_path, monkeypatch):
     assert cfg.train.init_from == f"{tmp_path / 'a' / 'block1'},/abs/block2"
 
 
-def test_eval_refuses_what_is_not_a_stage2_run(tmp_path, capsys):
+def test_eval_refuses_what_is_not_a_whole_raptor(tmp_path, capsys):
     from test_export import make_raptor, make_teacher_file, write_checkpoint
 
     empty = tmp_path / "empty"
@@ -79,8 +79,8 @@ def test_eval_refuses_what_is_not_a_stage2_run(tmp_path, capsys):
 
     teacher = make_teacher_file(tmp_path / "teacher.safetensors")
     run = tmp_path / "k2" / "stage1"
-    write_checkpoint(run, teacher, make_raptor(2), stage=1)
-    assert cli_main(["eval", str(run)]) == 2
+    write_checkpoint(run, teacher, make_raptor(2), stage=1, blocks=[1])
+    assert cli_main(["eval", str(run)]) == 2  # a stage-1 run of one block of two
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "stage-1 run" in err and "stage=2" in err
-    assert not (tmp_path / "k2" / "eval").exists()
+    assert err.count("\n") == 1 and "block(s) [1] of 2" in err and "commas" in err
+    assert not (run / "eval").exists()

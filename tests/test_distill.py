@@ -96,6 +96,8 @@ def test_stage1_then_stage2_lower_the_loss_and_beat_identity(setup, stage1, stag
         "val/r2_reg/L4",
         "val/r2_patch/L4",
         "val/r2_ref/L4",
+        "val/r2_affine/L4",
+        "val/r2_affine_cls/L4",
         "val/cos/L4",
         "val/rel_l2/L4",
         "val/top1_teacher",
@@ -140,8 +142,11 @@ def test_evaluation_matches_direct_computation(setup, stage2):
             n += len(labels)
     p, y = torch.cat(preds).flatten(0, 1), torch.cat(targets).flatten(0, 1)  # (rows, D)
     r2 = 1 - ((p - y) ** 2).sum() / ((y - y.mean(0)) ** 2).sum()
+    pc, yc = p - p.mean(1, keepdim=True), y - y.mean(1, keepdim=True)  # per token, over features
+    r2_affine = ((pc * yc).sum(1).square() / (pc.square().sum(1) * yc.square().sum(1))).mean()
     assert n == 359
     assert ev["student"]["r2"]["all"][-1] == pytest.approx(r2.item(), abs=1e-5)
+    assert ev["student"]["r2_affine"]["all"][-1] == pytest.approx(r2_affine.item(), abs=1e-5)
     assert ev["top1"]["teacher"] == pytest.approx(hits_t / n)
     assert ev["top1"]["student"] == pytest.approx(hits_s / n)
 

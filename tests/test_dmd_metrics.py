@@ -22,6 +22,17 @@ def _data(seed=0, n=B):
     return pred, target
 
 
+def _affine_r2(p, y):
+    """Appendix B.2 by brute force: each row of y regressed on [p, 1] by least squares over
+    the features, the R^2 of that fit, averaged over rows."""
+    out = []
+    for pi, yi in zip(p, y):
+        design = np.stack([pi, np.ones_like(pi)], axis=1)
+        coef = np.linalg.lstsq(design, yi, rcond=None)[0]
+        out.append(1 - ((yi - design @ coef) ** 2).sum() / ((yi - yi.mean()) ** 2).sum())
+    return np.mean(out)
+
+
 def _direct(pred, target):
     """Reference: every metric from the concatenated rows, float64 NumPy."""
     out = {}
@@ -34,6 +45,7 @@ def _direct(pred, target):
             sse = ((p - y) ** 2).sum()
             vals["r2"].append(1 - sse / ((y - y.mean(0)) ** 2).sum())
             vals["r2_ref"].append(1 - sse / ((p - p.mean()) ** 2).sum())
+            vals["r2_affine"].append(_affine_r2(p, y))
             pn, yn = np.linalg.norm(p, axis=1), np.linalg.norm(y, axis=1)
             vals["cos"].append(((p * y).sum(1) / (pn * yn)).mean())
             vals["rel_l2"].append((np.linalg.norm(p - y, axis=1) / yn).mean())
@@ -80,6 +92,27 @@ def test_invalid_rows_are_ignored():
     junk_pred[~valid] = 1e6  # would dominate every metric if counted
     got = trajectory_metrics(junk_pred, target, GROUPS, valid=valid)
     _assert_close(got, _direct(pred[valid], target[valid]))
+
+
+def test_r2_affine_ignores_a_scale_and_shift_per_row():
+    """A prediction off by its own scale and shift in every row has regression R^2 1 (while
+    R^2 is far below); a constant row explains nothing (0); independent rows give ~0."""
+    _, target = _data(6)
+    g = torch.Generator().manual_seed(7)
+    scale = torch.rand(B, S, T, 1, generator=g, dtype=torch.float64) * 4 - 2
+    shift = torch.randn(B, S, T, 1, generator=g, dtype=torch.float64) * 3
+    pred = scale * target + shift
+    got = trajectory_metrics(pred, target, GROUPS)
+    np.testing.assert_allclose(got["r2_affine/all"].numpy(), np.ones(S), rtol=1e-12)
+    assert (got["r2/all"] < 0.5).all()
+    pred[:, :, 0] = 5.0  # every cls row constant
+    got = trajectory_metrics(pred, target, GROUPS)
+    assert got["r2_affine/cls"].tolist() == [0.0] * S
+    np.testing.assert_allclose(got["r2_affine/patch"].numpy(), np.ones(S), rtol=1e-12)
+    noise = torch.randn(400, 1, 4, 64, generator=g, dtype=torch.float64)
+    other = torch.randn(noise.shape, generator=g, dtype=torch.float64)
+    got = trajectory_metrics(noise, other, {})
+    assert 0 < got["r2_affine/all"].item() < 0.04  # E[corr^2] = 1 / (D - 1) for D = 64
 
 
 def test_perfect_prediction_and_bad_input():

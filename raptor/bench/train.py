@@ -212,7 +212,11 @@ def timed_run(
             trainer.fit(module, train_dataloaders=synthetic_loader(batch, total))
     times = timer.step_seconds
     timed = range(args.warmup, total)
-    tf_steps = sum(tf_ratio(s, module.anneal_steps) > 0 for s in timed) if module.stage == 1 else 0
+    tf_steps = (
+        sum(tf_ratio(s, module.anneal_steps, module.teacher_forcing) > 0 for s in timed)
+        if module.stage == 1
+        else 0
+    )
     return {
         "images_per_s": len(times) * B / timer.wall,
         "step_s": spread(times),

@@ -1,10 +1,14 @@
-"""`raptor eval RUN_OR_CKPT [k=v ...]`: the pipeline's evaluation step for one stage-2 run.
+"""`raptor eval RUN_OR_CKPT [k=v ...]`: the pipeline's evaluation step for one Raptor.
 
-The student rolled out from a_0, the identity map and the DMD baselines on the same
-validation batches, per-layer fidelity and top-1 (`raptor.eval.fidelity.evaluate`, as
-`raptor pipeline` calls it), with the config stored in the run's checkpoint; `key=value`
-overrides change it. Writes eval.json and fidelity.png into the pipeline's eval folder of
-that run (`k{K}/eval` beside `k{K}/stage2`; `RUN/eval` for a folder named otherwise), or
+The Raptor is a stage-2 run, a stage-1 run that trained all k blocks, or stage-1 runs of
+separate blocks joined by commas (stage 1 without stage 2, an ablation of the Raptor
+paper's Table 2: the stage-1 blocks rolled out as one model). The student rolled out
+from a_0, the identity map and the DMD baselines on the same validation batches,
+per-layer fidelity and top-1 (`raptor.eval.fidelity.evaluate`, as `raptor pipeline`
+calls it), with the config stored in the (first) checkpoint and the losses of stage 2
+(those of a whole rollout); `key=value` overrides change it. Writes eval.json and
+fidelity.png into the pipeline's eval folder of that run (`k{K}/eval` beside
+`k{K}/stage2`; `RUN/eval` for a folder named otherwise, the first one when joined), or
 into run_dir when given.
 """
 
@@ -15,17 +19,17 @@ from pathlib import Path
 
 from raptor.cli import apply_threads
 from raptor.config import load_config
-from raptor.errors import UserError
 from raptor.eval.fidelity import EVAL_FILE, evaluate
 from raptor.run_folders import absolute_paths, beside_stage2
-from raptor.train.checkpoints import checkpoint_file, read_checkpoint
+from raptor.train.checkpoints import load_raptor
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "source",
         metavar="RUN_OR_CKPT",
-        help="a stage-2 `raptor fit` run folder (its checkpoints/last.ckpt) or a .ckpt file",
+        help="a `raptor fit` run folder (its checkpoints/last.ckpt) or a .ckpt file: stage 2, "
+        "or stage 1 with every block trained; stage-1 runs of separate blocks joined by commas",
     )
     parser.add_argument(
         "overrides",
@@ -35,20 +39,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    path = checkpoint_file(args.source).absolute()
-    hp = read_checkpoint(path)["hyper_parameters"]
-    if int(hp.get("stage", 0)) != 2:
-        raise UserError(
-            f"{args.source} is a stage-{hp.get('stage')} run; the evaluation step takes the "
-            "stage-2 run that continues it (`raptor fit CONFIG stage=2`)"
-        )
-    cfg = absolute_paths(load_config(None, args.overrides, stored=hp["config"]))
+    _, ckpts, paths = load_raptor(args.source)  # refuses a source missing blocks
+    paths = [p.absolute() for p in paths]
+    stored = ckpts[0]["hyper_parameters"]["config"]
+    cfg = absolute_paths(load_config(None, ["train.stage=2", *args.overrides], stored=stored))
     apply_threads(cfg)
     if not any(o.startswith("run_dir=") for o in args.overrides):
-        cfg.run_dir = str(beside_stage2(path, "eval"))
-    out = evaluate(cfg, path, cfg.run_dir)
+        cfg.run_dir = str(beside_stage2(paths[0], "eval"))
+    out = evaluate(cfg, ",".join(map(str, paths)), cfg.run_dir)
     top1 = out["top1"]
     line = f"teacher {top1['teacher']:.4f}, student {top1['student']:.4f}" if top1 else "no head"
-    print(f"raptor eval: {out['images']} images; top-1 {line}")
+    print(f"raptor eval: stage-{out['stage']} Raptor, {out['images']} images; top-1 {line}")
     print(f"raptor eval: results in {Path(cfg.run_dir) / EVAL_FILE}")
     return 0

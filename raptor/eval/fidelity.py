@@ -5,7 +5,7 @@ all L layers on every validation batch (`cfg.data`), next to the teacher on the
 same batches, and writes into `run_dir`:
 - `eval.json`: {"checkpoint", "stage", "num_layers", "boundaries", "images",
   "layers": [1..L], "student" and "identity": {metric: {group: [value per layer]}}
-  (metrics r2, r2_ref, cos, rel_l2, norm_ratio of `dmd.metrics`; groups all, cls,
+  (metrics r2, r2_ref, r2_affine, cos, rel_l2, norm_ratio of `dmd.metrics`; groups all, cls,
   reg, patch; identity = a_l predicted as a_0), "loss": [per layer],
   "top1": {"teacher", "student", "ratio"} or null (no head or no labels),
   "complete": false when validation samples were missing or bad ("missing": how many),

@@ -39,12 +39,14 @@ def _evals(steps: Dict[str, Dict[str, Any]]) -> Dict[int, Dict[str, Any]]:
 
 
 def summary_tables(steps: Dict[str, Dict[str, Any]]) -> Dict[str, str]:
-    """Markdown tables: headline (top-1 per k), per-layer R^2, wall time per step."""
+    """Markdown tables: headline (top-1, final-layer R^2 and the regression R^2 of the
+    Raptor paper's Appendix B.2 per k), per-layer R^2, wall time per step."""
     evals = _evals(steps)
     headline_rows = []
     for k, ev in evals.items():
         top1 = ev.get("top1") or {}
         r2 = ev["student"]["r2"]["all"]
+        r2_affine = ev["student"].get("r2_affine", {}).get("all")  # absent in older eval.json
         partial = "" if ev.get("complete", True) else " (incomplete)"  # val samples missing
         headline_rows.append(
             [
@@ -54,6 +56,7 @@ def summary_tables(steps: Dict[str, Dict[str, Any]]) -> Dict[str, str]:
                 _pct(top1.get("student")) + partial,
                 _num(top1.get("ratio")),
                 _num(r2[-1]),
+                _num(r2_affine[-1] if r2_affine else None),
                 _num(ev["identity"]["r2"]["all"][-1]),
             ]
         )
@@ -65,6 +68,7 @@ def summary_tables(steps: Dict[str, Dict[str, Any]]) -> Dict[str, str]:
             "Raptor top-1",
             "ratio",
             "final-layer R^2",
+            "final-layer regression R^2",
             "identity R^2",
         ],
         headline_rows,

@@ -4,8 +4,8 @@ On every validation batch the teacher's trajectory is computed once and the stud
 predicts the validated layers: "full" rolls the whole student out from a_0 over all
 L layers; "phase" rolls each trained block out over its phase from the teacher's
 phase input. Rows with valid=False are ignored. Per validated layer l (1-based):
-- the student's `dmd.metrics.TrajectoryMetrics` (r2, r2_ref, cos, rel_l2, norm_ratio,
-  over all tokens and per group) and the identity baseline's (a_l predicted as a_0);
+- the student's `dmd.metrics.TrajectoryMetrics` (r2, r2_ref, r2_affine, cos, rel_l2,
+  norm_ratio, over all tokens and per group) and the identity baseline's (a_l predicted as a_0);
 - the training loss function of the layer's block (`block_losses`);
 - top-1 of the teacher's head on the teacher's a_L and on the student's last state of
   each rollout (finished through the teacher's remaining blocks), with labels >= 0.

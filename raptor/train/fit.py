@@ -7,17 +7,19 @@ Stage 1 (`train.stage=1`) trains each selected block (`train.blocks`, 1-based;
 default all k) on its own phase (first..last), from the teacher's true phase
 input a_{first-1}:
     loss_j = r * TF_j + (1 - r) * AR_j,   r = max(0, 1 - step / anneal_steps)
-TF_j predicts every layer of the phase in one step from the teacher's previous
+(`train.stage1.teacher_forcing`: `anneal`; the ablations `always` and `never` fix r at 1
+and 0). TF_j predicts every layer of the phase in one step from the teacher's previous
 layer (all layers in one block call); AR_j rolls the block out over the whole
 phase with gradients through the rollout, mean over steps (`raptor.train.losses`).
-The TF pass is skipped once r = 0. The total loss is the sum over trained blocks
+The TF pass is skipped while r = 0, the AR pass while r = 1. The total loss is the sum over trained blocks
 (their parameters are disjoint) and the gradient norm is clipped per block, so a
 block trains the same alone (`train.blocks=[j]`, one job per block) or with the
 others.
 Stage 2 (`train.stage=2`) joins the blocks, initialised from stage-1 run folders
 or checkpoints (`train.init_from`, comma-separated when blocks were trained in
 separate jobs), and trains the AR loss from a_0 over all L layers with a fresh
-optimizer and schedule.
+optimizer and schedule; with `train.stages=[2]` (the ablation without stage 1) from
+freshly initialised blocks instead, and train.init_from must be unset.
 
 Per stage (`train.stage1` / `train.stage2`): AdamW on every trained parameter,
 linear warmup over `warmup_steps` then cosine to `min_lr` at `steps`; the peak
@@ -29,11 +31,11 @@ rank), so a resumed run draws the same noise.
 
 Logged metrics (CSV, W&B), layers l 1-based:
 - train/loss (mean over ranks), train/r, train/lr, train/img_s (global images per
-  second), per trained block j train/loss_B{j}, train/ar_B{j}, train/tf_B{j} (NaN once
-  the TF pass is skipped);
+  second), per trained block j train/loss_B{j}, train/ar_B{j}, train/tf_B{j} (NaN while
+  that pass is skipped);
 - at validation, on the same batches for teacher and student, rows with
-  valid=False ignored (`dmd.metrics.TrajectoryMetrics`, metrics r2, r2_ref, cos,
-  rel_l2, norm_ratio): val/{metric}/L{l} over all tokens and
+  valid=False ignored (`dmd.metrics.TrajectoryMetrics`, metrics r2, r2_ref,
+  r2_affine, cos, rel_l2, norm_ratio): val/{metric}/L{l} over all tokens and
   val/{metric}_{group}/L{l} for group cls, reg, patch; val/{metric}/mean over
   layers; the identity baseline (a_l predicted as a_0) under val_identity/...;
   val/loss/L{l} (the training loss function per layer) and val/loss;
@@ -182,6 +184,7 @@ class Distiller(Fidelity):
         for j, block in enumerate(raptor.blocks):
             block.requires_grad_(j in self.trained)
         self.anneal_steps = anneal_steps(self.stage_cfg)
+        self.teacher_forcing = str(self.stage_cfg.teacher_forcing)
         self.save_hyperparameters(
             {
                 "config": to_container(cfg),
@@ -265,18 +268,21 @@ class Distiller(Fidelity):
         B, sigma, gen = images.shape[0], float(self.stage_cfg.noise_sigma), self._noise()
         logs: Dict[str, torch.Tensor | float] = {}
         if self.stage == 1:
-            r = tf_ratio(self.global_step, self.anneal_steps)
+            r = tf_ratio(self.global_step, self.anneal_steps, self.teacher_forcing)
             upto = max(self.raptor.phases[j][1] for j in self.trained)
             traj = self.teacher.trajectory(images, upto=upto)
             loss = images.new_zeros(())
             for j in self.trained:
                 first, last = self.raptor.phases[j]
                 block, targets = self.raptor.blocks[j], traj[:, first : last + 1]
-                ar, _ = losses.autoregressive_loss(
-                    block, traj[:, first - 1], targets, first, self.loss_fns[j], sigma, gen
-                )
-                loss_j = (1.0 - r) * ar
-                tf = math.nan  # logged as NaN once skipped (Lightning would repeat the last value)
+                # a skipped pass is logged as NaN (Lightning would repeat the last value)
+                ar, tf, loss_j = math.nan, math.nan, images.new_zeros(())
+                if r < 1:
+                    ar, _ = losses.autoregressive_loss(
+                        block, traj[:, first - 1], targets, first, self.loss_fns[j], sigma, gen
+                    )
+                    loss_j = (1.0 - r) * ar
+                    ar = ar.detach()
                 if r > 0:
                     tf = losses.teacher_forcing_loss(
                         block,
@@ -290,7 +296,7 @@ class Distiller(Fidelity):
                     loss_j = loss_j + r * tf
                     tf = tf.detach()
                 logs[f"train/tf_B{j + 1}"] = tf
-                logs[f"train/ar_B{j + 1}"] = ar.detach()
+                logs[f"train/ar_B{j + 1}"] = ar
                 logs[f"train/loss_B{j + 1}"] = loss_j.detach()
                 loss = loss + loss_j
             self.log("train/r", r, prog_bar=True, batch_size=B)
@@ -399,12 +405,22 @@ def build(cfg: DictConfig, resuming: bool = False):
     teacher = Teacher.from_config(cfg.teacher)
     raptor = Raptor.from_config(cfg.model, teacher, Partition.from_config(cfg, teacher.num_layers))
     blocks = selected_blocks(cfg, raptor.k)
-    if int(cfg.train.stage) == 2 and not resuming:
+    stage, stages = int(cfg.train.stage), sorted(set(cfg.train.stages))
+    if stage not in stages:
+        raise ConfigError(f"train.stage={stage} is not one of train.stages={stages}")
+    if stage == 2 and 1 not in stages and cfg.train.init_from:
+        raise ConfigError(
+            "train.stages=[2] trains stage 2 from fresh blocks, but train.init_from is set: "
+            "unset it, or include stage 1 (train.stages=[1,2])"
+        )
+    if stage == 2 and not resuming:
         if cfg.train.init_from:
             load_blocks(raptor, str(cfg.train.init_from))
-        else:
+        elif 1 in stages:
             warnings.warn(
-                "stage 2 without train.init_from: the blocks start from random init", stacklevel=2
+                "stage 2 without train.init_from: the blocks start from random init "
+                "(train.stages=[2] says so on purpose)",
+                stacklevel=2,
             )
     return teacher, raptor, blocks
 
