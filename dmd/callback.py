@@ -14,14 +14,17 @@ training batches to its moments and refits every that many steps.
 Duck-typed contract (nothing is imported from the training code):
 
 - ``pl_module.teacher`` has ``trajectory(images) -> (B, L+1, T, D)`` (layer 0 =
-  tokens entering block 1), ``groups`` (name -> slice over T), ``finish(a,
+  tokens entering block 1; with the ``replaceme`` selection also
+  ``trajectory(images, mlp_out=True) -> (trajectory, mlp (B, L, T, D))``, see
+  `dmd.stream`), ``groups`` (name -> slice over T), ``finish(a,
   from_layer) -> {"tokens": (B, T, D), "logits": (B, C) or None}`` (the blocks
   after `from_layer` and the final norm) and optionally ``num_classes`` (> 0
   when finish returns logits);
 - batches are dicts with "image" (B, C, H, W) and optionally "valid" bool (B,)
   and "label" long (B,) (-1: none);
 - when ``validation_step`` / ``training_step`` return a dict holding
-  "trajectory" (B, L+1, T, D), it is used instead of a second teacher forward;
+  "trajectory" (B, L+1, T, D), it is used instead of a second teacher forward
+  (not with ``replaceme``, which needs the blocks' MLP outputs too);
 - ``pl_module.fidelity_table`` (optional): the student's `dmd.metrics.FidelityTable`
   of the validation just finished, set in its on_validation_epoch_end; its layers
   beside the DMD ones go into the comparison table.
@@ -32,7 +35,8 @@ student's ``val/{metric}/L{l}``:
 log_groups), ``val_dmd/{variant}/final_{metric}/L{j}`` (prediction of layer j
 finished by the teacher, compared at its last layer) and
 ``val_dmd/{variant}/top1/L{j}`` with a head. Variants are f"{selection}_{solver}"
-and "identity" (x_l predicted as the span's input x_i).
+and "identity" (x_l predicted as the span's input x_i); ``replaceme`` variants
+hold the spans with i >= 1 (`dmd.fit.fits_span`) and predict their end layers only.
 Written in `out_dir` (default: the trainer's root dir) on global rank 0:
 ``dmd_compare.csv`` (one row per validation, predictor and layer: student,
 variants, identity; also a W&B Table under "dmd_compare" when a WandbLogger is
@@ -53,11 +57,11 @@ import torch
 from torch import Tensor
 
 from dmd.evaluate import Evaluator, fit_entries
-from dmd.fit import SELECTIONS, check_span, endpoint_pairs
+from dmd.fit import NO_SPECTRUM, SELECTIONS, check_span, endpoint_pairs, fits_span
 from dmd.metrics import METRICS, FidelityTable
 from dmd.moments import MomentAccumulator, moment_dtype
 from dmd.plots import curve_figure, eigenvalue_figure, save_figure
-from dmd.solvers import SOLVERS
+from dmd.solvers import ALPHA_MODES, SOLVERS
 from dmd.stream import stream_trajectories, through_teacher
 
 COMPARE_FILE = "dmd_compare.csv"
@@ -71,7 +75,8 @@ class DMDCallback(L.Callback):
         spans: [(i, p), ...] cut start and prune length, e.g. one per phase of the student.
             Spans must not overlap (each layer is predicted by one span).
         solvers, selections: variants fitted (dmd.solvers.SOLVERS, dmd.fit.SELECTIONS).
-        rank, alpha, center: fit settings (alpha relative to the mean eigenvalue of C_xx).
+        rank, alpha, center, alpha_mode: fit settings (dmd.solvers: alpha relative to the
+            mean eigenvalue of C_xx, or absolute).
         calib_images: calibration images over all ranks.
         refit_every_n_steps: 0 = fit once; N > 0 = accumulate training batches too and
             refit every N optimizer steps.
@@ -98,6 +103,7 @@ class DMDCallback(L.Callback):
         calib_loader: Optional[Iterable] = None,
         out_dir: Optional[str | Path] = None,
         compute_dtype: torch.dtype = torch.float64,
+        alpha_mode: str = "relative",
     ) -> None:
         super().__init__()
         for s in solvers:
@@ -110,6 +116,11 @@ class DMDCallback(L.Callback):
                 raise ValueError(
                     f"DMDCallback: unknown selection '{s}'; expected one of {', '.join(SELECTIONS)}"
                 )
+        if alpha_mode not in ALPHA_MODES:
+            raise ValueError(
+                f"DMDCallback: unknown alpha_mode '{alpha_mode}'; expected one of "
+                f"{', '.join(ALPHA_MODES)}"
+            )
         if calib_images < 1:
             raise ValueError(f"DMDCallback: calib_images must be >= 1, got {calib_images}")
         if not spans:
@@ -117,6 +128,8 @@ class DMDCallback(L.Callback):
         self.spans = [tuple(int(v) for v in s) for s in spans]
         self.solvers, self.selections = list(solvers), list(selections)
         self.rank, self.alpha, self.center = rank, float(alpha), bool(center)
+        self.alpha_mode = alpha_mode
+        self.mlp_out = "replaceme" in self.selections
         self.calib_images = int(calib_images)
         self.refit_every_n_steps = int(refit_every_n_steps)
         self.downstream, self.log_groups = bool(downstream), bool(log_groups)
@@ -134,7 +147,8 @@ class DMDCallback(L.Callback):
         cls, dmd_cfg: Any, default_spans: Optional[Sequence[Sequence[int]]] = None, **kwargs: Any
     ) -> DMDCallback:
         """From a config section with keys spans, solvers, selections, rank, alpha, center,
-        calib_images, refit_every_n_steps (and optionally downstream, log_groups, compute_dtype);
+        calib_images, refit_every_n_steps (and optionally downstream, log_groups, compute_dtype,
+        alpha_mode);
         `default_spans` (the student's phases) when the section names no spans."""
         get = dmd_cfg.get if hasattr(dmd_cfg, "get") else lambda k, d=None: getattr(dmd_cfg, k, d)
         args = dict(
@@ -149,6 +163,7 @@ class DMDCallback(L.Callback):
             downstream=bool(get("downstream", True)),
             log_groups=bool(get("log_groups", False)),
             compute_dtype=moment_dtype(get("compute_dtype", "float64")),
+            alpha_mode=str(get("alpha_mode", "relative")),
         )
         args.update(kwargs)
         return cls(**args)
@@ -166,12 +181,20 @@ class DMDCallback(L.Callback):
 
     def _trajectory(
         self, pl_module: Any, batch: Mapping[str, Tensor], outputs: Any = None
-    ) -> Tensor:
+    ) -> tuple[Tensor, Optional[Tensor]]:
+        """(trajectory, the blocks' MLP outputs or None when no selection needs them)."""
         shared = outputs.get("trajectory") if isinstance(outputs, Mapping) else None
         full = getattr(pl_module.teacher, "num_layers", None)
-        if shared is not None and (full is None or shared.shape[1] == full + 1):
-            return shared  # the module's own teacher forward (a truncated one is not used)
-        return through_teacher(batch, pl_module.teacher.trajectory, pl_module.device).trajectory
+        if (
+            not self.mlp_out
+            and shared is not None
+            and (full is None or shared.shape[1] == full + 1)
+        ):
+            return shared, None  # the module's own teacher forward (a truncated one is not used)
+        out = through_teacher(
+            batch, pl_module.teacher.trajectory, pl_module.device, mlp_out=self.mlp_out
+        )
+        return out.trajectory, out.mlp if self.mlp_out else None
 
     def _calibration_loader(self, trainer: L.Trainer, pl_module: Any) -> Iterable:
         if self.calib_loader is not None:
@@ -182,13 +205,15 @@ class DMDCallback(L.Callback):
 
     def _calibrate(self, trainer: L.Trainer, pl_module: Any) -> None:
         acc = None
-        for traj, valid, _ in stream_trajectories(
+        for out in stream_trajectories(
             self._calibration_loader(trainer, pl_module),
             pl_module.teacher.trajectory,
             pl_module.device,
             images=self.calib_images,
             ranks=trainer.world_size,
+            mlp_out=self.mlp_out,
         ):
+            traj = out.trajectory
             if acc is None:
                 spans = self._spans(traj.shape[1] - 1)
                 acc = MomentAccumulator(
@@ -197,8 +222,9 @@ class DMDCallback(L.Callback):
                     endpoints=endpoint_pairs(spans),
                     device=traj.device,
                     compute_dtype=self.compute_dtype,
+                    mlp_spans=[s for s in spans if self.mlp_out and fits_span("replaceme", s)],
                 )
-            acc.update(traj, valid)
+            acc.update(traj, out.valid, out.mlp if self.mlp_out else None)
         if acc is None:
             raise RuntimeError("DMDCallback: the calibration loader yielded no valid image")
         self._local = acc
@@ -210,7 +236,14 @@ class DMDCallback(L.Callback):
         spans = self._spans(self.moments.num_layers)
         teacher = pl_module.teacher
         entries = fit_entries(
-            self.moments, spans, self.solvers, self.selections, self.rank, self.alpha, self.center
+            self.moments,
+            spans,
+            self.solvers,
+            self.selections,
+            self.rank,
+            self.alpha,
+            self.center,
+            alpha_mode=self.alpha_mode,
         )
         self.evaluator = Evaluator(
             entries,
@@ -223,7 +256,7 @@ class DMDCallback(L.Callback):
             spectra: dict[str, dict[str, Tensor]] = {}
             for e in entries:
                 for (i, p), op in e.parts:
-                    if e.name != "identity":
+                    if e.meta["selection"] not in NO_SPECTRUM:
                         spectra.setdefault(f"layers {i} -> {i + p}", {})[e.name] = op.eigenvalues()
             title = f"DMD eigenvalues ({self.moments.images} calibration images)"
             save_figure(
@@ -257,8 +290,8 @@ class DMDCallback(L.Callback):
         batch_idx: int,
         dataloader_idx: int = 0,
     ) -> None:
-        traj = self._trajectory(pl_module, batch, outputs)
-        self.evaluator.update(traj, batch.get("valid"), batch.get("label"))
+        traj, mlp = self._trajectory(pl_module, batch, outputs)
+        self.evaluator.update(traj, batch.get("valid"), batch.get("label"), mlp)
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         results = self.evaluator.compute()
@@ -348,6 +381,7 @@ class DMDCallback(L.Callback):
     ) -> None:
         if self.refit_every_n_steps <= 0 or self._local is None:
             return
-        self._local.update(self._trajectory(pl_module, batch, outputs), batch.get("valid"))
+        traj, mlp = self._trajectory(pl_module, batch, outputs)
+        self._local.update(traj, batch.get("valid"), mlp)
         if trainer.global_step % self.refit_every_n_steps == 0:
             self._fit(trainer, pl_module)

@@ -2,7 +2,9 @@
 
 An *entry* is a named predictor made of one or more parts (span (i, p),
 operator); each part predicts from the true x_i the layers i+1..i+p (stride-1
-operators) or the single layer i+p (an endpoint map, stride p). The layers of
+operators) or the single layer i+p (an endpoint or ReplaceMe map, stride p; a
+ReplaceMe map also reads block i's MLP output, so `update` then needs the blocks'
+MLP outputs: `needs_mlp`). The layers of
 an entry's parts must be distinct; they are its metric steps, in part order.
 
 Per entry, `TrajectoryMetrics` over its layers and, with `finish` given,
@@ -24,7 +26,7 @@ import torch
 from torch import Tensor, nn
 from torchmetrics import Metric
 
-from dmd.fit import fit
+from dmd.fit import fit, fits_span
 from dmd.metrics import TrajectoryMetrics
 from dmd.moments import MomentAccumulator
 from dmd.operator import LinearOperator
@@ -54,12 +56,20 @@ class Entry:
             )
         return layers
 
-    def predict(self, traj: Tensor) -> Tensor:
-        """traj (B, L+1, T, D) -> predictions (B, len(layers), T, D), float32 or wider."""
+    @property
+    def needs_mlp(self) -> bool:
+        return any(op.mlp_input for _, op in self.parts)
+
+    def predict(self, traj: Tensor, mlp: Optional[Tensor] = None) -> Tensor:
+        """traj (B, L+1, T, D) (and mlp (B, L, T, D), block l at l - 1, for ReplaceMe parts)
+        -> predictions (B, len(layers), T, D), float32 or wider."""
         out = []
         for (i, p), op in self.parts:
             steps = p // op.stride
-            out.append(op.predict(traj[:, i], steps).transpose(1, 2))  # (B, steps, T, D)
+            if op.mlp_input and mlp is None:
+                raise ValueError(f"DMD entry '{self.name}': a ReplaceMe part needs mlp outputs")
+            m = mlp[:, i - 1] if op.mlp_input else None
+            out.append(op.predict(traj[:, i], steps, m).transpose(1, 2))  # (B, steps, T, D)
         return torch.cat(out, dim=1)
 
 
@@ -133,15 +143,26 @@ class Evaluator(nn.Module):
     def _key(self, entry: Entry) -> str:
         return self._keys[id(entry)]
 
+    @property
+    def needs_mlp(self) -> bool:
+        """Whether `update` needs the blocks' MLP outputs (a ReplaceMe entry)."""
+        return any(e.needs_mlp for e in self.entries)
+
     @torch.no_grad()
     def update(
-        self, traj: Tensor, valid: Optional[Tensor] = None, labels: Optional[Tensor] = None
+        self,
+        traj: Tensor,
+        valid: Optional[Tensor] = None,
+        labels: Optional[Tensor] = None,
+        mlp: Optional[Tensor] = None,
     ) -> None:
-        """traj (B, L+1, T, D); valid bool (B,); labels long (B,) or None."""
+        """traj (B, L+1, T, D); valid bool (B,); labels long (B,) or None; mlp (B, L, T, D)
+        the blocks' MLP outputs (needed when `needs_mlp`)."""
         if valid is not None:
             keep = valid.to(device=traj.device, dtype=torch.bool)
             traj = traj[keep]
             labels = None if labels is None else labels.to(traj.device)[keep]
+            mlp = None if mlp is None else mlp[keep.to(mlp.device)]
         if traj.shape[0] == 0:
             return
         if self.finish is not None and len(self.final):
@@ -150,7 +171,7 @@ class Evaluator(nn.Module):
             if len(self.top1) and ref.get("logits") is None:
                 raise ValueError("DMD evaluation: top1=True but finish() returned no logits")
         for e in self.entries:  # one entry at a time: one prediction held in memory
-            pred = e.predict(traj)
+            pred = e.predict(traj, mlp)
             self.fidelity[self._key(e)].update(
                 pred, traj[:, torch.tensor(e.layers, device=traj.device)]
             )
@@ -217,8 +238,10 @@ def fit_entries(
     alpha: float = 1e-4,
     center: bool = False,
     joint: bool = True,
+    alpha_mode: str = "relative",
 ) -> list[Entry]:
-    """Fit every (selection, solver) variant on every span (identity once, no solver).
+    """Fit every (selection, solver) variant on every span (identity once, no solver);
+    a selection skips the spans it cannot fit (`dmd.fit.fits_span`: ReplaceMe at i = 0).
 
     joint=True: one entry per variant holding all spans as parts, named by the
     variant ("span_rrr", "endpoint_ridge", "identity"), e.g. one span per phase;
@@ -234,13 +257,22 @@ def fit_entries(
         parts = [
             (
                 (int(i), int(p)),
-                fit(moments, (i, p), sel, solver, rank=rank, alpha=alpha, center=center),
+                fit(moments, (i, p), sel, solver, rank, alpha, center, alpha_mode),
             )
             for i, p in spans
+            if fits_span(sel, (i, p))
         ]
         meta = dict(
-            variant=name, selection=sel, solver=solver, rank=rank, alpha=alpha, center=center
+            variant=name,
+            selection=sel,
+            solver=solver,
+            rank=rank,
+            alpha=alpha,
+            alpha_mode=alpha_mode,
+            center=center,
         )
+        if not parts:
+            continue
         if joint:
             entries.append(Entry(name, parts, meta=meta))
         else:

@@ -6,9 +6,13 @@ One pass over the data accumulates, in float64,
 - the cross moment of consecutive layers,   C_l    = sum_rows x_{l+1} x_l^T,  l = 0..L-1
 - the cross moment of requested pairs,      E_(a,b) = sum_rows x_b x_a^T      (a < b)
 - the sum of every layer, sum_rows x_l (for centred fits), and the row count,
+- for ReplaceMe spans (i, p) (`mlp_spans`), from block i's MLP output m_i (the
+  branch block i adds to the residual stream, x_i = y_i + m_i): its Gram matrix,
+  its sum and the cross moments sum_rows x_b m_i^T for b = i and b = i + p
+  (`replaceme_moments`),
 
 where a *row* is one token of one image (X_l has tokens as rows). Memory is
-O((2L + 1 + E) d^2) whatever the number of images. Every moment of a set of
+O((2L + 1 + E + M) d^2) whatever the number of images. Every moment of a set of
 (input layer, output layer) pairs is a sum of stored moments (`pair_moments`),
 so all cut starts and prune lengths come from the same pass.
 
@@ -85,6 +89,9 @@ class MomentAccumulator:
         compute_dtype: dtype of the per-batch products: float64 (default) or
             float32 (faster on GPUs without fast float64; the products are still
             accumulated in float64).
+        mlp_spans: spans (i, p), i >= 1, whose ReplaceMe moments are kept; `update`
+            then needs the blocks' MLP outputs. Their endpoint pairs (i, i + p) are
+            kept too.
     """
 
     def __init__(
@@ -95,6 +102,7 @@ class MomentAccumulator:
         tokens: slice = slice(None),
         device: Optional[torch.device | str] = None,
         compute_dtype: torch.dtype | str = torch.float64,
+        mlp_spans: Iterable[Sequence[int]] = (),
     ) -> None:
         if num_layers < 1 or dim < 1:
             raise ValueError(
@@ -106,6 +114,15 @@ class MomentAccumulator:
                 f"MomentAccumulator: tokens must be a slice, got {type(tokens).__name__}"
             )
         L, D = int(num_layers), int(dim)
+        mlp_pairs = set()
+        for i, p in ((int(i), int(p)) for i, p in mlp_spans):
+            if not (1 <= i and p >= 1 and i + p <= L):
+                raise ValueError(
+                    f"MomentAccumulator: ReplaceMe span (i={i}, p={p}) must satisfy 1 <= i "
+                    f"(the block whose MLP output is read), p >= 1, i + p <= {L}"
+                )
+            mlp_pairs |= {(i, i), (i, i + p)}
+        endpoints = list(endpoints) + [(i, b) for i, b in mlp_pairs if b > i]
         pairs = []
         for pair in endpoints:
             a, b = (int(v) for v in pair)
@@ -117,10 +134,13 @@ class MomentAccumulator:
                 pairs.append((a, b))
         self.num_layers, self.dim, self.tokens = L, D, tokens
         self.endpoints: list[tuple[int, int]] = sorted(pairs)
+        self.mlp_pairs: list[tuple[int, int]] = sorted(mlp_pairs)  # (i, b): sum x_b m_i^T
+        self.mlp_layers: list[int] = sorted({i for i, _ in mlp_pairs})
         self.compute_dtype = compute_dtype
-        E = len(self.endpoints)
-        n_mat = (L + 1) + L + E
-        self._sizes = {"mats": n_mat * D * D, "sums": (L + 1) * D, "counts": 2}
+        E, M = len(self.endpoints), len(self.mlp_layers) + len(self.mlp_pairs)
+        n_mat = (L + 1) + L + E + M
+        sums = (L + 1 + len(self.mlp_layers)) * D
+        self._sizes = {"mats": n_mat * D * D, "sums": sums, "counts": 2}
         self.buffer = torch.zeros(sum(self._sizes.values()), dtype=torch.float64, device=device)
         self.merged = False
         self._views()
@@ -132,10 +152,20 @@ class MomentAccumulator:
         self.grams = mats[: L + 1]  # (L+1, D, D)
         self.crosses = mats[L + 1 : 2 * L + 1]  # (L, D, D): x_{l+1} x_l^T
         self.ends = mats[2 * L + 1 : 2 * L + 1 + E]  # (E, D, D): x_b x_a^T
-        self.sums = sums.view(L + 1, D)
+        nm = len(self.mlp_layers)
+        self.mlp_grams = mats[2 * L + 1 + E : 2 * L + 1 + E + nm]  # m_i m_i^T
+        self.mlp_crosses = mats[2 * L + 1 + E + nm :]  # (i, b) of mlp_pairs: x_b m_i^T
+        sums = sums.view(-1, D)
+        self.sums, self.mlp_sums = sums[: L + 1], sums[L + 1 :]
         self.counts = counts  # [rows per layer, images]
         self._ends_a = torch.tensor([a for a, _ in self.endpoints], dtype=torch.long)
         self._ends_b = torch.tensor([b for _, b in self.endpoints], dtype=torch.long)
+        # MLP outputs are indexed by block: m_i at mlp[:, i - 1]
+        self._mlp_blocks = torch.tensor([i - 1 for i in self.mlp_layers], dtype=torch.long)
+        self._mlp_a = torch.tensor(
+            [self.mlp_layers.index(i) for i, _ in self.mlp_pairs], dtype=torch.long
+        )
+        self._mlp_b = torch.tensor([b for _, b in self.mlp_pairs], dtype=torch.long)
 
     # ------------------------------------------------------------------ streaming
 
@@ -153,8 +183,12 @@ class MomentAccumulator:
         return int(self.counts[1].item())
 
     @torch.no_grad()
-    def update(self, trajectory: Tensor, valid: Optional[Tensor] = None) -> None:
-        """Add a batch: trajectory (B, L+1, T, D) any float dtype; valid bool (B,) keeps rows."""
+    def update(
+        self, trajectory: Tensor, valid: Optional[Tensor] = None, mlp: Optional[Tensor] = None
+    ) -> None:
+        """Add a batch: trajectory (B, L+1, T, D) any float dtype; valid bool (B,) keeps rows;
+        mlp (B, L, T, D) the blocks' MLP outputs (block l at index l - 1), needed with
+        mlp_spans (ignored otherwise)."""
         if self.merged:
             raise RuntimeError("MomentAccumulator: already merged across ranks; start a new one")
         L, D = self.num_layers, self.dim
@@ -162,9 +196,17 @@ class MomentAccumulator:
             raise ValueError(
                 f"MomentAccumulator: trajectory must be (B, {L + 1}, T, {D}), got {tuple(trajectory.shape)}"
             )
+        if self.mlp_layers and (mlp is None or mlp.shape[:2] != (trajectory.shape[0], L)):
+            got = None if mlp is None else tuple(mlp.shape)
+            raise ValueError(
+                f"MomentAccumulator: ReplaceMe spans need the blocks' MLP outputs "
+                f"(B, {L}, T, {D}) with the trajectory, got {got}"
+            )
         x = trajectory[:, :, self.tokens]
         if valid is not None:
-            x = x[valid.to(device=x.device, dtype=torch.bool)]
+            keep = valid.to(device=x.device, dtype=torch.bool)
+            x = x[keep]
+            mlp = None if mlp is None else mlp[keep.to(mlp.device)]
         images = x.shape[0]
         # (L+1, N, D): the layers are the batch of every product below
         x = x.to(device=self.device, dtype=self.compute_dtype).transpose(0, 1).reshape(L + 1, -1, D)
@@ -174,6 +216,16 @@ class MomentAccumulator:
         if self.endpoints:
             self._add(self.ends, xt[self._ends_b], x[self._ends_a])
         self.sums += x.sum(1, dtype=torch.float64)
+        if self.mlp_layers:
+            m = mlp[:, self._mlp_blocks.to(mlp.device)][:, :, self.tokens]
+            m = (
+                m.to(device=self.device, dtype=self.compute_dtype)
+                .transpose(0, 1)
+                .reshape(-1, x.shape[1], D)
+            )
+            self._add(self.mlp_grams, m.transpose(1, 2), m)
+            self._add(self.mlp_crosses, xt[self._mlp_b], m[self._mlp_a])
+            self.mlp_sums += m.sum(1, dtype=torch.float64)
         self.counts[0] += x.shape[1]
         self.counts[1] += images
 
@@ -236,3 +288,34 @@ class MomentAccumulator:
         mx = sum(self.sums[a] for a, _ in pairs) / n
         my = sum(self.sums[b] for _, b in pairs) / n
         return PairMoments(cxx=cxx, cyx=cyx, cyy=cyy, mx=mx, my=my, n=n)
+
+    def replaceme_moments(self, span: Sequence[int]) -> PairMoments:
+        """ReplaceMe's regression for span (i, p), normalised by rows: input m_i (block i's
+        MLP output), target t = x_{i+p} - y_i = x_{i+p} - x_i + m_i, so that
+        x_{i+p} ~ y_i + K m_i (+ b)."""
+        i, p = int(span[0]), int(span[1])
+        if (i, i + p) not in self.mlp_pairs:
+            raise KeyError(
+                f"ReplaceMe moments of span ({i}, {p}) were not accumulated; pass "
+                f"mlp_spans=[({i}, {p})] to MomentAccumulator (have {self.mlp_pairs})"
+            )
+        if self.rows == 0:
+            raise ValueError("replaceme_moments: no data accumulated yet")
+        n, j = float(self.rows), i + p
+        k = self.mlp_layers.index(i)
+        mm = self.mlp_grams[k]
+        xm_end = self.mlp_crosses[self.mlp_pairs.index((i, j))]  # sum x_{i+p} m^T
+        xm_in = self.mlp_crosses[self.mlp_pairs.index((i, i))]  # sum x_i m^T
+        cross = self.cross(i, j)  # sum x_{i+p} x_i^T
+        tm = xm_end - xm_in + mm  # sum t m^T
+        tt = self.cross(j, j) + self.cross(i, i) + mm - cross - cross.T
+        tt = tt + xm_end + xm_end.T - xm_in - xm_in.T
+        ms = self.mlp_sums[k]
+        return PairMoments(
+            cxx=mm / n,
+            cyx=tm / n,
+            cyy=tt / n,
+            mx=ms / n,
+            my=(self.sums[j] - self.sums[i] + ms) / n,
+            n=n,
+        )

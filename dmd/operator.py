@@ -3,7 +3,8 @@
 Column convention: a hidden state x is a column vector and y ~ K x + b; for
 tokens stored as rows (..., D) one application is x @ K^T + b. One application
 advances `stride` layers (1 for span/anchor/identity fits, p for an endpoint
-map over a span of length p).
+or ReplaceMe map over a span of length p). A ReplaceMe map (`mlp_input`) reads
+the MLP output m_i of the block that produced x_i: x_{i+p} ~ x_i - m_i + K m_i + b.
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ class LinearOperator:
     per application. basis: orthonormal (D, r) basis of K's row space when K
     has rank r < D (exact DMD reads the spectrum there), else None.
     info: how it was fitted (selection, solver, span, rank, alpha, ...).
+    mlp_input: K maps the MLP output m of the input layer's block, added to the
+    residual stream x - m (ReplaceMe), one application only; else K maps x.
     """
 
     K: Tensor
@@ -30,13 +33,15 @@ class LinearOperator:
     stride: int = 1
     basis: Optional[Tensor] = None
     info: dict[str, Any] = field(default_factory=dict)
+    mlp_input: bool = False
 
     @property
     def dim(self) -> int:
         return self.K.shape[0]
 
-    def predict(self, x: Tensor, steps: int) -> Tensor:
-        """x (..., D) -> (..., steps, D): [K x + b, K (K x + b) + b, ...], every step kept.
+    def predict(self, x: Tensor, steps: int, mlp: Optional[Tensor] = None) -> Tensor:
+        """x (..., D) -> (..., steps, D): [K x + b, K (K x + b) + b, ...], every step kept;
+        with mlp_input, mlp (..., D) the MLP output in x and steps = 1: x - m + K m + b.
 
         Computed in x's dtype promoted to at least float32 (bf16 inputs come back
         float32), on x's device."""
@@ -49,6 +54,16 @@ class LinearOperator:
         dtype = torch.promote_types(x.dtype, torch.float32)
         Kt = self.K.to(device=x.device, dtype=dtype).T
         b = None if self.b is None else self.b.to(device=x.device, dtype=dtype)
+        if self.mlp_input:
+            if mlp is None or mlp.shape != x.shape or steps != 1:
+                raise ValueError(
+                    "LinearOperator.predict: a ReplaceMe map takes one step and the MLP output "
+                    f"of x's shape {tuple(x.shape)}, got steps={steps}, "
+                    f"mlp {None if mlp is None else tuple(mlp.shape)}"
+                )
+            m = mlp.to(dtype)
+            out = x.to(dtype) - m + m @ Kt
+            return (out if b is None else out + b).unsqueeze(-2)
         out, cur = [], x.to(dtype)
         for _ in range(steps):
             cur = cur @ Kt if b is None else cur @ Kt + b
@@ -87,7 +102,12 @@ class LinearOperator:
     def to(self, device: torch.device | str) -> LinearOperator:
         move = lambda t: None if t is None else t.to(device)  # noqa: E731
         return LinearOperator(
-            move(self.K), move(self.b), self.stride, move(self.basis), dict(self.info)
+            move(self.K),
+            move(self.b),
+            self.stride,
+            move(self.basis),
+            dict(self.info),
+            self.mlp_input,
         )
 
 

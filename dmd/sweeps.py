@@ -7,7 +7,8 @@ Each sweep varies one thing and keeps the base fit's other choices:
 - ``budget``: calibration images B, from moment snapshots taken while streaming;
   the error at the span end is fitted by least squares in log-log space,
   error(B) = C / B^gamma (`power_law`);
-- ``cut_start``: span (i, p_base) for every i, each selection;
+- ``cut_start``: span (i, p_base) for every i, each selection that can fit it
+  (`dmd.fit.fits_span`: no ReplaceMe at i = 0);
 - ``prune_length``: span (i_base, p) for every p, each selection;
 - ``token_group``: the base fit on one token group's rows only, scored on that group.
 
@@ -22,6 +23,7 @@ from typing import Any, Optional
 
 import numpy as np
 
+from dmd.fit import fits_span
 from dmd.metrics import METRICS, metric_key
 
 RANK_SOLVERS = ("pcr", "rrr")
@@ -38,6 +40,7 @@ class FitSpec:
     rank: Optional[int] = None
     alpha: float = 1e-4
     center: bool = False
+    alpha_mode: str = "relative"
     budget: Optional[int] = None  # calibration images; None = all
     group: str = "all"  # token rows fitted on
 
@@ -53,6 +56,7 @@ class FitSpec:
             rank=self.rank,
             alpha=self.alpha,
             center=self.center,
+            alpha_mode=self.alpha_mode,
         )
 
 
@@ -98,7 +102,8 @@ def plan_sweeps(
         for span in spans:
             value = span[0] if sweep == "cut_start" else span[1]
             for sel in fitted + (["identity"] if "identity" in selections else []):
-                points.append(SweepPoint(sweep, value, replace(base, span=span, selection=sel)))
+                if fits_span(sel, span):
+                    points.append(SweepPoint(sweep, value, replace(base, span=span, selection=sel)))
     points += [SweepPoint("token_group", g, replace(base, group=g)) for g in token_groups]
     return points
 
@@ -145,6 +150,7 @@ def sweep_rows(
             "solver": spec.solver if spec.selection != "identity" else "",
             "rank": spec.rank,
             "alpha": spec.alpha,
+            "alpha_mode": spec.alpha_mode,
             "budget": spec.budget,
             "group": spec.group,
             "train_rel_mse": res["meta"].get("train_rel_mse"),

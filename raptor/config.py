@@ -156,7 +156,8 @@ PHASE_METHODS = ("dp", "bisect")
 TEACHER_PRECISIONS = ("bf16", "fp32")  # teacher.precision: the teacher forward's on GPU
 TOKEN_MODES = ("all", "cls+patchmean")
 DMD_SOLVERS = ("ridge", "pcr", "rrr")
-DMD_SELECTIONS = ("span", "anchor", "endpoint", "identity")
+DMD_SELECTIONS = ("span", "anchor", "endpoint", "replaceme", "identity")
+DMD_ALPHA_MODES = ("relative", "absolute")
 TEACHER_FORCING = ("anneal", "always", "never")  # stage 1: r annealed, 1 throughout, 0 throughout
 
 # --------------------------------------------------------------------------- sections
@@ -399,12 +400,17 @@ class DmdConfig:
     calib_images: int = valid(1000, POSITIVE)
     eval_images: int = valid(500, POSITIVE)
     solvers: List[str] = valid(lambda: ["ridge", "rrr"], OneOf(DMD_SOLVERS), nonempty=True)
+    # replaceme: ReplaceMe's map on the MLP output of the block before the cut (spans i >= 1)
     selections: List[str] = valid(
-        lambda: ["span", "anchor", "endpoint", "identity"], OneOf(DMD_SELECTIONS), nonempty=True
+        lambda: ["span", "anchor", "endpoint", "replaceme", "identity"],
+        OneOf(DMD_SELECTIONS),
+        nonempty=True,
     )
     rank: Optional[int] = valid(None, POSITIVE)  # pcr/rrr rank; None = full (ridge ignores it)
-    # ridge, relative to the mean eigenvalue of C_xx (alpha * tr(C_xx) / d)
+    # ridge added to C_xx: alpha * tr(C_xx) / d (alpha_mode relative) or alpha (absolute)
     alpha: float = valid(1e-4, NON_NEGATIVE)
+    # relative: to the mean eigenvalue of C_xx; absolute: kooplearn's, the DMD paper's values
+    alpha_mode: str = valid("relative", OneOf(DMD_ALPHA_MODES))
     center: bool = False  # fit y ~ K x + b on centred moments
     # [[i, p], ...]; default: the phases; checked against the teacher's depth by `raptor dmd`
     spans: List[List[int]] = field(default_factory=list)

@@ -259,6 +259,7 @@ def test_choices_match_the_libraries_that_take_them():
         str_to_pil_interp(name)  # raises KeyError for a name timm does not know
     assert config.PHASE_METHODS == phases.METHODS and config.TOKEN_MODES == phases.TOKEN_MODES
     assert config.DMD_SOLVERS == dmd.SOLVERS and config.DMD_SELECTIONS == dmd.SELECTIONS
+    assert config.DMD_ALPHA_MODES == dmd.solvers.ALPHA_MODES
 
 
 def _rule(key):

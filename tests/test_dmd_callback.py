@@ -98,10 +98,12 @@ def test_lightning_run_logs_dmd_identity_and_student_side_by_side(tmp_path):
 
     # calibration used the first 18 valid training images (every 5th row is invalid)
     assert callback.moments.images == 18
-    ref = MomentAccumulator(4, 16, endpoints=[(0, 2), (2, 4)])
+    # (ReplaceMe, a default selection, also reads block 2's MLP output for span (2, 2))
+    ref = MomentAccumulator(4, 16, endpoints=[(0, 2), (2, 4)], mlp_spans=[(2, 2)])
     for batch in student.train_dataloader():
         keep = batch["valid"] & (torch.cumsum(batch["valid"], 0) <= 18 - ref.images)
-        ref.update(student.teacher.trajectory(batch["image"]), keep)
+        t, m = student.teacher.trajectory(batch["image"], mlp_out=True)
+        ref.update(t, keep, m)
         if ref.images >= 18:
             break
     assert ref.images == 18 and torch.allclose(ref.buffer, callback.moments.buffer, rtol=1e-10)
@@ -121,11 +123,13 @@ def test_lightning_run_logs_dmd_identity_and_student_side_by_side(tmp_path):
             assert row[key] != "", key
 
     # the logged numbers are those of the same validation batches, recomputed here
-    traj, valid = [], []
+    traj, mlp, valid = [], [], []
     for batch in student.val_dataloader():
-        traj.append(student.teacher.trajectory(batch["image"]))
+        t, m = student.teacher.trajectory(batch["image"], mlp_out=True)
+        traj.append(t)
+        mlp.append(m)
         valid.append(batch["valid"])
-    traj, valid = torch.cat(traj), torch.cat(valid)
+    traj, mlp, valid = torch.cat(traj), torch.cat(mlp), torch.cat(valid)
     ident = trajectory_metrics(traj[:, [0, 0, 2, 2]], traj[:, 1:], student.teacher.groups, valid)
     for layer in range(1, 5):
         assert float(rows[-1][f"val_dmd/identity/cos/L{layer}"]) == pytest.approx(
@@ -137,6 +141,14 @@ def test_lightning_run_logs_dmd_identity_and_student_side_by_side(tmp_path):
     assert float(rows[-1]["val_dmd/span_rrr/r2/L4"]) == pytest.approx(
         float(span["r2/all"][1]), rel=1e-4
     )
+    # ReplaceMe: span (2, 2) only (no block before span (0, 2)), scored at its end layer
+    rm = fit(ref, (2, 2), "replaceme", "ridge", alpha=1e-3)
+    pred = rm.predict(traj[:, 2], 1, mlp[:, 1]).transpose(1, 2)
+    score = trajectory_metrics(pred, traj[:, 4:5], student.teacher.groups, valid)
+    assert float(rows[-1]["val_dmd/replaceme_ridge/r2/L4"]) == pytest.approx(
+        float(score["r2/all"][0]), rel=1e-4
+    )
+    assert "val_dmd/replaceme_ridge/r2/L2" not in rows[-1]
     # top-1 of the span-end prediction finished through the teacher, vs the labels
     labels = torch.cat([b["label"] for b in student.val_dataloader()])
     end = fit(ref, (0, 2), "span", "ridge", alpha=1e-3).predict(traj[:, 0], 2)[..., -1, :]

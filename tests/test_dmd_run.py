@@ -135,7 +135,9 @@ def test_raptor_dmd_writes_report_tables_and_plots(digits_shards, tmp_path):
 
     # sweeps: one table each, the budget power law fitted
     assert len(sweeps["rank"]) == 2 and len(sweeps["alpha"]) == 4 and len(sweeps["budget"]) == 3
-    assert len(sweeps["cut_start"]) == 2 * 4 and len(sweeps["prune_length"]) == 2 * 4
+    # every selection at each cut start, but ReplaceMe only where a block precedes the cut
+    assert len(sweeps["cut_start"]) == 4 + 5 and len(sweeps["prune_length"]) == 2 * 4
+    assert [r["value"] for r in sweeps["cut_start"] if r["selection"] == "replaceme"] == [1]
     assert [r["group"] for r in sweeps["token_group"]] == ["cls", "patch"]
     # the power law rel_l2(B) = C / B^gamma: a straight line through the rows in log-log
     rows = sweeps["budget"]

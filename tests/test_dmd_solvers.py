@@ -8,7 +8,7 @@ from scipy.optimize import linear_sum_assignment
 from sklearn.linear_model import Ridge
 
 from dmd import MomentAccumulator, fit
-from dmd.solvers import absolute_alpha
+from dmd.solvers import ridge_term
 
 D, L = 6, 5
 
@@ -126,7 +126,7 @@ def test_centered_ridge_equals_sklearn_ridge_with_intercept():
     X, Y = _concat(traj, pairs)
     op = fit(_moments(traj), (0, 2), "span", "ridge", alpha=1e-2, center=True)
     cov = np.cov(X.T, bias=True)
-    a = absolute_alpha(torch.tensor(cov), 1e-2)
+    a = ridge_term(torch.tensor(cov), 1e-2)
     ref = Ridge(alpha=a * X.shape[0], fit_intercept=True, solver="cholesky").fit(X, Y)
     np.testing.assert_allclose(op.K.numpy(), ref.coef_, atol=1e-9)
     np.testing.assert_allclose(op.b.numpy(), ref.intercept_, atol=1e-9)

@@ -7,6 +7,11 @@ fits every variant (`dmd.selections` x `dmd.solvers`, plus identity) on every
 span and every sweep point, then streams `dmd.eval_images` validation images
 and scores them all on the same batches (`dmd.evaluate.Evaluator`).
 
+Fits read `dmd.alpha` as `dmd.alpha_mode` says (relative or absolute, see
+`dmd.solvers`); a fit that drops directions or meets float32 products with a small
+ridge warns (`dmd.fit.DMDFitWarning`). The `replaceme` selection (spans with
+i >= 1) also streams the teacher's MLP outputs (`Teacher.trajectory(mlp_out=True)`).
+
 Spans (i, p) are `dmd.spans`, else the phases of `model.k` (`phases.boundaries`
 or `phases.file`), else the whole depth (0, L). Sweeps vary one choice at a
 time around the base fit: the first span, selection `span`, solver `rrr` when
@@ -38,7 +43,7 @@ from omegaconf import DictConfig
 
 from dmd import MomentAccumulator, fit
 from dmd.evaluate import Entry, Evaluator, fit_entries
-from dmd.fit import check_span, endpoint_pairs
+from dmd.fit import NO_SPECTRUM, check_span, endpoint_pairs, fits_span
 from dmd.metrics import FidelityTable, metric_key
 from dmd.moments import moment_dtype
 from dmd.plots import curve_figure, eigenvalue_figure, power_law_figure, save_figure, sweep_figure
@@ -113,6 +118,7 @@ def base_spec(cfg: DictConfig, spans: List[tuple[int, int]]) -> FitSpec:
         rank=cfg.dmd.rank,
         alpha=float(cfg.dmd.alpha),
         center=bool(cfg.dmd.center),
+        alpha_mode=str(cfg.dmd.alpha_mode),
     )
 
 
@@ -143,9 +149,17 @@ def sweep_points(cfg: DictConfig, base: FitSpec, num_layers: int):
 # --------------------------------------------------------------------------- streaming
 
 
-def _images(loader: Iterable, teacher: Any, device: torch.device, images: int, what: str):
+def _images(
+    loader: Iterable,
+    teacher: Any,
+    device: torch.device,
+    images: int,
+    what: str,
+    mlp_out: bool = False,
+):
     """This rank's share of the first `images` valid images of `loader` through the
-    teacher, with a progress bar on rank 0 (`dmd.stream.stream_trajectories`)."""
+    teacher (with its MLP outputs when `mlp_out`), with a progress bar on rank 0
+    (`dmd.stream.stream_trajectories`)."""
     return stream_trajectories(
         loader,
         teacher.trajectory,
@@ -153,6 +167,7 @@ def _images(loader: Iterable, teacher: Any, device: torch.device, images: int, w
         images=images,
         ranks=distributed.world_size(),
         progress=f"dmd: {what}" if distributed.is_rank_zero() else None,
+        mlp_out=mlp_out,
     )
 
 
@@ -174,7 +189,9 @@ def calibrate(cfg, teacher, loader, spans_needed, device) -> Dict[str, Any]:
     dtype = moment_dtype_or_fail(d.compute_dtype)
     ends = endpoint_pairs(spans_needed)
     world = distributed.world_size()
-    main = MomentAccumulator(L, D, ends, device=device, compute_dtype=dtype)
+    mlp_out = "replaceme" in d.selections
+    mlp_spans = sorted({tuple(s) for s in spans_needed if mlp_out and fits_span("replaceme", s)})
+    main = MomentAccumulator(L, D, ends, device=device, compute_dtype=dtype, mlp_spans=mlp_spans)
     slices = dict(teacher.groups, all=slice(None))
     groups = {
         g: MomentAccumulator(L, D, ends, tokens=slices[g], device=device, compute_dtype=dtype)
@@ -183,13 +200,14 @@ def calibrate(cfg, teacher, loader, spans_needed, device) -> Dict[str, Any]:
     stops = sorted({rank_share(b, world) for b in d.sweep.budgets})
     snapshots: Dict[int, MomentAccumulator] = {}
     total = rank_share(d.calib_images, world)
-    for traj, valid, _ in _images(loader, teacher, device, d.calib_images, "calibration"):
+    for out in _images(loader, teacher, device, d.calib_images, "calibration", mlp_out):
+        traj, valid, mlp = out.trajectory, out.valid, out.mlp if mlp_out else None
         count = main.images + torch.cumsum(valid.long(), 0)
         lo = main.images
         for stop in [s for s in stops if s > lo] + [total]:
             piece = valid & (count > lo) & (count <= stop)
             if piece.any():
-                main.update(traj, piece)
+                main.update(traj, piece, mlp)
                 for acc in groups.values():
                     acc.update(traj, piece)
             if main.images == stop and stop in stops:
@@ -222,6 +240,7 @@ def build_entries(cfg, moments, spans, points) -> List[Entry]:
         float(d.alpha),
         bool(d.center),
         joint=False,
+        alpha_mode=str(d.alpha_mode),
     )
     for e in entries:
         e.downstream = bool(d.downstream)
@@ -295,13 +314,16 @@ def write_outputs(
                     else {}
                 )
                 down_rows.append(dict(head, **row, **top))
-        if e.meta["selection"] != "identity":
+        if e.meta["selection"] not in NO_SPECTRUM:
             for k, lam in enumerate(op.eigenvalues().tolist()):
                 eig_rows.append(dict(head, index=k, real=lam.real, imag=lam.imag, abs=abs(lam)))
         variants[e.name] = {
             **head,
             "rank": op.info.get("rank"),
             "alpha": op.info.get("alpha"),
+            "alpha_mode": op.info.get("alpha_mode"),
+            "dropped": op.info.get("dropped"),
+            "cond": op.info.get("cond"),
             "train_rel_mse": op.info.get("train_rel_mse"),
             "layers": res["layers"],
             "fidelity": res["fidelity"],
@@ -353,7 +375,7 @@ def _plots(run_dir: Path, entries: List[Entry], results, tables, budget_fit) -> 
     panels: Dict[str, Dict[str, Any]] = {}
     for e in entries:
         (i, p), op = e.parts[0]
-        if e.meta["selection"] != "identity":
+        if e.meta["selection"] not in NO_SPECTRUM:
             panels.setdefault(f"layers {i} -> {i + p}", {})[e.meta["variant"]] = op.eigenvalues()
     if panels:
         save_figure(eigenvalue_figure(panels), run_dir, "dmd_eigenvalues")
@@ -420,11 +442,12 @@ def run_dmd(
         top1=teacher.num_classes > 0,
     ).to(device)
     seen = 0
-    for traj, valid, labels in _images(
-        dm.val_dataloader(), teacher, device, cfg.dmd.eval_images, "evaluation"
+    mlp_out = evaluator.needs_mlp
+    for out in _images(
+        dm.val_dataloader(), teacher, device, cfg.dmd.eval_images, "evaluation", mlp_out
     ):
-        evaluator.update(traj, valid, labels)
-        seen += int(valid.sum())
+        evaluator.update(out.trajectory, out.valid, out.labels, out.mlp if mlp_out else None)
+        seen += int(out.valid.sum())
     _short("evaluation", seen, cfg.dmd.eval_images)
     if distributed.initialised():
         count = torch.tensor([seen], device=device)

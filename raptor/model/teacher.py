@@ -177,19 +177,48 @@ class Teacher(nn.Module):
             out = self.vit.blocks[layer - 1](a)
         return out.float()
 
+    def step_mlp(self, a: torch.Tensor, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """a_{l-1} -> (a_l, m_l): block l's output and its MLP output m_l, the branch it
+        adds to the residual stream after attention (timm's pre-norm `Block`:
+        a_l = y_l + m_l, y_l = a_{l-1} + attention branch, m_l = ls2(mlp(norm2(y_l))))."""
+        if not 1 <= layer <= self.num_layers:
+            raise IndexError(f"layer must be in 1..{self.num_layers}, got {layer}")
+        from timm.models.vision_transformer import Block
+
+        blk = self.vit.blocks[layer - 1]
+        if type(blk) is not Block:
+            raise ConfigError(
+                f"the teacher's blocks are {type(blk).__name__}, not timm's pre-norm Block: "
+                "their MLP output (for the replaceme DMD selection) is not defined here"
+            )
+        with self.autocast(a.device):
+            y = a + blk.drop_path1(blk.ls1(blk.attn(blk.norm1(a))))
+            m = blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(y))))
+            out = y + m
+        return out.float(), m.float()
+
     @torch.no_grad()
-    def trajectory(self, images: torch.Tensor, upto: Optional[int] = None) -> torch.Tensor:
-        """(B, C, H, W) -> (B, upto+1, T, D): a_0 .. a_upto (default upto = L), no grad."""
+    def trajectory(
+        self, images: torch.Tensor, upto: Optional[int] = None, mlp_out: bool = False
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """(B, C, H, W) -> (B, upto+1, T, D): a_0 .. a_upto (default upto = L), no grad.
+
+        With `mlp_out`, (trajectory, mlp): mlp (B, upto, T, D) holds every block's MLP
+        output (block l at index l - 1, `step_mlp`)."""
         upto = self.num_layers if upto is None else int(upto)
         if not 0 <= upto <= self.num_layers:
             raise IndexError(f"upto must be in 0..{self.num_layers}, got {upto}")
         a = self.embed(images)
         out = a.new_empty((a.shape[0], upto + 1) + tuple(a.shape[1:]))
         out[:, 0] = a
+        mlp = a.new_empty((a.shape[0], upto) + tuple(a.shape[1:])) if mlp_out else None
         for layer in range(1, upto + 1):
-            a = self.step(a, layer)
+            if mlp_out:
+                a, mlp[:, layer - 1] = self.step_mlp(a, layer)
+            else:
+                a = self.step(a, layer)
             out[:, layer] = a
-        return out
+        return (out, mlp) if mlp_out else out
 
     def final_norm(self, x: torch.Tensor) -> torch.Tensor:
         """The ViT's final norm on a_L (B, T, D) (identity for fc_norm models)."""
