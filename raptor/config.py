@@ -150,9 +150,10 @@ PRECISIONS = (
     "16",
     "bf16",
 )
-# the same names as raptor.eval.phases.METHODS/TOKEN_MODES and dmd's SOLVERS/SELECTIONS (a test
-# checks), written out so that `raptor config show` imports neither torch nor dmd
+# the same names as raptor.eval.phases.METHODS/SPLITS/TOKEN_MODES and dmd's SOLVERS/SELECTIONS
+# (tests check), written out so that `raptor config show` imports neither torch nor dmd
 PHASE_METHODS = ("dp", "bisect")
+PHASE_SPLITS = ("train", "val")
 TEACHER_PRECISIONS = ("bf16", "fp32")  # teacher.precision: the teacher forward's on GPU
 TOKEN_MODES = ("all", "cls+patchmean")
 DMD_SOLVERS = ("ridge", "pcr", "rrr")
@@ -290,13 +291,27 @@ class ModelConfig:
 @dataclass
 class PhasesConfig:
     """Phase discovery. `boundaries` fixes the partition for `model.k` (skipping
-    discovery); otherwise `file` (a phases.json) or the discovery run supplies it."""
+    discovery); otherwise `file` (a phases.json) or the discovery run supplies it.
+
+    Discovery (`raptor phases`) streams `num_images` images of the `split` split
+    (train: the shuffled training stream, as the reference's notebook; val: the
+    validation set in order) and partitions their layer similarity for every k in
+    `ks` by `method` (docs/PHASES.md):
+    - dp: the fewest within-phase dissimilarity, phases of >= `min_length` layers;
+    - bisect: the reference's recursive bisection: never splits a phase of fewer
+      than `min_split` layers (the reference: 4); with `eps`, only makes splits
+      gaining more than eps x the total pair weight (the reference's stopping rule;
+      fewer than k phases is then an error); null: no threshold, stops at k.
+    """
 
     ks: List[int] = valid(lambda: [2, 3, 4], POSITIVE, nonempty=True)
     method: str = valid("dp", OneOf(PHASE_METHODS))
     token_mode: str = valid("cls+patchmean", OneOf(TOKEN_MODES))
+    split: str = valid("val", OneOf(PHASE_SPLITS))
     num_images: int = valid(512, POSITIVE)
     min_length: int = valid(1, POSITIVE)
+    min_split: int = valid(4, POSITIVE)  # bisect only
+    eps: Optional[float] = valid(None, FRACTION)  # bisect only; a fraction of the pair weight
     # random contiguous baselines per k (seeded by seed + k)
     random_partitions: int = valid(8, NON_NEGATIVE)
     seed: int = valid(0, SEED)

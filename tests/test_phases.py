@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import itertools
 import json
+import re
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,12 +16,15 @@ import torch.nn.functional as F
 from conftest import make_vit
 
 from raptor.cli import main as cli_main
+from raptor.config import ConfigError, load_config
 from raptor.eval.phases import (
     LayerSimilarity,
     cut_value,
     dissimilarity,
     partition,
+    partition_bisect,
     random_partitions,
+    split_gains,
 )
 
 
@@ -61,21 +66,38 @@ def _brute_force(sim, k, min_length):
     return best
 
 
-def _naive_bisect(sim, k, min_length):
+def _most_phases(n, min_length, min_split):
+    """The most phases bisect can cut n layers into, by recursion over the first split."""
+    if n < min_split:
+        return 1
+    splits = range(min_length, n - min_length + 1)
+    return max(
+        [1]
+        + [
+            _most_phases(c, min_length, min_split) + _most_phases(n - c, min_length, min_split)
+            for c in splits
+        ]
+    )
+
+
+def _naive_bisect(sim, k, min_length, min_split=1):
     """Transcription of the definition: split the segment whose best contiguous
     two-way split has the largest crossing dissimilarity, until k segments;
-    ties -> earliest split point, then earliest segment. A split is admissible
-    when k segments of >= min_length layers can still be reached."""
+    ties -> earliest split point, then earliest segment. Segments shorter than
+    min_split are never split; a split is admissible when k segments of
+    >= min_length layers can still be reached."""
     L = sim.shape[0]
     segments = [list(range(1, L + 1))]
     while len(segments) < k:
         candidates = []  # (value, segment position, split position)
         for pos, seg in enumerate(segments):
             best = None
+            if len(seg) < min_split:
+                continue
             for c in range(min_length, len(seg) - min_length + 1):
                 left, right = seg[:c], seg[c:]
                 after = segments[:pos] + [left, right] + segments[pos + 1 :]
-                if sum(len(s) // min_length for s in after) < k:
+                if sum(_most_phases(len(s), min_length, min_split) for s in after) < k:
                     continue
                 value = sum(_pair_weight(sim, i, j) for i in left for j in right)
                 if best is None or value > best[0]:
@@ -120,15 +142,34 @@ def test_dp_breaks_ties_towards_early_boundaries():
 
 
 @pytest.mark.parametrize("L,k,min_length", CASES)
-def test_bisect_equals_naive_transcription(L, k, min_length):
+@pytest.mark.parametrize("min_split", [1, 4])
+def test_bisect_equals_naive_transcription(L, k, min_length, min_split):
+    if k > _most_phases(L, min_length, min_split):
+        with pytest.raises(ValueError, match=f"min_split={min_split}"):
+            partition(np.eye(L), k, "bisect", min_length=min_length, min_split=min_split)
+        return
     rng = np.random.default_rng(7 + 100 * L + 10 * k + min_length)
+    options = dict(min_length=min_length, min_split=min_split)
     for trial in range(3):
         sim = _random_similarity(rng, L, symmetric=trial != 2)
-        assert partition(sim, k, "bisect", min_length=min_length) == _naive_bisect(
-            sim, k, min_length
-        )
+        expected = _naive_bisect(sim, k, min_length, min_split)
+        assert partition(sim, k, "bisect", **options) == expected
     flat = np.ones((L, L))  # every split ties
-    assert partition(flat, k, "bisect", min_length=min_length) == _naive_bisect(flat, k, min_length)
+    assert partition(flat, k, "bisect", **options) == _naive_bisect(flat, k, min_length, min_split)
+
+
+def test_bisect_never_splits_a_phase_under_min_split():
+    # 1-4 | 5-7, layer 5 far from 6-7 and 1-2 a little apart from 3-4: the best third
+    # phase cuts 5-7 after 5, which min_split=4 (the default) forbids; 1-4 is split instead
+    sim = np.full((7, 7), 0.1)
+    sim[:4, :4] = 0.6
+    sim[:2, 2:4] = sim[2:4, :2] = 0.5
+    sim[4:, 4:] = 0.6
+    sim[4, 5:] = sim[5:, 4] = -0.5
+    np.fill_diagonal(sim, 1.0)
+    assert partition(sim, 2, "bisect", min_split=1) == partition(sim, 2, "bisect") == [4]
+    assert partition(sim, 3, "bisect", min_split=1) == [4, 5]
+    assert partition(sim, 3, "bisect") == partition(sim, 3, "bisect", min_split=4) == [2, 4]
 
 
 def test_bisect_is_optimal_for_two_phases_and_greedy_beyond():
@@ -238,23 +279,44 @@ def _block_similarity(rng, sizes):
 
 
 @pytest.mark.parametrize("method", ["dp", "bisect"])
-def test_matrix_cli_prints_boundaries_json(tmp_path, capsys, method):
+def test_matrix_cli_prints_both_partitions_and_objectives(tmp_path, capsys, method):
     rng = np.random.default_rng(0)
     sim = _block_similarity(rng, [3, 2, 3])
     np.save(tmp_path / "s.npy", sim)
     np.savetxt(tmp_path / "d.txt", 1 - sim)
     rc = cli_main(["phases", "--matrix", str(tmp_path / "s.npy"), "--k", "3", "--method", method])
     assert rc == 0
-    printed = json.loads(capsys.readouterr().out)
-    assert printed == {"boundaries": partition(sim, 3, method)}
-    if method == "dp":  # the block structure; bisect's unnormalised cuts favour [3, 4] here
-        assert printed == {"boundaries": [3, 5]}
+    out, err = capsys.readouterr()
+    printed = json.loads(out)
+    other = "bisect" if method == "dp" else "dp"
+    assert printed["boundaries"] == partition(sim, 3, method)
+    # bisect's unnormalised cuts favour [3, 4] here, dp finds the block structure
+    assert printed["objectives"]["dp"]["boundaries"] == [3, 5]
+    assert printed["objectives"]["bisect"]["boundaries"] == [3, 4]
+    pairs = _total_pair_weight(sim)
+    assert printed["total_weight"] == pytest.approx(pairs, abs=1e-12)
+    for name in ("dp", "bisect"):
+        b = printed["objectives"][name]["boundaries"]
+        cut = pairs - _within(sim, b)
+        assert printed["objectives"][name]["within"] == pytest.approx(_within(sim, b), abs=1e-12)
+        assert sum(printed["objectives"][name]["split_gains"]) == pytest.approx(cut, abs=1e-12)
+    assert err.index(f"{method} [") < err.index(f"{other} [")  # the chosen method first
     argv = ["phases", "--matrix", str(tmp_path / "d.txt"), "--kind", "distance", "--k", "2"]
     assert cli_main([*argv, "--method", method]) == 0
     expected = partition(sim, 2, method)
-    assert json.loads(capsys.readouterr().out) == {"boundaries": expected}
+    assert json.loads(capsys.readouterr().out)["boundaries"] == expected
     assert cli_main([*argv, "--method", method, "--min-length", "4"]) == 0
-    assert json.loads(capsys.readouterr().out) == {"boundaries": [4]}
+    assert json.loads(capsys.readouterr().out)["boundaries"] == [4]
+
+
+def _within(sim, boundaries):
+    segs = _segments(boundaries, sim.shape[0])
+    return sum(_pair_weight(sim, i, j) for s in segs for i in s for j in s if i < j)
+
+
+def _total_pair_weight(sim):
+    L = sim.shape[0]
+    return sum(_pair_weight(sim, i, j) for i in range(1, L + 1) for j in range(i + 1, L + 1))
 
 
 def test_matrix_cli_errors(tmp_path, capsys):
@@ -267,14 +329,152 @@ def test_matrix_cli_errors(tmp_path, capsys):
     assert "--k" in capsys.readouterr().err
     assert cli_main(["phases"]) == 2
     assert "CONFIG" in capsys.readouterr().err
+    argv = ["phases", "--matrix", str(REFERENCE), "--kind", "distance", "--eps", "0.2"]
+    assert cli_main([*argv, "--k", "3", "--method", "bisect"]) == 2  # eps stops at 2 phases
+    assert "stopped at 2 phases, short of k=3" in capsys.readouterr().err
+    assert cli_main(argv) == 2  # dp has no eps rule: it needs k
+    assert "dp needs k" in capsys.readouterr().err
 
 
-def test_discover_phases_end_to_end(tmp_path, digits_shards, capsys):
+# --------------------------------------------------------------------------- the reference
+
+REFERENCE = Path(__file__).parent / "data" / "dinov2_vitb14_reg_cosine_distance.txt"
+CONFIGS = Path(__file__).parents[1] / "configs"
+PUBLISHED = {2: [7], 3: [7, 10], 4: [4, 7, 10]}  # the paper's Table 3
+
+
+def _notebook_max_cut(d, eps_fraction, min_size=2):
+    """The reference notebook's rule, written from its description: split every cluster
+    of at least 2 x min_size layers whose best (unconstrained, brute-force) two-way cut
+    gains more than eps_fraction x the total weight, recursively; -> (sorted clusters of
+    1-based layers, gains)."""
+    total = np.triu(d, 1).sum()
+    clusters, gains, todo = [], [], [list(range(d.shape[0]))]
+    while todo:
+        idx = todo.pop()
+        best = None
+        if len(idx) >= 2 * min_size:
+            for bits in itertools.product([False, True], repeat=len(idx) - 1):
+                side = (False, *bits)
+                gain = sum(d[i, j] for a, i in zip(side, idx) for b, j in zip(side, idx) if a < b)
+                if best is None or gain > best[0]:
+                    best = (gain, side)
+        if best is None or not best[0] > eps_fraction * total:
+            clusters.append([i + 1 for i in idx])
+            continue
+        gains.append(best[0])
+        todo += [[i for s, i in zip(best[1], idx) if s == half] for half in (False, True)]
+    return sorted(clusters), sorted(gains, reverse=True)
+
+
+def test_reference_matrix_gives_the_published_partitions_with_the_dinov2_configs():
+    d = np.loadtxt(REFERENCE)
+    assert d.shape == (12, 12) and np.array_equal(d, d.T) and not np.diag(d).any()
+    pc = load_config(CONFIGS / "dinov2_vitb14_reg_base.yaml", []).phases
+    assert list(pc.ks) == sorted(PUBLISHED)
+    options = dict(kind="distance", min_length=pc.min_length, min_split=pc.min_split, eps=pc.eps)
+    for k, published in PUBLISHED.items():
+        assert partition(d, k, pc.method, **options) == published
+    # dp's optimal within cost differs for k = 3
+    assert [partition(d, k, "dp", kind="distance") for k in (2, 3, 4)] == [[7], [5, 9], [4, 7, 10]]
+    assert _within(1 - d, [5, 9]) == pytest.approx(4.90)
+    assert _within(1 - d, [7, 10]) == pytest.approx(5.76)
+
+
+def test_eps_rule_reproduces_the_reference_notebook():
+    """The notebook's eps (0.2, 0.1, 0.09 of the total weight) on its own matrix: its
+    printed clusters, from a transcription of its rule and from bisect with eps alone."""
+    d = np.loadtxt(REFERENCE)
+    printed = {  # the notebook's outputs (cells 9, 11, 13), 1-based layers
+        0.2: [[1, 2, 3, 4, 5, 6, 7], [8, 9, 10, 11, 12]],
+        0.1: [[1, 2, 3, 4, 5, 6, 7], [8, 9, 10], [11, 12]],
+        0.09: [[1, 2, 3, 4], [5, 6, 7], [8, 9, 10], [11, 12]],
+    }
+    for eps, clusters in printed.items():
+        found, gains = _notebook_max_cut(d, eps)
+        assert found == clusters
+        boundaries = partition(d, None, "bisect", kind="distance", eps=eps)
+        assert boundaries == [c[-1] for c in clusters[:-1]]
+        assert split_gains(dissimilarity(d, "distance"), boundaries) == pytest.approx(gains)
+    assert gains == pytest.approx([24.46, 3.66, 3.16])
+
+
+def _eps_recursion(w, eps, min_split):
+    """Every phase of >= min_split layers whose best contiguous split gains more than
+    eps x the total pair weight is split there, recursively (order-free)."""
+    threshold = eps * np.triu(w, 1).sum()
+    out, todo = [], [(0, w.shape[0])]
+    while todo:
+        a, b = todo.pop()
+        best = max(((w[a:c, c:b].sum(), c) for c in range(a + 1, b)), default=None)
+        if b - a >= min_split and best is not None and best[0] > threshold:
+            todo += [(a, best[1]), (best[1], b)]
+        else:
+            out.append(b)
+    return sorted(out)[:-1]
+
+
+@pytest.mark.parametrize("min_split", [1, 4])
+def test_eps_partitions_are_those_bisect_passes_through(min_split):
+    """bisect with eps alone = the order-free recursion of the reference's rule, and
+    bisect to that many phases gives the same partition."""
+    rng = np.random.default_rng(min_split)
+    for _ in range(6):
+        w = dissimilarity(_random_similarity(rng, 10))
+        for eps in (0.0, 0.02, 0.05, 0.1, 0.2, 0.4):
+            expected = _eps_recursion(w, eps, min_split)
+            got = partition_bisect(w, None, min_split=min_split, eps=eps)
+            assert got == expected
+            k = len(expected) + 1
+            assert partition_bisect(w, k, min_split=min_split) == expected
+            assert partition_bisect(w, k, min_split=min_split, eps=eps) == expected
+
+
+def test_split_gains_sum_to_the_cut_in_bisect_order():
+    rng = np.random.default_rng(5)
+    for _ in range(5):
+        sim = _random_similarity(rng, 9)
+        w = dissimilarity(sim)
+        for k in (2, 3, 4):
+            b = partition(sim, k, "bisect", min_split=1)
+            gains = split_gains(w, b)
+            assert sum(gains) == pytest.approx(_total_pair_weight(sim) - _within(sim, b))
+            # bisect's first split is the best split of 1..L, and split_gains lists it first
+            first = max(_within(sim, []) - _within(sim, [c]) for c in range(1, 9))
+            assert gains[0] == pytest.approx(first)
+
+
+def test_phases_config_keys():
+    from raptor import config
+    from raptor.eval import phases
+
+    assert config.PHASE_SPLITS == phases.SPLITS
+    assert config.PhasesConfig().min_split == phases.MIN_SPLIT
+    for override, message in [
+        (
+            "phases.split=test",
+            "phases.split=test is not a valid choice: expected one of train, val",
+        ),
+        ("phases.eps=1.5", "phases.eps=1.5 is out of range"),
+        ("phases.min_split=0", "phases.min_split=0 is out of range"),
+    ]:
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            load_config(None, [override])
+
+
+def _expected_partition(sim, k, method, min_length):
+    if method == "dp":
+        return _brute_force(sim, k, min_length)[1]
+    return _naive_bisect(sim, k, min_length, min_split=4)
+
+
+@pytest.mark.parametrize("split,method", [("val", "dp"), ("train", "bisect")])
+def test_discover_phases_end_to_end(tmp_path, digits_shards, capsys, split, method):
     """`raptor phases CONFIG` on digits shards with a tiny saved teacher: the matrix
-    equals a float64 computation on the same images, the files are written, and a
-    second run is skipped."""
+    equals a float64 computation on the same images of the configured split, both
+    methods' partitions and objectives are printed and recorded, the files are written,
+    and a second run is skipped."""
 
-    from raptor.config import load_config
     from raptor.data.stream import ShardDataModule
     from raptor.eval.phases import discover_phases
     from raptor.model.teacher import Teacher
@@ -297,27 +497,37 @@ def test_discover_phases_end_to_end(tmp_path, digits_shards, capsys):
         f"teacher: {{weights: {weights}}}\n"
         f"data: {{source: shards, shards_dir: {digits_shards}, num_workers: 0, batch_size: 16,"
         " transform: {input_size: 8, crop_pct: 1.0}}\n"
-        "phases: {ks: [2, 3], num_images: 40, method: dp, token_mode: all, random_partitions: 3}\n"
+        f"phases: {{ks: [2, 3], num_images: 40, method: {method}, split: {split},"
+        " token_mode: all, random_partitions: 3}\n"
         "logging: {wandb: disabled}\n"
     )
     assert cli_main(["phases", str(config), "phases.min_length=2"]) == 0
     printed = capsys.readouterr().out
-    assert "k=3: boundaries" in printed
 
     result = json.loads((run_dir / "phases.json").read_text())
     sim = np.load(run_dir / "similarity.npy")
     assert (run_dir / "phases.png").stat().st_size > 0
     assert result["num_layers"] == 6 and result["num_images"] == 40 and sim.shape == (6, 6)
+    assert (result["method"], result["split"], result["min_split"]) == (method, split, 4)
 
     cfg = load_config(config, ["phases.min_length=2"])
     teacher = Teacher.from_config(cfg.teacher)
     data = ShardDataModule(cfg.data, teacher.data_config)
-    images = torch.cat([b["image"][b["valid"]] for b in data.val_dataloader()])[:40]
+    loader = data.train_dataloader() if split == "train" else data.val_dataloader()
+    images = torch.cat([b["image"][b["valid"]] for b in itertools.islice(loader, 3)])[:40]
     np.testing.assert_allclose(
         sim, _reference_similarity(teacher.trajectory(images), "all", None), atol=1e-6
     )
+    other = "bisect" if method == "dp" else "dp"
     for k in ("2", "3"):
-        assert result["partitions"][k] == _brute_force(sim, int(k), 2)[1]
+        expected = {m: _expected_partition(sim, int(k), m, 2) for m in ("dp", "bisect")}
+        assert result["partitions"][k] == expected[method]
+        for m in ("dp", "bisect"):
+            found = result["objectives"][k][m]
+            assert found["boundaries"] == expected[m]
+            assert found["within"] == pytest.approx(_within(sim, expected[m]), abs=1e-9)
+        line = next(x for x in printed.splitlines() if x.startswith(f"k={k}: "))
+        assert line.index(f"{method} {expected[method]}") < line.index(f"{other} {expected[other]}")
         assert len(result["random"][k]) == 3
         assert all(min(len(s) for s in _segments(b, 6)) >= 2 for b in result["random"][k])
     assert result["cut"]["3"] >= max(result["random_cut"]["3"]) - 1e-12

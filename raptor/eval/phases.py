@@ -17,33 +17,43 @@
    layers count: for unordered pairs i < j,
        cut(P)    = sum of W[i, j] over pairs in different phases,
        within(P) = sum of W[i, j] over pairs in the same phase,
-   and cut + within is the same for every partition, so maximising the cut is
-   minimising the within-phase dissimilarity. Methods:
-   - ``dp``: the optimal partition into exactly k phases of at least
-     `min_length` layers each, by dynamic programming over the last phase's
-     start, O(k L^2) with the within-phase sums read from 2-D prefix sums.
-     Ties (equal totals) go to the partition whose last boundary is earliest,
-     then the one before it, and so on.
-   - ``bisect``: greedy top-down bisection, compatible with the reference's
-     recursive max-cut. Start from the single segment 1..L; while there are
-     fewer than k segments, compute for every segment its best two-way
-     contiguous split (the split point maximising the crossing dissimilarity,
-     sum of W[i, j] with i left and j right of the split, both parts at least
-     `min_length` long) and split the segment whose best split is largest.
-     A split is admissible only if k phases stay reachable (the segments'
-     capacities, sum of floor(length / min_length), remain >= k).
-     Ties: the earliest split point within a segment, the segment covering the
-     lowest layers between segments. (The reference, KempnerInstitute/raptor
-     src/000_max_cut_dinov2_base.ipynb, bisects with an unconstrained max-cut
-     and stops at a cut-weight threshold instead of a number of phases; here
-     every split is contiguous and k fixes when to stop.)
+   and cut + within is the total pair weight, the same for every partition.
+   Methods:
+   - ``dp``: the partition into exactly k phases of at least `min_length`
+     layers with the smallest within(P) (= the largest cut), by dynamic
+     programming over the last phase's start, O(k L^2) with the within-phase
+     sums read from 2-D prefix sums. Ties (equal totals) go to the partition
+     whose last boundary is earliest, then the one before it, and so on.
+   - ``bisect``: the reference's recursive bisection (KempnerInstitute/raptor,
+     raptor/max_cut_dinov2_base.ipynb), restricted to contiguous splits. Start
+     from the single phase 1..L and repeatedly make the split with the largest
+     gain: over every phase of at least `min_split` layers (the reference never
+     splits a phase under 4 layers), its best two-way contiguous split, whose
+     gain is the crossing weight sum of W[i, j] with i left and j right of it
+     (both parts at least `min_length` long). Stops at k phases, or, with
+     `eps`, when no split gains more than eps x the total pair weight (the
+     reference's rule; `eps` alone, without k, decides the number of phases).
+     With k, a split is admissible only if k phases stay reachable. Ties: the
+     earliest split point within a phase, then the phase covering the lowest
+     layers. The reference visits its phases in another order but splits every
+     phase whose gain exceeds eps (whatever the order), so each partition its
+     rule gives is one this greedy order passes through, at that many phases
+     (the largest gain first). On the reference's DINOv2-B matrix (tests/data)
+     its eps of 0.2, 0.1, 0.09 and k = 2, 3, 4 both give [7], [7, 10],
+     [4, 7, 10]. The reference's splits are unconstrained max-cuts (any subset);
+     on that matrix they are contiguous.
    - random contiguous partitions (uniform over all partitions with phases of
      at least `min_length` layers), seeded, as baselines.
+   `split_gains(P)` orders a partition's boundaries as bisect would make them
+   (top-down, largest gain first) and lists the gains: bisect maximises them one
+   at a time, dp their sum (the cut). Both are reported for both methods
+   (docs/PHASES.md).
 
-`raptor phases CONFIG [key=value ...]` streams `phases.num_images` validation
-images through the teacher and writes `phases.json`, `similarity.npy` and
-`phases.png` into the run folder; `raptor phases --matrix FILE --k K` partitions
-a given matrix and prints {"boundaries": [...]}.
+`raptor phases CONFIG [key=value ...]` streams `phases.num_images` images of the
+`phases.split` split through the teacher and writes `phases.json` (both methods'
+partitions and objectives), `similarity.npy` and `phases.png` into the run folder;
+`raptor phases --matrix FILE --k K` partitions a given matrix and prints
+{"boundaries": [...], "objectives": {...}, "total_weight": ...}.
 """
 
 from __future__ import annotations
@@ -65,6 +75,8 @@ from raptor.errors import UserError, read_json
 TOKEN_MODES = ("all", "cls+patchmean")
 METHODS = ("dp", "bisect")
 KINDS = ("similarity", "distance")
+SPLITS = ("train", "val")
+MIN_SPLIT = 4  # bisect never splits a phase of fewer layers (the reference's 2 x min_size 2)
 PHASES_FILE = "phases.json"
 MATRIX_FILE = "similarity.npy"
 _CHUNK_ELEMENTS = 1 << 25  # float64 values per chunk of the similarity update (256 MiB)
@@ -189,9 +201,32 @@ def within_cost(w: np.ndarray, boundaries: Sequence[int]) -> float:
     return float(sum(np.triu(w[a:b, a:b], 1).sum() for a, b in zip(edges, edges[1:])))
 
 
+def total_weight(w: np.ndarray) -> float:
+    """Sum of w[i, j] over all unordered pairs i < j (= cut + within of any partition)."""
+    return float(np.triu(w, 1).sum())
+
+
 def cut_value(w: np.ndarray, boundaries: Sequence[int]) -> float:
     """Sum of w[i, j] over unordered pairs i < j of layers in different phases."""
-    return float(np.triu(w, 1).sum()) - within_cost(w, boundaries)
+    return total_weight(w) - within_cost(w, boundaries)
+
+
+def split_gains(w: np.ndarray, boundaries: Sequence[int]) -> list[float]:
+    """The crossing weights of a partition's splits in the order bisect makes them:
+    from 1..L, repeatedly split a phase at the remaining boundary whose split crosses
+    the most weight (earliest on ties). They sum to the partition's cut."""
+    p = _prefix(w)
+    segments, todo, gains = [(0, w.shape[0])], set(boundaries), []
+    while todo:
+        gain, c = max(
+            (_block_sum(p, a, c, c, b), -c) for a, b in segments for c in todo if a < c < b
+        )
+        c = -c
+        todo.remove(c)
+        gains.append(float(gain))
+        i = next(i for i, (a, b) in enumerate(segments) if a < c < b)
+        segments[i : i + 1] = [(segments[i][0], c), (c, segments[i][1])]
+    return gains
 
 
 def partition_dp(w: np.ndarray, k: int, min_length: int = 1) -> list[int]:
@@ -220,34 +255,63 @@ def partition_dp(w: np.ndarray, k: int, min_length: int = 1) -> list[int]:
     return boundaries[::-1]
 
 
-def partition_bisect(w: np.ndarray, k: int, min_length: int = 1) -> list[int]:
-    """Greedy top-down contiguous bisection into k phases (see the module docstring)."""
+def _capacities(num_layers: int, min_length: int, min_split: int) -> list[int]:
+    """cap[n]: the most phases bisect can make of a phase of n layers."""
+    cap = [0] * (num_layers + 1)
+    for n in range(1, num_layers + 1):
+        cuts = range(min_length, n - min_length + 1) if n >= min_split else ()
+        cap[n] = max([1, *(cap[c] + cap[n - c] for c in cuts)])
+    return cap
+
+
+def partition_bisect(
+    w: np.ndarray,
+    k: Optional[int],
+    min_length: int = 1,
+    min_split: int = MIN_SPLIT,
+    eps: Optional[float] = None,
+) -> list[int]:
+    """Greedy top-down contiguous bisection (see the module docstring): until k phases
+    (k None: until the eps rule stops it), never splitting a phase of fewer than
+    `min_split` layers; with `eps`, only splits gaining more than eps x total_weight(w).
+    May return fewer than k phases when eps stops it first."""
     L = w.shape[0]
-    _check_k(L, k, min_length)
+    if k is None and eps is None:
+        raise UserError("bisect needs k (the number of phases) or eps (its stopping rule)")
+    if min_split < 1 or min_length < 1:
+        raise UserError(f"min_split and min_length must be >= 1, got {min_split}, {min_length}")
+    cap = _capacities(L, min_length, min_split)
+    if k is not None:
+        _check_k(L, k, min_length)
+        if k > cap[L]:
+            raise UserError(
+                f"bisect cannot split {L} layers into k={k} phases: it never splits a phase of "
+                f"fewer than min_split={min_split} layers (at most {cap[L]} phases)"
+            )
+    threshold = -np.inf if eps is None else eps * total_weight(w)
     p = _prefix(w)
     segments = [(0, L)]  # 0-based half-open [a, b)
-    capacity = L // min_length  # most phases of >= min_length the segments can still give
-    while len(segments) < k:
+    capacity = cap[L]  # most phases the segments can still give
+    while k is None or len(segments) < k:
         best = None  # (crossing weight, segment index, split point)
         for i, (a, b) in enumerate(segments):
-            splits = np.arange(a + min_length, b - min_length + 1)  # left = [a, c), right = [c, b)
-            after = (
-                capacity
-                - (b - a) // min_length
-                + (splits - a) // min_length
-                + (b - splits) // min_length
-            )
-            splits = splits[after >= k]
+            if b - a < min_split:
+                continue
+            splits = np.arange(a + min_length, b - min_length + 1)  # left [a, c), right [c, b)
+            if k is not None:
+                after = capacity - cap[b - a] + np.array([cap[c - a] + cap[b - c] for c in splits])
+                splits = splits[after >= k]
             if splits.size == 0:
                 continue
             cross = _block_sum(p, a, splits, splits, b)
             j = int(np.argmax(cross))  # earliest split on ties
             if best is None or cross[j] > best[0]:  # earliest segment on ties
                 best = (cross[j], i, int(splits[j]))
-        assert best is not None, "k * min_length <= L keeps a split admissible"
+        if best is None or not best[0] > threshold:
+            break
         _, i, c = best
         a, b = segments[i]
-        capacity += (c - a) // min_length + (b - c) // min_length - (b - a) // min_length
+        capacity += cap[c - a] + cap[b - c] - cap[b - a]
         segments[i : i + 1] = [(a, c), (c, b)]
     return [b for _, b in segments[:-1]]
 
@@ -270,14 +334,76 @@ def random_partitions(
 
 
 def partition(
-    matrix: np.ndarray, k: int, method: str = "dp", kind: str = "similarity", min_length: int = 1
+    matrix: np.ndarray,
+    k: Optional[int],
+    method: str = "dp",
+    kind: str = "similarity",
+    min_length: int = 1,
+    min_split: int = MIN_SPLIT,
+    eps: Optional[float] = None,
 ) -> list[int]:
-    """Boundaries of a k-phase partition of a layer similarity/distance matrix."""
+    """Boundaries of a k-phase partition of a layer similarity/distance matrix
+    (`min_split` and `eps` apply to bisect; bisect with eps and no k picks the count)."""
     if method not in METHODS:
         raise UserError(f"partition method must be one of {METHODS}, got '{method}'")
     w = dissimilarity(matrix, kind)
-    solve = partition_dp if method == "dp" else partition_bisect
-    return solve(w, int(k), int(min_length))
+    if method == "dp":
+        if k is None:
+            raise UserError("dp needs k, the number of phases")
+        return partition_dp(w, int(k), int(min_length))
+    found = partition_bisect(w, k, int(min_length), int(min_split), eps)
+    if k is not None and len(found) + 1 < k:
+        raise UserError(
+            f"bisect stopped at {len(found) + 1} phases, short of k={k}: no split gains more "
+            f"than eps={eps} of the total pair weight (lower eps, or leave it unset to stop at k)"
+        )
+    return found
+
+
+def compare_methods(
+    matrix: np.ndarray,
+    k: Optional[int],
+    method: str,
+    kind: str = "similarity",
+    min_length: int = 1,
+    min_split: int = MIN_SPLIT,
+    eps: Optional[float] = None,
+) -> dict[str, dict[str, Any]]:
+    """Both methods' partitions with the phase count of `method`'s (which must exist),
+    each with its objectives: {name: {"boundaries", "within", "split_gains"}}, or
+    {"boundaries": None, "error": why} for the other method when it has none."""
+    w = dissimilarity(matrix, kind)
+    options = dict(kind=kind, min_length=min_length, min_split=min_split, eps=eps)
+    chosen = partition(matrix, k, method, **options)
+    out = {}
+    for name in METHODS:
+        try:
+            found = (
+                chosen if name == method else partition(matrix, len(chosen) + 1, name, **options)
+            )
+        except UserError as exc:
+            out[name] = {"boundaries": None, "error": str(exc)}
+            continue
+        out[name] = {
+            "boundaries": found,
+            "within": within_cost(w, found),
+            "split_gains": split_gains(w, found),
+        }
+    return out
+
+
+def describe(objectives: Mapping[str, Mapping[str, Any]], method: str, total: float) -> str:
+    """One line: `method`'s partition, then the other's, each with its within cost and its
+    split gains as fractions of the total pair weight `total`."""
+
+    def one(name):
+        r = objectives[name]
+        if r["boundaries"] is None:
+            return f"{name}: none ({r['error']})"
+        gains = ", ".join(f"{g / total:.1%}" for g in r["split_gains"]) or "-"
+        return f"{name} {r['boundaries']} (within {r['within']:.4f}, split gains {gains})"
+
+    return "  |  ".join(one(name) for name in sorted(objectives, key=lambda n: n != method))
 
 
 # --------------------------------------------------------------------------- files
@@ -368,24 +494,35 @@ def discover_phases(
 
     teacher = Teacher.from_config(cfg.teacher)
     L = teacher.num_layers
+    most = _capacities(L, pc.min_length, pc.min_split)[L] if pc.method == "bisect" else L
     for k in pc.ks:
-        if int(k) * pc.min_length > L:
+        if int(k) * pc.min_length > L or int(k) > most:
             raise ConfigError(
                 f"phases.ks: k={k} phases of >= {pc.min_length} layer(s) do not fit in {L} layers"
+                + (f" with phases.min_split={pc.min_split}" if pc.method == "bisect" else "")
             )
     device = distributed.device(cfg.trainer.accelerator)
     teacher.to(device)
     data = ShardDataModule(cfg.data, teacher.data_config)
-    similarity, used = layer_similarity(
-        teacher, data.val_dataloader(), pc.num_images, pc.token_mode, device
-    )
+    loader = data.train_dataloader() if pc.split == "train" else data.val_dataloader()
+    similarity, used = layer_similarity(teacher, loader, pc.num_images, pc.token_mode, device)
     if used < pc.num_images:
-        print(f"[phases] the validation stream ended after {used} of {pc.num_images} images")
+        print(f"[phases] the {pc.split} stream ended after {used} of {pc.num_images} images")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    np.save(run_dir / MATRIX_FILE, similarity)
 
     w = dissimilarity(similarity, "similarity")
-    partitions = {
-        str(k): partition(similarity, int(k), pc.method, "similarity", pc.min_length) for k in pc.ks
-    }
+    options = dict(min_length=pc.min_length, min_split=pc.min_split, eps=pc.eps)
+    try:
+        objectives = {
+            str(k): compare_methods(similarity, int(k), pc.method, **options) for k in pc.ks
+        }
+    except UserError as exc:
+        raise UserError(
+            f"{exc}; the similarity matrix is in {run_dir / MATRIX_FILE}: try other settings "
+            "with `raptor phases --matrix FILE`"
+        ) from None
+    partitions = {k: o[pc.method]["boundaries"] for k, o in objectives.items()}
     randoms = {
         str(k): random_partitions(L, int(k), pc.random_partitions, pc.seed + int(k), pc.min_length)
         for k in pc.ks
@@ -395,16 +532,19 @@ def discover_phases(
         "method": pc.method,
         "token_mode": pc.token_mode,
         "kind": "similarity",
+        "split": pc.split,
         "min_length": int(pc.min_length),
+        "min_split": int(pc.min_split),
+        "eps": pc.eps,
         "num_images": used,
         "partitions": partitions,
         "cut": {k: cut_value(w, b) for k, b in partitions.items()},
+        "objectives": objectives,  # per k, both methods: boundaries, within, split_gains
+        "total_weight": total_weight(w),
         "random": randoms,
         "random_cut": {k: [cut_value(w, b) for b in bs] for k, bs in randoms.items()},
         "seed": int(pc.seed),
     }
-    run_dir.mkdir(parents=True, exist_ok=True)
-    np.save(run_dir / MATRIX_FILE, similarity)
     fig = phases_figure(
         similarity, partitions, f"{cfg.teacher.name}: {pc.token_mode}, {used} images, {pc.method}"
     )
