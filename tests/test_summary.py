@@ -33,3 +33,19 @@ def test_headline_has_the_regression_r2_next_to_r2():
     # an eval.json written before the metric existed still gives a table
     del steps["k3/eval"]["result"]["student"]["r2_affine"]
     assert summary_tables(steps)["headline"].splitlines()[3].split("|")[i + 2].strip() == "n/a"
+
+
+def test_per_layer_table_has_every_dmd_variant_with_n_a_where_it_predicts_nothing():
+    """Endpoint and ReplaceMe maps predict span ends only: their columns are there, with
+    n/a at the layers they do not predict."""
+    ev = _eval(0.5, 0.875)
+    ev["dmd"] = {
+        "span_ridge": {"r2": {"all": [0.25, 0.5]}},
+        "replaceme_ridge": {"r2": {"all": [None, 0.75]}},
+    }
+    lines = summary_tables({"k2/eval": {"result": ev, "wall_s": 1.0}})["per_layer_r2"].splitlines()
+    header = [c.strip() for c in lines[0].strip("|").split("|")]
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in lines[2:]]
+    i = header.index("DMD replaceme_ridge (k=2)")
+    assert [r[i] for r in rows] == ["n/a", "0.750"]
+    assert [r[header.index("DMD span_ridge (k=2)")] for r in rows] == ["0.250", "0.500"]

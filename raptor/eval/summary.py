@@ -80,9 +80,8 @@ def summary_tables(steps: Dict[str, Dict[str, Any]]) -> Dict[str, str]:
         k_dmd, last = list(evals.items())[-1]  # DMD spans follow this Raptor's phases
         cols = [f"Raptor k={k}" for k in evals]
         baselines = {"identity (a_0)": first["identity"]["r2"]["all"]}
-        for name, values in (last.get("dmd") or {}).items():
-            if all(v is not None for v in values["r2"]["all"]):  # endpoint maps: span ends only
-                baselines[f"DMD {name} (k={k_dmd})"] = values["r2"]["all"]
+        for name, values in (last.get("dmd") or {}).items():  # endpoint, replaceme: span ends
+            baselines[f"DMD {name} (k={k_dmd})"] = values["r2"]["all"]
         rows = []
         for i, layer in enumerate(first["layers"]):
             row = [str(layer)] + [_num(ev["student"]["r2"]["all"][i]) for ev in evals.values()]
@@ -110,6 +109,11 @@ def write_summary(cfg: DictConfig, root: Path, steps: Dict[str, Dict[str, Any]])
     md += ["## Teacher vs Raptor", "", tables["headline"], ""]
     if tables["per_layer_r2"]:
         md += ["## Per-layer R^2 (validation, same batches)", "", tables["per_layer_r2"], ""]
+        md += [
+            "n/a: a layer the baseline does not predict (endpoint and ReplaceMe maps predict each "
+            "span's last layer only; ReplaceMe needs a block before the span, so not the first).",
+            "",
+        ]
     md += ["## Wall time per step", "", tables["wall_time"], ""]
     md += ["## Plots", ""] + [f"![{p.stem}]({p.name})" for p in plots] + [""]
     md += ["## Artefacts", ""] + [f"- exported backbone: `{e}`" for e in exports]
