@@ -22,17 +22,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     cfg = config_from_args(args, "dmd")
-    if int(os.environ.get("WORLD_SIZE", 1)) > 1 and not torch.distributed.is_initialized():
-        backend = (
-            "nccl" if torch.cuda.is_available() and cfg.trainer.accelerator != "cpu" else "gloo"
-        )
-        if backend == "nccl":
-            torch.cuda.set_device(distributed.local_rank())
-        torch.distributed.init_process_group(backend)
+    # under torchrun (RANK, WORLD_SIZE, MASTER_ADDR set) the ranks share the calibration images
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1 and not distributed.initialised():
+        if distributed.uses_gpu(cfg.trainer.accelerator):
+            torch.cuda.set_device(distributed.device(cfg.trainer.accelerator))
+            torch.distributed.init_process_group("nccl")
+        else:
+            torch.distributed.init_process_group("gloo")
     try:
         report = run_dmd(cfg, overwrite=args.overwrite)
     finally:
-        if torch.distributed.is_initialized():
+        if distributed.initialised():
             torch.distributed.destroy_process_group()
     if report:
         print(
