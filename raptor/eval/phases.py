@@ -71,6 +71,7 @@ from dmd.stream import stream_trajectories
 from raptor import distributed
 from raptor.config import ConfigError
 from raptor.errors import UserError, read_json
+from raptor.model.partition import Partition
 
 TOKEN_MODES = ("all", "cls+patchmean")
 METHODS = ("dp", "bisect")
@@ -197,7 +198,7 @@ def _check_k(num_layers: int, k: int, min_length: int) -> None:
 
 def within_cost(w: np.ndarray, boundaries: Sequence[int]) -> float:
     """Sum of w[i, j] over unordered pairs i < j of layers in the same phase."""
-    edges = [0, *boundaries, w.shape[0]]
+    edges = Partition(w.shape[0], boundaries).edges
     return float(sum(np.triu(w[a:b, a:b], 1).sum() for a, b in zip(edges, edges[1:])))
 
 
