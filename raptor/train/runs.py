@@ -189,11 +189,11 @@ def make_loggers(cfg: DictConfig, run_dir: Path, job: str = "") -> List[Any]:
 def _wandb_run(loggers: Iterable[Any]):
     """The W&B run among Lightning `loggers` on this rank, or None."""
     import wandb
+    from lightning.pytorch.loggers import WandbLogger
 
     for logger in loggers:
-        run = getattr(logger, "experiment", None) if "Wandb" in type(logger).__name__ else None
-        if isinstance(run, wandb.Run):
-            return run
+        if isinstance(logger, WandbLogger) and isinstance(logger.experiment, wandb.Run):
+            return logger.experiment
     return None
 
 
