@@ -57,6 +57,10 @@ COMMANDS = {
         "raptor.commands.import_reference",
         "a run from the Raptor reference code's saved blocks (read without running pickled code)",
     ),
+    "sync": (
+        "raptor.commands.sync",
+        "upload a pipeline's offline W&B runs (`wandb sync`), saying what went up",
+    ),
     "bench": ("raptor.commands.bench", "throughput and memory benchmarks (train, dmd, data)"),
 }
 

@@ -48,6 +48,7 @@ from raptor.distributed import is_rank_zero
 from raptor.errors import read_json
 from raptor.eval.summary import report_files, write_summary
 from raptor.run_folders import RunFolders, absolute_paths, run_folders
+from raptor.train.runs import log_lineage
 
 STEP_FILE = "step.json"  # written last: the step is complete
 INPUTS_FILE = "inputs.json"  # written first: what the step's folder was made from
@@ -178,7 +179,8 @@ def _show(value: Any) -> str:
 @dataclass
 class Step:
     """One pipeline step: its folder, the config values and upstream steps its results
-    depend on, and `run(done, folder)` -> result, given the records of the steps done."""
+    depend on, and `run(done, folder)` -> result, given the records of the steps done;
+    `job`: its W&B job type (none for shards) and `cfg` the config it reads (model.k set)."""
 
     name: str
     folder: Path
@@ -186,6 +188,8 @@ class Step:
     after: Tuple[str, ...]
     run: Callable[[Dict[str, Dict[str, Any]], Path], Dict[str, Any]]
     hash: str = ""
+    job: str = ""
+    cfg: Optional[DictConfig] = None
 
 
 def _with(cfg: DictConfig, **updates: Any) -> DictConfig:
@@ -202,9 +206,10 @@ def pipeline_steps(cfg: DictConfig, root: Path) -> List[Step]:
     steps: List[Step] = []
     folders = run_folders(cfg, root)
 
-    def add(name, folder, keys, after, run, source: DictConfig = cfg) -> None:
+    def add(name, folder, keys, after, run, source: DictConfig = cfg, job: str = "") -> None:
         """Append a step depending on `keys` of `source` and on the steps `after`."""
-        steps.append(Step(name, Path(folder), depend_values(source, keys), tuple(after), run))
+        values = depend_values(source, keys)
+        steps.append(Step(name, Path(folder), values, tuple(after), run, job=job, cfg=source))
 
     def given(done: Dict[str, Dict[str, Any]], **updates: Any) -> DictConfig:
         """cfg with what the finished upstream steps provide, plus `updates`."""
@@ -246,6 +251,7 @@ def pipeline_steps(cfg: DictConfig, root: Path) -> List[Step]:
             data + DEPENDS["teacher"],
             inputs,
             lambda done, folder: train_teacher(given(done, run_dir=str(folder)), folder),
+            job="teacher",
         )
         teacher, inputs = (), inputs + ["teacher"]
 
@@ -258,6 +264,7 @@ def pipeline_steps(cfg: DictConfig, root: Path) -> List[Step]:
             data + teacher + DEPENDS["phases"],
             inputs,
             lambda done, folder: discover_phases(given(done, run_dir=str(folder)), folder),
+            job="phases",
         )
         phases, inputs = (), inputs + ["phases"]
 
@@ -287,8 +294,8 @@ def raptor_steps(
 
     k, stages = cfg.model.k, sorted(set(cfg.train.stages))
 
-    def add_k(*args) -> None:  # values read from this Raptor's config (model.k = k)
-        add(*args, source=cfg)
+    def add_k(*args, job: str) -> None:  # values read from this Raptor's config (model.k = k)
+        add(*args, source=cfg, job=job)
 
     s1, s2 = folders.stage(k, 1), folders.stage(k, 2)
     n1, n2 = f"k{k}/stage1", f"k{k}/stage2"
@@ -308,6 +315,7 @@ def raptor_steps(
             lambda done, folder: fit(
                 given(done, **{"model.k": k, "train.stage": 1, "run_dir": str(folder)}), folder
             ),
+            job="stage1",
         )
     if 2 in stages:
         add_k(
@@ -316,6 +324,7 @@ def raptor_steps(
             reads + DEPENDS["stage2"],
             inputs + ([n1] if 1 in stages else []),
             lambda done, folder: fit(stage2_cfg(done, run_dir=str(folder)), folder),
+            job="stage2",
         )
     if cfg.pipeline.evaluate:
         add_k(
@@ -326,6 +335,7 @@ def raptor_steps(
             lambda done, folder: evaluate(
                 stage2_cfg(done, run_dir=str(folder)), done[final]["result"]["checkpoint"], folder
             ),
+            job="eval",
         )
     if cfg.pipeline.export:
         add_k(
@@ -344,6 +354,7 @@ def raptor_steps(
                     )
                 )
             },
+            job="export",
         )
 
 
@@ -404,9 +415,12 @@ def _stale(path: Path, stamp: str) -> Path:
     return path.with_name(f"{path.name}.stale-{stamp}")
 
 
-def run_step(step: Step, action: str, done: Dict[str, Dict[str, Any]]) -> Dict[str, Any]:
+def run_step(
+    step: Step, action: str, done: Dict[str, Dict[str, Any]], upstream: List[Step] = ()
+) -> Dict[str, Any]:
     """Run `step` unless the plan skips it; returns its record (step.json's content:
-    {"step", "folder", "hash", "wall_s", "result"})."""
+    {"step", "folder", "hash", "wall_s", "result"}). A step run logs its W&B lineage: its
+    output artifact, and those of the `upstream` steps (those it consumes) as its inputs."""
     if action == "skip":
         print(f"[pipeline] {step.name}: complete, skipped ({step.folder})")
         return _read(step.folder / STEP_FILE)
@@ -420,6 +434,9 @@ def run_step(step: Step, action: str, done: Dict[str, Dict[str, Any]]) -> Dict[s
         (step.folder / INPUTS_FILE).write_text(json.dumps(inputs, indent=1, default=str))
     start = time.perf_counter()
     result = step.run(done, step.folder)
+    if step.job:
+        used = [(s.cfg, s.job, s.folder) for s in upstream if s.job]
+        log_lineage(step.cfg, step.job, step.folder, used)
     record = {
         "step": step.name,
         "folder": str(step.folder),
@@ -460,8 +477,10 @@ def run_pipeline(cfg: DictConfig, plan_only: bool = False) -> Optional[Dict[str,
                 shutil.move(str(path), str(_stale(root / "run", stamp) / path.name))
 
     done: Dict[str, Dict[str, Any]] = {}
+    by_name = {s.name: s for s in steps}
     for step in steps:
-        done[step.name] = run_step(step, plan[step.name][0], done)
+        upstream = [by_name[name] for name in step.after]
+        done[step.name] = run_step(step, plan[step.name][0], done, upstream)
     if is_rank_zero():
         save_config(cfg, root, CONFIG_FILE)  # every step is complete: it describes them
 

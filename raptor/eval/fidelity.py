@@ -88,7 +88,7 @@ def evaluate(
             f"{path}: the student has {raptor.num_layers} layers of width {raptor.dim}, the "
             f"configured teacher {teacher.num_layers} of width {teacher.embed_dim}"
         )
-    loggers = make_loggers(cfg, run_dir)
+    loggers = make_loggers(cfg, run_dir, "eval")
     dmd = None
     if cfg.dmd.enabled:  # DMD baselines on the same validation batches as the student
         from dmd.callback import DMDCallback

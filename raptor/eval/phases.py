@@ -549,7 +549,9 @@ def discover_phases(
     fig = phases_figure(
         similarity, partitions, f"{cfg.teacher.name}: {pc.token_mode}, {used} images, {pc.method}"
     )
-    save_figure(fig, run_dir, "phases", make_loggers(cfg, run_dir) if loggers is None else loggers)
+    save_figure(
+        fig, run_dir, "phases", make_loggers(cfg, run_dir, "phases") if loggers is None else loggers
+    )
     tmp = out.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(result, indent=2))
     tmp.replace(out)

@@ -124,7 +124,7 @@ def write_summary(cfg: DictConfig, root: Path, steps: Dict[str, Dict[str, Any]])
     where += [f"backbone: {e}" for e in exports]
     if wandb_dirs:
         where += [f"W&B (offline): {d}" for d in wandb_dirs]
-        where += ["sync to W&B:   wandb sync " + " ".join(wandb_dirs)]
+        where += [f"sync to W&B:   raptor sync {root}"]
     table = "\n\n".join(
         t for t in (tables["headline"], tables["per_layer_r2"], tables["wall_time"]) if t
     )

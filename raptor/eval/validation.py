@@ -33,6 +33,7 @@ from dmd.metrics import FidelityTable, TrajectoryMetrics
 from dmd.stream import through_teacher
 from raptor.data.stream import validation_complete
 from raptor.train import losses
+from raptor.train.runs import log_fidelity
 
 
 def block_losses(stage_cfg: Any, stage: int, groups: Dict[str, slice], raptor: Any) -> List[Any]:
@@ -171,10 +172,24 @@ class Fidelity(L.LightningModule):
         self.log_dict(flat)
         self.last_val = {k: float(v) for k, v in flat.items()}
         self.last_val_step = int(self.global_step)
+        log_fidelity(self.loggers, self.fidelity_table, self.last_val_step, self.headline())
         if self.val_file is not None and self.trainer.is_global_zero:
             self.val_file.write_text(
                 json.dumps({"step": self.last_val_step, **self.results}, indent=1)
             )
+
+    def headline(self) -> Dict[str, float]:
+        """The latest validation's headline numbers (the W&B run summary): R^2 at the last
+        validated layer per token group (final/r2_{group}), the student's top-1 over the
+        teacher's (final/top1_ratio, full rollout with labels) and the training images/s."""
+        table, val = self.fidelity_table, self.last_val
+        out = {f"final/r2_{g}": float(table.get("r2", g)[-1]) for g in table.groups}
+        if val.get("val/top1_teacher") and "val/top1_student" in val:
+            out["final/top1_ratio"] = val["val/top1_student"] / val["val/top1_teacher"]
+        img_s = self.trainer.callback_metrics.get("train/img_s")
+        if img_s is not None:
+            out["final/img_s"] = float(img_s)
+        return out
 
     def compute_validation(self) -> tuple[Dict[str, float], Dict[str, Any]]:
         """(flat logged metrics, structured results) of the validation so far; resets the

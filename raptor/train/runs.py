@@ -4,6 +4,14 @@ A run folder holds the resolved `config.yaml`, `metrics.csv` (always), the W&B
 files when W&B is on (with the run id kept in `wandb_id.txt`, so a resumed or
 requeued job continues the same W&B run), `checkpoints/` (with `last.ckpt`, the
 checkpoint a rerun resumes from) and PNG plots.
+
+W&B runs are organised per pipeline: the group is the config's name, the job type the
+step (`JOBS`), the run name `NAME/k3/stage2` (`step_name`), tags the teacher, k and the
+partition; validation metrics plot against the global step and keep their best (R^2:
+max, losses: min) or final (top-1) value in the summary (`METRIC_SUMMARIES`).
+`log_fidelity` adds the per-layer table and line plot of a validation and its headline
+numbers to the summary; `log_lineage` logs a step's output as an artifact and declares
+the artifacts it consumed (offline: staged in the run's files, uploaded by `wandb sync`).
 """
 
 from __future__ import annotations
@@ -18,11 +26,17 @@ from omegaconf import DictConfig, OmegaConf
 
 from raptor import distributed
 from raptor.config import save_config
+from raptor.errors import UserError
 
 WANDB_ID_FILE = "wandb_id.txt"
 CKPT_DIR = "checkpoints"
 LAST_CKPT = "last.ckpt"
 METRICS_FILE = "metrics.csv"
+# W&B job types; those of one Raptor (model.k) are named NAME/k{K}/JOB
+JOBS = ("teacher", "phases", "stage1", "stage2", "dmd", "eval", "export")
+PER_K_JOBS = ("stage1", "stage2", "eval", "export")
+# W&B summary reduction of the validation metrics (globs), the rest keep their last value
+METRIC_SUMMARIES = {"val/r2*": "max", "val/loss*": "min", "val/top1*": "last"}
 
 
 def prepare_run_dir(cfg: DictConfig, run_dir: Optional[str | Path] = None) -> Path:
@@ -97,30 +111,174 @@ def _csv_logger(run_dir: Path):
     return Logger(save_dir=str(run_dir), name="", version="")
 
 
-def make_loggers(cfg: DictConfig, run_dir: Path) -> List[Any]:
-    """CSV always (`run_dir/metrics.csv`); W&B when `logging.wandb` is online/offline."""
+def step_name(cfg: DictConfig, job: str) -> str:
+    """The W&B run name of a pipeline step: NAME/JOB, or NAME/k{K}/JOB for one Raptor's."""
+    return f"{cfg.name}/k{cfg.model.k}/{job}" if job in PER_K_JOBS else f"{cfg.name}/{job}"
+
+
+def wandb_tags(cfg: DictConfig, job: str) -> List[str]:
+    """teacher:NAME, and for one Raptor's steps k=K and phases=B1,B2 (its boundaries)."""
+    tags = [f"teacher:{cfg.teacher.name}"]
+    if job in PER_K_JOBS:
+        from raptor.model.partition import Partition
+
+        tags.append(f"k={cfg.model.k}")
+        bounds = cfg.phases.boundaries
+        if bounds is None and cfg.phases.file and Path(cfg.phases.file).is_file():
+            bounds = Partition.from_file(cfg.phases.file, int(cfg.model.k)).boundaries
+        if bounds is not None:
+            tags.append("phases=" + ",".join(str(int(b)) for b in bounds))
+    return tags
+
+
+def wandb_settings(cfg: DictConfig, run_dir: Path, job: str) -> dict:
+    """`wandb.init` arguments of the step `job` run in `run_dir` (its id kept there)."""
+    if job not in JOBS:
+        raise ValueError(f"W&B job type must be one of {JOBS}, got {job!r}")
+    return dict(
+        project=cfg.logging.project,
+        entity=cfg.logging.entity,
+        name=cfg.logging.run_name or step_name(cfg, job),
+        group=cfg.name,
+        job_type=job,
+        tags=wandb_tags(cfg, job),
+        dir=str(run_dir),
+        id=wandb_run_id(run_dir),
+        resume="allow",
+        mode=cfg.logging.wandb,
+        config=OmegaConf.to_container(cfg, resolve=True),
+    )
+
+
+def _define_metrics(run: Any) -> None:
+    for glob, summary in METRIC_SUMMARIES.items():
+        run.define_metric(glob, step_metric="trainer/global_step", summary=summary)
+
+
+def _wandb_logger(cfg: DictConfig, run_dir: Path, job: str):
+    """Lightning's WandbLogger opening the step's run (`wandb_settings`), with the
+    summary reductions of `METRIC_SUMMARIES` defined when the run starts."""
+    import wandb
+    from lightning.pytorch.loggers import WandbLogger
+
+    class Logger(WandbLogger):
+        @property
+        def experiment(self):
+            started = self._experiment is not None
+            run = super().experiment
+            if not started and isinstance(run, wandb.Run):
+                _define_metrics(run)
+            return run
+
+    if wandb.run is not None:  # a previous step of this process: WandbLogger would reuse it
+        wandb.finish()
+    settings = wandb_settings(cfg, run_dir, job)
+    mode, save_dir = settings.pop("mode"), settings.pop("dir")
+    return Logger(save_dir=save_dir, offline=mode == "offline", **settings)
+
+
+def make_loggers(cfg: DictConfig, run_dir: Path, job: str = "") -> List[Any]:
+    """CSV always (`run_dir/metrics.csv`); W&B when `logging.wandb` is online/offline, as
+    the step `job` (one of `JOBS`; default stage{train.stage})."""
     loggers: List[Any] = [_csv_logger(run_dir)]
-    mode = cfg.logging.wandb  # online | offline | disabled (checked by the schema)
-    if mode != "disabled":
-        import wandb
-        from lightning.pytorch.loggers import WandbLogger
-
-        if wandb.run is not None:  # a previous step of this process: WandbLogger would reuse it
-            wandb.finish()
-
-        loggers.append(
-            WandbLogger(
-                project=cfg.logging.project,
-                entity=cfg.logging.entity,
-                name=cfg.logging.run_name or cfg.name,
-                save_dir=str(run_dir),
-                id=wandb_run_id(run_dir),
-                resume="allow",
-                offline=mode == "offline",
-                config=OmegaConf.to_container(cfg, resolve=True),
-            )
-        )
+    if cfg.logging.wandb != "disabled":  # online | offline (checked by the schema)
+        loggers.append(_wandb_logger(cfg, run_dir, job or f"stage{cfg.train.stage}"))
     return loggers
+
+
+def _wandb_run(loggers: Iterable[Any]):
+    """The W&B run among Lightning `loggers` on this rank, or None."""
+    import wandb
+    from lightning.pytorch.loggers import WandbLogger
+
+    for logger in loggers:
+        if isinstance(logger, WandbLogger) and isinstance(logger.experiment, wandb.Run):
+            return logger.experiment
+    return None
+
+
+def log_fidelity(loggers: Iterable[Any], table: Any, step: int, summary: dict) -> None:
+    """A validation's per-layer fidelity (a `dmd.metrics.FidelityTable`) to the W&B run
+    among `loggers` at `step`: the table val/fidelity (a row per layer and token group)
+    and the line plot val/fidelity_r2 (R^2 per layer, a line per group); `summary`
+    (headline numbers) goes to the run summary. A no-op without a W&B run."""
+    run = _wandb_run(loggers)
+    if run is None:
+        return
+    import wandb
+
+    rows = table.rows()
+    columns = list(rows[0]) if rows else ["layer", "group"]
+    data = wandb.Table(columns=columns, data=[[r[c] for c in columns] for r in rows])
+    plot = wandb.plot.line_series(
+        xs=table.layers,
+        ys=[table.get("r2", g) for g in table.groups],
+        keys=table.groups,
+        title="R^2 per layer",
+        xname="layer",
+    )
+    run.log({"val/fidelity": data, "val/fidelity_r2": plot, "trainer/global_step": step})
+    run.summary.update(summary)
+
+
+# the artifact each step logs: (type, path in its folder; a folder is logged whole)
+ARTIFACTS = {
+    "teacher": ("model", "teacher.safetensors"),
+    "phases": ("phases", "phases.json"),
+    "stage1": ("model", f"{CKPT_DIR}/{LAST_CKPT}"),
+    "stage2": ("model", f"{CKPT_DIR}/{LAST_CKPT}"),
+    "eval": ("evaluation", "eval.json"),
+    "export": ("model", "backbone"),
+}
+
+
+def step_artifact(cfg: DictConfig, job: str, folder: Path):
+    """The W&B artifact of the step `job` run in `folder` (named like its run, '/' -> '-';
+    files referenced in place, not copied: the same content gives the same digest, so a
+    consumer building it again refers to the version its producer logged)."""
+    import wandb
+
+    kind, rel = ARTIFACTS[job]
+    path = Path(folder) / rel
+    if not path.exists():
+        raise UserError(f"{path}: the {job} step's output is missing, cannot log its artifact")
+    art = wandb.Artifact(step_name(cfg, job).replace("/", "-"), type=kind)
+    if path.is_dir():
+        art.add_dir(str(path), policy="immutable")
+    else:
+        art.add_file(str(path), policy="immutable")
+    return art
+
+
+def log_lineage(
+    cfg: DictConfig, job: str, folder: Path, used: Iterable[tuple[DictConfig, str, Path]] = ()
+) -> None:
+    """W&B lineage of the step `job` run in `folder` (rank 0, W&B on): declares the
+    artifacts of the upstream steps `used` ((their config, job, folder)) as its inputs,
+    logs its own output artifact (`ARTIFACTS`), and finishes its run (the one its loggers
+    opened, or a new segment of it, e.g. for export, which logs nothing else)."""
+    if cfg.logging.wandb == "disabled" or not distributed.is_rank_zero():
+        return
+    import wandb
+
+    settings = wandb_settings(cfg, folder, job)
+    run = wandb.run
+    if run is None or run.id != settings["id"]:
+        if run is not None:
+            wandb.finish()
+        run = wandb.init(**settings)
+    for up_cfg, up_job, up_folder in used:
+        if up_job not in ARTIFACTS:
+            continue
+        art = step_artifact(up_cfg, up_job, up_folder)
+        if run.settings._offline:  # run.use_artifact refuses offline runs: the record it
+            # would write for a new artifact, kept for `wandb sync` to declare the use
+            run._log_artifact(art, is_user_created=True, use_after_commit=True)
+        else:
+            run.use_artifact(art)
+    if job in ARTIFACTS:
+        run.log_artifact(step_artifact(cfg, job, folder))
+    wandb.finish()
 
 
 def default_precision(cfg: DictConfig) -> str:
@@ -144,10 +302,12 @@ def make_trainer(
     callbacks: Iterable[Any] = (),
     loggers: Optional[List[Any]] = None,
     plugins: Iterable[Any] = (),
+    job: str = "",
     **overrides: Any,
 ):
     """A `lightning.Trainer` from `cfg.trainer` (ddp when several devices or nodes;
-    gloo on CPU, NCCL on GPU, chosen by Lightning).
+    gloo on CPU, NCCL on GPU, chosen by Lightning); `loggers` default to `make_loggers`
+    for the step `job`.
 
     Every trainer gets `raptor.train.preemption.Preemption` (SIGTERM / SIGINT / SIGUSR1:
     checkpoint to `run_dir/checkpoints/last.ckpt`, then stop or requeue); in a SLURM job
@@ -173,7 +333,7 @@ def make_trainer(
         max_steps=max_steps,
         max_epochs=max_epochs if max_epochs is not None else -1,
         default_root_dir=str(run_dir),
-        logger=loggers if loggers is not None else make_loggers(cfg, run_dir),
+        logger=loggers if loggers is not None else make_loggers(cfg, run_dir, job),
         callbacks=[*callbacks, Preemption(Path(run_dir) / CKPT_DIR / LAST_CKPT)],
         log_every_n_steps=cfg.logging.log_every_n_steps,
         enable_progress_bar=cfg.logging.progress_bar,

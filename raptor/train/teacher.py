@@ -179,6 +179,7 @@ def train_teacher(
         max_epochs=epochs,
         callbacks=[checkpoint, LearningRateMonitor("step")],
         num_sanity_val_steps=0,
+        job="teacher",
     )
     last = ckpt_dir / LAST_CKPT
     trainer.fit(module, datamodule=data, ckpt_path=str(last) if last.is_file() else None)
