@@ -2,8 +2,9 @@
 
 A run folder holds the resolved `config.yaml`, `metrics.csv` (always), the W&B
 files when W&B is on (with the run id kept in `wandb_id.txt`, so a resumed or
-requeued job continues the same W&B run), `checkpoints/` (with `last.ckpt`, the
-checkpoint a rerun resumes from) and PNG plots.
+requeued job continues the same W&B run), TensorBoard event files when
+`logging.tensorboard` is on (read by `raptor dashboard`), `checkpoints/` (with
+`last.ckpt`, the checkpoint a rerun resumes from) and PNG plots.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from raptor import distributed
 from raptor.config import save_config
+from raptor.errors import UserError
 
 WANDB_ID_FILE = "wandb_id.txt"
 CKPT_DIR = "checkpoints"
@@ -97,9 +99,70 @@ def _csv_logger(run_dir: Path):
     return Logger(save_dir=str(run_dir), name="", version="")
 
 
+def require_tensorboard(what: str) -> None:
+    """UserError naming `what` and the extra to install when tensorboard is missing."""
+    import importlib.util
+
+    if importlib.util.find_spec("tensorboard") is None:
+        raise UserError(
+            f"{what} needs the tensorboard package, which is not installed: "
+            "pip install 'raptor-vit[tensorboard]'"
+        )
+
+
+def markdown_table(columns: List[str], data: List[List[Any]]) -> str:
+    """A markdown table (TensorBoard's text panel renders it); floats to 4 significant digits."""
+
+    def cell(v: Any) -> str:
+        return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+    lines = [columns, ["---"] * len(columns), *([cell(v) for v in row] for row in data)]
+    return "\n".join("| " + " | ".join(map(str, line)) + " |" for line in lines)
+
+
+def _tensorboard_logger(run_dir: Path):
+    """TensorBoardLogger writing event files into `run_dir`: the CSV's scalars, plus the figures
+    and tables sent to loggers with `log_image` / `log_table` (as W&B takes them), as
+    images and markdown text."""
+    from lightning.pytorch.loggers import TensorBoardLogger
+    from lightning.pytorch.utilities import rank_zero_only
+
+    class Logger(TensorBoardLogger):
+        @rank_zero_only
+        def log_image(self, key: str, images: List[Any], step: Optional[int] = None) -> None:
+            """`images`: PNG paths (as `dmd.plots.save_figure` sends them) or arrays (HWC)."""
+            import numpy as np
+            from PIL import Image
+
+            for i, image in enumerate(images):
+                if isinstance(image, (str, Path)):
+                    with Image.open(image) as im:
+                        image = np.asarray(im.convert("RGB"))
+                tag = key if len(images) == 1 else f"{key}/{i}"
+                self.experiment.add_image(tag, image, step, dataformats="HWC")
+            self.experiment.flush()  # callers (phases) may never finalize this logger
+
+        @rank_zero_only
+        def log_table(
+            self,
+            key: str,
+            columns: List[str],
+            data: List[List[Any]],
+            step: Optional[int] = None,
+        ) -> None:
+            self.experiment.add_text(key, markdown_table(columns, data), step)
+            self.experiment.flush()
+
+    return Logger(save_dir=str(run_dir), name="", version="", default_hp_metric=False)
+
+
 def make_loggers(cfg: DictConfig, run_dir: Path) -> List[Any]:
-    """CSV always (`run_dir/metrics.csv`); W&B when `logging.wandb` is online/offline."""
+    """CSV always (`run_dir/metrics.csv`); W&B when `logging.wandb` is online/offline;
+    TensorBoard events (in `run_dir`) when `logging.tensorboard` is on."""
     loggers: List[Any] = [_csv_logger(run_dir)]
+    if cfg.logging.tensorboard:
+        require_tensorboard("logging.tensorboard=true")
+        loggers.append(_tensorboard_logger(run_dir))
     mode = cfg.logging.wandb  # online | offline | disabled (checked by the schema)
     if mode != "disabled":
         import wandb
