@@ -134,6 +134,19 @@ def test_dashboard_serves_the_runs_scalars_figures_and_tables(tb_run, free_port)
     assert "dashboard stopped (SIGINT)" in out
 
 
+def test_dashboard_stops_on_sigterm_with_143(tb_run, free_port):
+    root = tb_run[0]
+    cmd = [sys.executable, "-m", "raptor.cli", "dashboard", str(root), "--port", str(free_port)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert "k2/stage1" in proc.stdout.readline() and "http://" in proc.stdout.readline()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 143, err[-2000:]
+    assert "dashboard stopped (SIGTERM)" in out
+
+
 def test_dashboard_without_event_files_fails_in_one_line(tmp_path, capsys):
     from raptor.cli import main
 

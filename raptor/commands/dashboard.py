@@ -16,6 +16,14 @@ EVENTS_GLOB = "events.out.tfevents.*"
 STOP_SIGNALS = {signal.SIGINT: 130, signal.SIGTERM: 143}  # -> exit status
 
 
+class _Stopped(Exception):
+    """Raised in the main thread by SIGINT / SIGTERM; args[0] is the signal."""
+
+
+def _stop(signum: int, frame) -> None:
+    raise _Stopped(signum)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("root", metavar="RUN_ROOT", help="a pipeline's folder (runs/NAME) or a run")
     parser.add_argument("--port", type=int, default=6006, help="port to serve on (default 6006)")
@@ -47,16 +55,18 @@ def main(args: argparse.Namespace) -> int:
     # append "/." to a run whose events sit directly in the named folder
     board = program.TensorBoard()
     board.configure(logdir=str(root.resolve()), host=args.host, port=args.port, load_fast="false")
-    # the server's threads inherit the blocked signals, so the main thread receives them
-    # (also when started from a script that ignores SIGINT)
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
     try:
         url = board.launch()
     except program.TensorBoardServerException as exc:
         raise UserError(f"TensorBoard cannot serve on {args.host}:{args.port}: {exc.msg}") from None
+    for signum in STOP_SIGNALS:  # also when started from a script that ignores SIGINT
+        signal.signal(signum, _stop)
     print(f"TensorBoard on {len(runs)} runs under {root}: {', '.join(runs)}")
     print(f"  {url}   (Ctrl+C to stop)", flush=True)
-    received = signal.sigwait(STOP_SIGNALS)
+    try:
+        while True:
+            signal.pause()
+    except _Stopped as stop:
+        received = stop.args[0]
     print(f"dashboard stopped ({signal.Signals(received).name})", flush=True)
     return STOP_SIGNALS[received]
