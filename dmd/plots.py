@@ -4,7 +4,7 @@
 - `curve_figure`: a metric against layer (or q) for several predictors;
 - `sweep_figure`: a score against a swept value, one line per variant;
 - `power_law_figure`: error against calibration budget, log-log, with the fit;
-- `save_figure`: PNG into a folder, and to every logger with `log_image` (W&B).
+- `save_figure`: PNG into a folder, and to every logger with `log_image` (W&B, TensorBoard).
 """
 
 from __future__ import annotations
@@ -115,7 +115,8 @@ def save_figure(
     loggers: Iterable[Any] = (),
     step: Optional[int] = None,
 ) -> Path:
-    """Write `folder/name.png` and send it to loggers that have `log_image` (W&B)."""
+    """Write `folder/name.png` and send it to loggers that have `log_image` (W&B,
+    raptor's TensorBoard logger)."""
     path = Path(folder) / f"{name}.png"
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120, bbox_inches="tight")

@@ -53,6 +53,7 @@ COMMANDS = {
         "raptor.commands.export",
         "export a distilled backbone (config.json + model.safetensors)",
     ),
+    "dashboard": ("raptor.commands.dashboard", "TensorBoard on a pipeline's runs, on localhost"),
     "import-reference": (
         "raptor.commands.import_reference",
         "a run from the Raptor reference code's saved blocks (read without running pickled code)",

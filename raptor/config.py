@@ -439,12 +439,17 @@ class DmdConfig:
 
 @dataclass
 class LoggingConfig:
+    """Loggers of every training run (`raptor.train.runs.make_loggers`): CSV always; W&B
+    when `wandb` is online/offline; `tensorboard`: TensorBoard events in the run folder
+    (the optional extra `raptor-vit[tensorboard]`; `raptor dashboard`)."""
+
     wandb: str = valid("disabled", OneOf(("online", "offline", "disabled")))
     project: str = "raptor"
     entity: Optional[str] = None
     run_name: Optional[str] = None
     log_every_n_steps: int = valid(10, POSITIVE)
     progress_bar: bool = True
+    tensorboard: bool = valid(False, OneOf((True, False)))
 
 
 @dataclass

@@ -67,6 +67,7 @@ def test_pipeline_runs_every_step_then_skips(tmp_path, digits_shards, capsys, mo
     assert f"{100 * ev['top1']['student']:.1f}%" in summary
     assert "| k | boundaries | teacher top-1 | Raptor top-1 |" in out
     assert f"raptor sync {run}" in out and str(run / "k2" / "export" / "backbone") in out
+    assert f"raptor dashboard {run}" in out and list(run.glob("k2/stage2/events.out.tfevents.*"))
     assert (run / "phases_phases.png").is_file() and (run / "k2_eval_fidelity.png").is_file()
     # each step logs into its own offline W&B run
     assert len(list(run.glob("*/wandb/offline-run-*"))) >= 2

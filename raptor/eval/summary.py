@@ -125,6 +125,8 @@ def write_summary(cfg: DictConfig, root: Path, steps: Dict[str, Dict[str, Any]])
     if wandb_dirs:
         where += [f"W&B (offline): {d}" for d in wandb_dirs]
         where += [f"sync to W&B:   raptor sync {root}"]
+    if any(Path(s["folder"]).glob("events.out.tfevents.*") for s in steps.values()):
+        where += [f"dashboard:     raptor dashboard {root}"]
     table = "\n\n".join(
         t for t in (tables["headline"], tables["per_layer_r2"], tables["wall_time"]) if t
     )

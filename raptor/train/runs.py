@@ -2,8 +2,9 @@
 
 A run folder holds the resolved `config.yaml`, `metrics.csv` (always), the W&B
 files when W&B is on (with the run id kept in `wandb_id.txt`, so a resumed or
-requeued job continues the same W&B run), `checkpoints/` (with `last.ckpt`, the
-checkpoint a rerun resumes from) and PNG plots.
+requeued job continues the same W&B run), TensorBoard event files when
+`logging.tensorboard` is on (read by `raptor dashboard`), `checkpoints/` (with
+`last.ckpt`, the checkpoint a rerun resumes from) and PNG plots.
 
 W&B runs are organised per pipeline: the group is the config's name, the job type the
 step (`JOBS`), the run name `NAME/k3/stage2` (`step_name`), tags the teacher, k and the
@@ -177,10 +178,71 @@ def _wandb_logger(cfg: DictConfig, run_dir: Path, job: str):
     return Logger(save_dir=save_dir, offline=mode == "offline", **settings)
 
 
+def require_tensorboard(what: str) -> None:
+    """UserError naming `what` and the extra to install when tensorboard is missing."""
+    import importlib.util
+
+    if importlib.util.find_spec("tensorboard") is None:
+        raise UserError(
+            f"{what} needs the tensorboard package, which is not installed: "
+            "pip install 'raptor-vit[tensorboard]'"
+        )
+
+
+def markdown_table(columns: List[str], data: List[List[Any]]) -> str:
+    """A markdown table (TensorBoard's text panel renders it); floats to 4 significant digits."""
+
+    def cell(v: Any) -> str:
+        return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+    lines = [columns, ["---"] * len(columns), *([cell(v) for v in row] for row in data)]
+    return "\n".join("| " + " | ".join(map(str, line)) + " |" for line in lines)
+
+
+def _tensorboard_logger(run_dir: Path):
+    """TensorBoardLogger writing event files into `run_dir`: the CSV's scalars, plus the figures
+    and tables sent to loggers with `log_image` / `log_table` (as W&B takes them), as
+    images and markdown text."""
+    from lightning.pytorch.loggers import TensorBoardLogger
+    from lightning.pytorch.utilities import rank_zero_only
+
+    class Logger(TensorBoardLogger):
+        @rank_zero_only
+        def log_image(self, key: str, images: List[Any], step: Optional[int] = None) -> None:
+            """`images`: PNG paths (as `dmd.plots.save_figure` sends them) or arrays (HWC)."""
+            import numpy as np
+            from PIL import Image
+
+            for i, image in enumerate(images):
+                if isinstance(image, (str, Path)):
+                    with Image.open(image) as im:
+                        image = np.asarray(im.convert("RGB"))
+                tag = key if len(images) == 1 else f"{key}/{i}"
+                self.experiment.add_image(tag, image, step, dataformats="HWC")
+            self.experiment.flush()  # callers (phases) may never finalize this logger
+
+        @rank_zero_only
+        def log_table(
+            self,
+            key: str,
+            columns: List[str],
+            data: List[List[Any]],
+            step: Optional[int] = None,
+        ) -> None:
+            self.experiment.add_text(key, markdown_table(columns, data), step)
+            self.experiment.flush()
+
+    return Logger(save_dir=str(run_dir), name="", version="", default_hp_metric=False)
+
+
 def make_loggers(cfg: DictConfig, run_dir: Path, job: str = "") -> List[Any]:
-    """CSV always (`run_dir/metrics.csv`); W&B when `logging.wandb` is online/offline, as
-    the step `job` (one of `JOBS`; default stage{train.stage})."""
+    """CSV always (`run_dir/metrics.csv`); TensorBoard events (in `run_dir`) when
+    `logging.tensorboard` is on; W&B when `logging.wandb` is online/offline, as the step
+    `job` (one of `JOBS`; default stage{train.stage})."""
     loggers: List[Any] = [_csv_logger(run_dir)]
+    if cfg.logging.tensorboard:
+        require_tensorboard("logging.tensorboard=true")
+        loggers.append(_tensorboard_logger(run_dir))
     if cfg.logging.wandb != "disabled":  # online | offline (checked by the schema)
         loggers.append(_wandb_logger(cfg, run_dir, job or f"stage{cfg.train.stage}"))
     return loggers
@@ -201,15 +263,21 @@ def log_fidelity(loggers: Iterable[Any], table: Any, step: int, summary: dict) -
     """A validation's per-layer fidelity (a `dmd.metrics.FidelityTable`) to the W&B run
     among `loggers` at `step`: the table val/fidelity (a row per layer and token group)
     and the line plot val/fidelity_r2 (R^2 per layer, a line per group); `summary`
-    (headline numbers) goes to the run summary. A no-op without a W&B run."""
+    (headline numbers) goes to the run summary. TensorBoard loggers get the table as text."""
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    rows = table.rows()
+    columns = list(rows[0]) if rows else ["layer", "group"]
+    cells = [[r[c] for c in columns] for r in rows]
+    for logger in loggers:
+        if isinstance(logger, TensorBoardLogger):
+            logger.log_table("val/fidelity", columns, cells, step)
     run = _wandb_run(loggers)
     if run is None:
         return
     import wandb
 
-    rows = table.rows()
-    columns = list(rows[0]) if rows else ["layer", "group"]
-    data = wandb.Table(columns=columns, data=[[r[c] for c in columns] for r in rows])
+    data = wandb.Table(columns=columns, data=cells)
     plot = wandb.plot.line_series(
         xs=table.layers,
         ys=[table.get("r2", g) for g in table.groups],
