@@ -11,7 +11,9 @@ and never unpickles anything. Through huggingface_hub's `PyTorchModelHubMixin`,
 when called); `from_pretrained` also takes a hub repo id "owner/name" that is not a
 local path.
 
-Integrity: config.json records `weights_sha256` (of model.safetensors) and
+Integrity: config.json records `weights_sha256` (of the tensors in model.safetensors:
+names, dtypes, shapes and bytes in name order, as safetensors writes its header's keys
+in no fixed order) and
 `self_test`: the final-normed tokens at a few (token, feature) positions for a fixed
 seeded input (float32 on CPU, values printed in float64), with the computation's
 config fields they were computed with. Loading checks the hash (naming the weights
@@ -268,7 +270,7 @@ class RaptorBackbone(
         _default_permissions(out / WEIGHTS_NAME)
         self.config = {
             **self.config,
-            "weights_sha256": file_sha256(out / WEIGHTS_NAME),
+            "weights_sha256": weights_sha256(state),
             "self_test": self._self_test_record(),
         }
         (out / CONFIG_NAME).write_text(json.dumps(self.config, indent=2) + "\n")
@@ -313,7 +315,7 @@ class RaptorBackbone(
             model = cls(read_config(folder / CONFIG_NAME))
             state = read_weights(folder / WEIGHTS_NAME)
             check_state(state, model.state_dict())
-            check_weights_hash(folder / WEIGHTS_NAME, model.config)
+            check_weights_hash(state, model.config)
             check_recorded_fields(model.config)
             model.load_state_dict(state, strict=True)
             model.eval()
@@ -503,11 +505,13 @@ def check_state(state: Dict[str, Tensor], expected: Dict[str, Tensor]) -> None:
 # ---------------------------------------------------------------------- integrity
 
 
-def file_sha256(path: Path) -> str:
+def weights_sha256(state: Dict[str, Tensor]) -> str:
+    """sha256 of the tensors' names, dtypes, shapes and bytes, in name order."""
     h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 24), b""):
-            h.update(chunk)
+    for name in sorted(state):
+        t = state[name].detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{list(t.shape)}\n".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy())
     return h.hexdigest()
 
 
@@ -524,13 +528,13 @@ def computation_fields(config: Dict[str, Any]) -> Dict[str, Any]:
     return {k: v for section in COMPUTATION for k, v in _flatten(config.get(section), section)}
 
 
-def check_weights_hash(path: Path, config: Dict[str, Any]) -> None:
-    """The weights file is the one config.json was written with."""
+def check_weights_hash(state: Dict[str, Tensor], config: Dict[str, Any]) -> None:
+    """The weights are those config.json was written with."""
     recorded = _need(config, "weights_sha256", CONFIG_NAME)
-    actual = file_sha256(path)
+    actual = weights_sha256(state)
     if actual != recorded:
         raise BackboneFormatError(
-            f"{path.name}: sha256 {actual[:12]}... differs from the weights_sha256 "
+            f"{WEIGHTS_NAME}: sha256 {actual[:12]}... differs from the weights_sha256 "
             f"{str(recorded)[:12]}... that {CONFIG_NAME} records (the weights file was replaced "
             "or modified)"
         )

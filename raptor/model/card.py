@@ -152,7 +152,8 @@ def model_card(config: Dict[str, Any]) -> str:
         "",
         "## Integrity",
         "",
-        f"- `model.safetensors` sha256: `{config.get('weights_sha256', 'not recorded')}`",
+        f"- sha256 of the weights (`model.safetensors`'s tensors: names, dtypes, shapes and "
+        f"bytes in name order): `{config.get('weights_sha256', 'not recorded')}`",
         f"- self-test: {test.get('output', 'not recorded')} on {test.get('input', '?')}, at "
         f"(token, feature) {test.get('positions')}; `from_pretrained` checks the hash, the "
         "recorded architecture fields and these outputs.",
