@@ -52,7 +52,7 @@ def _training(source: Dict[str, Any]) -> List[str]:
         data = train["data"]
         lines += [
             f"- stages trained: {steps}",
-            f"- data: `{data['source']}` {data['where']}; batch {data['batch_size']} per device "
+            f"- data: `{data['source']}`, `{data['where']}`; batch {data['batch_size']} per device "
             f"on {data['devices']} device(s) x {data['nodes']} node(s)",
         ]
     return lines

@@ -94,7 +94,7 @@ def training_info(cfg: Any) -> Dict[str, Any]:
         "steps": {str(s): int(cfg.train[f"stage{s}"].steps) for s in cfg.train.stages},
         "data": {
             "source": str(d.source),
-            "where": f"`{d.train_urls}`" if d.train_urls else f"in `{d.shards_dir}`",
+            "where": d.train_urls or d.shards_dir or "(not recorded)",
             "batch_size": int(d.batch_size),
             "devices": str(cfg.trainer.devices),
             "nodes": int(cfg.trainer.num_nodes),
