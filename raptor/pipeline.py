@@ -342,7 +342,7 @@ def raptor_steps(
             f"k{k}/export",
             folders.export(k),
             DEPENDS["export"],
-            [final],
+            [final] + ([f"k{k}/eval"] if cfg.pipeline.evaluate else []),  # the card shows it
             lambda done, folder: {
                 "dir": str(
                     export_backbone(

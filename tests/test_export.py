@@ -148,7 +148,11 @@ def test_round_trip_equals_training_model(tmp_path, images, variant):
     write_checkpoint(run, teacher_file, model)
     report = {}
     out = export_backbone(run, tmp_path / "export", report=report)
-    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "README.md",
+        "config.json",
+        "model.safetensors",
+    ]
     assert report["torch_rel_error"] <= 1e-5
 
     backbone = RaptorBackbone.from_pretrained(out)
@@ -231,6 +235,7 @@ def test_refuses_non_empty_out_without_overwrite(tmp_path):
     (out / "model.onnx").write_text("stale")
     export_backbone(run, out, overwrite=True)
     assert sorted(p.name for p in out.iterdir()) == [
+        "README.md",
         "config.json",
         "model.safetensors",
         "notes.txt",

@@ -76,6 +76,9 @@ def test_pipeline_runs_every_step_then_skips(tmp_path, digits_shards, capsys, mo
 
     backbone = RaptorBackbone.from_pretrained(run / "k2" / "export" / "backbone")
     assert backbone.config["phases"]["boundaries"] == boundaries
+    card = (run / "k2" / "export" / "backbone" / "README.md").read_text()  # the eval's numbers
+    assert f"| {100 * ev['top1']['teacher']:.2f}% | {100 * ev['top1']['student']:.2f}% |" in card
+    assert f"| 1 | {ev['student']['r2']['all'][0]:.4f} |" in card
 
     # stage 2 started from stage 1's final weights
     start, end = (

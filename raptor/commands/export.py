@@ -1,5 +1,7 @@
 """`raptor export RUN_OR_CKPT [--out DIR] [--onnx] [--overwrite]`: write a distilled backbone
-(by default where the pipeline does: `k{K}/export/backbone` beside a `k{K}/stage2` run)."""
+as a model repository (config.json, model.safetensors, README.md model card; by default where
+the pipeline does: `k{K}/export/backbone` beside a `k{K}/stage2` run), printing each step
+(loading, writing, verifying, ONNX export and check) with its time."""
 
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--out",
-        help="output folder (config.json, model.safetensors); default: the pipeline's, "
+        help="output folder (config.json, model.safetensors, README.md); default: the pipeline's, "
         "k{K}/export/backbone beside a k{K}/stage2 run (RUN/export/backbone otherwise)",
     )
     parser.add_argument(
@@ -52,6 +54,7 @@ def main(args: argparse.Namespace) -> int:
             opset=args.opset,
             teacher_weights=args.teacher_weights,
             report=report,
+            progress=lambda line: print(line, flush=True),
         )
     except BackboneFormatError as exc:
         print(f"raptor export: {exc}", file=sys.stderr)

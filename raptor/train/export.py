@@ -8,10 +8,14 @@ but not the teacher, which is rebuilt from the run's stored config
 (`teacher.weights`, or the hub when `teacher.pretrained`); `--teacher-weights`
 points at the file when it has moved.
 
-DIR receives `config.json` and `model.safetensors` (`raptor.model.backbone`), which
-`raptor.RaptorBackbone.from_pretrained(DIR)` loads without the training stack.
-The export is checked before it is reported: the backbone read back from DIR
-must give the in-training model's output, teacher.embed -> Raptor ->
+DIR receives `config.json`, `model.safetensors` and a `README.md` model card
+(`raptor.model.backbone`, `raptor.model.card`), which
+`raptor.RaptorBackbone.from_pretrained(DIR)` loads without the training stack. The card
+shows the run's evaluation when the pipeline's `k{K}/eval/eval.json` beside a `k{K}/stage2`
+run (RUN/eval/eval.json otherwise) evaluated the exported checkpoint; its
+`fidelity.png` is copied beside the card.
+The export is checked before it is reported: the backbone read back from DIR (which
+checks the weights' sha256 and the self-test config.json records) must give the in-training model's output, teacher.embed -> Raptor ->
 teacher.final_norm, on random images (relative error <= 1e-5 in float32 on
 CPU). `--onnx` also writes `model.onnx` (input `images` (B, C, H, W) at the
 exported resolution, batch dynamic; outputs `tokens` (B, T, D) and `pooled`
@@ -21,9 +25,11 @@ Relative error = max |a - b| / max |b| over all outputs.
 
 from __future__ import annotations
 
+import json
+import time
 import warnings
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 import torch
 from torch import nn
@@ -31,7 +37,9 @@ from torch import nn
 import raptor
 from raptor.config import ConfigError, from_container
 from raptor.data.stream import resolve_transform_config
+from raptor.eval.fidelity import EVAL_FILE
 from raptor.model.backbone import (
+    CARD_NAME,
     CONFIG_NAME,
     FORMAT,
     FORMAT_VERSION,
@@ -40,12 +48,14 @@ from raptor.model.backbone import (
     RaptorBackbone,
 )
 from raptor.model.teacher import Teacher
+from raptor.run_folders import beside_stage2
 from raptor.train.checkpoints import load_raptor
 
 TORCH_TOLERANCE = 1e-5  # read-back backbone vs the in-training model (float32, CPU)
 ONNX_TOLERANCE = 1e-4  # onnxruntime vs torch
 CHECK_IMAGES = 2  # random images used by both checks
-_WRITTEN = (CONFIG_NAME, WEIGHTS_NAME, ONNX_NAME, ONNX_NAME + ".data")
+PLOT_NAME = "fidelity.png"  # `raptor eval`'s plot, shown by the card
+_WRITTEN = (CONFIG_NAME, WEIGHTS_NAME, CARD_NAME, PLOT_NAME, ONNX_NAME, ONNX_NAME + ".data")
 
 
 class ExportError(ConfigError):
@@ -67,6 +77,58 @@ def load_teacher(cfg: Any, teacher_weights: Optional[str]):
         )
     t.head = ""
     return Teacher.from_config(t)
+
+
+def teacher_weights_source(t: Any) -> str:
+    """Where the teacher's weights came from, for the card (`load_teacher` needs one)."""
+    if t.weights:
+        return f"the file `{t.weights}`"
+    return f"timm's pretrained `{t.name}` (Hugging Face Hub)"
+
+
+def training_info(cfg: Any) -> Dict[str, Any]:
+    """The run's stages, their configured steps and its training data, for the card."""
+    d = cfg.data
+    return {
+        "stages": [int(s) for s in cfg.train.stages],
+        "steps": {str(s): int(cfg.train[f"stage{s}"].steps) for s in cfg.train.stages},
+        "data": {
+            "source": str(d.source),
+            "where": d.train_urls or d.shards_dir or "(not recorded)",
+            "batch_size": int(d.batch_size),
+            "devices": str(cfg.trainer.devices),
+            "nodes": int(cfg.trainer.num_nodes),
+        },
+    }
+
+
+def find_evaluation(source: str | Path, checkpoints: List[Path]) -> Optional[Path]:
+    """The pipeline's eval.json for `source` when it evaluated these checkpoints, else None."""
+    if "," in str(source):
+        return None
+    path = beside_stage2(source, "eval") / EVAL_FILE
+    if not path.is_file():
+        return None
+    evaluated = json.loads(path.read_text()).get("checkpoint", "")
+    same = [Path(c).resolve() for c in evaluated.split(",")] == [p.resolve() for p in checkpoints]
+    return path if same else None
+
+
+def card_evaluation(path: Path) -> Dict[str, Any]:
+    """The card's summary of an eval.json: top-1, per-layer R^2 (all tokens) of the Raptor,
+    the identity and each DMD baseline, and the plot's name when the plot is beside it."""
+    ev = json.loads(path.read_text())
+    r2 = {"Raptor": ev["student"]["r2"]["all"], "identity": ev["identity"]["r2"]["all"]}
+    r2.update({f"DMD {name}": v["r2"]["all"] for name, v in (ev.get("dmd") or {}).items()})
+    return {
+        "file": str(path),
+        "images": ev["images"],
+        "complete": ev.get("complete", True),
+        "layers": ev["layers"],
+        "top1": ev["top1"],
+        "r2": r2,
+        "plot": PLOT_NAME if (path.parent / PLOT_NAME).is_file() else None,
+    }
 
 
 # ---------------------------------------------------------------------- config
@@ -129,8 +191,15 @@ def preprocessing(data_config: Dict[str, Any], transform: Any) -> Dict[str, Any]
     }
 
 
-def backbone_config(teacher: Any, model: Any, cfg: Any, source: Dict[str, Any]) -> Dict[str, Any]:
-    """config.json for `teacher`'s stem and final norm around the Raptor `model`."""
+def backbone_config(
+    teacher: Any,
+    model: Any,
+    cfg: Any,
+    source: Dict[str, Any],
+    evaluation: Optional[Dict[str, Any]] = None,
+) -> Dict[str, Any]:
+    """config.json for `teacher`'s stem and final norm around the Raptor `model`
+    (`save_pretrained` adds the weights' sha256 and the self-test)."""
     if (model.num_layers, model.dim) != (teacher.num_layers, teacher.embed_dim):
         raise ExportError(
             f"export: the Raptor has {model.num_layers} layers of width {model.dim}, the teacher "
@@ -164,8 +233,13 @@ def backbone_config(teacher: Any, model: Any, cfg: Any, source: Dict[str, Any]) 
         "stem": stem,
         "final_norm": _norm_spec(teacher.vit.norm, "final norm") or {"type": "identity"},
         "preprocessing": preprocessing(teacher.data_config, cfg.data.transform),
-        "teacher": {"name": teacher.arch["name"], "kwargs": teacher.arch.get("kwargs", {})},
+        "teacher": {
+            "name": teacher.arch["name"],
+            "kwargs": teacher.arch.get("kwargs", {}),
+            "weights": teacher_weights_source(cfg.teacher),
+        },
         "source": source,
+        "evaluation": evaluation,
     }
 
 
@@ -226,8 +300,25 @@ class _OnnxGraph(nn.Module):
         return tokens, self.backbone.pool(tokens)
 
 
-def export_onnx(backbone: RaptorBackbone, out: Path, opset: int = 18) -> float:
+class Progress:
+    """Calls `say` with each finished step and the seconds it took (since the last call)."""
+
+    def __init__(self, say: Optional[Callable[[str], None]]):
+        self.say = say
+        self.last = time.perf_counter()
+
+    def __call__(self, what: str) -> None:
+        now = time.perf_counter()
+        if self.say is not None:
+            self.say(f"export: {what} ({now - self.last:.1f} s)")
+        self.last = now
+
+
+def export_onnx(
+    backbone: RaptorBackbone, out: Path, opset: int = 18, progress: Optional[Progress] = None
+) -> float:
     """Write out/model.onnx and return its relative error in onnxruntime vs torch."""
+    progress = progress or Progress(None)
     try:
         import onnxruntime as ort
     except ImportError:
@@ -252,6 +343,7 @@ def export_onnx(backbone: RaptorBackbone, out: Path, opset: int = 18) -> float:
             external_data=nbytes > 1_800_000_000,  # protobuf's 2 GB limit
             verbose=False,
         )
+    progress(f"wrote {ONNX_NAME} (opset {opset})")
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     got = session.run(None, {"images": images.numpy()})
     with torch.no_grad():
@@ -262,6 +354,7 @@ def export_onnx(backbone: RaptorBackbone, out: Path, opset: int = 18) -> float:
             f"export: {path} differs from torch in onnxruntime (relative error {err:.3g} > "
             f"{ONNX_TOLERANCE:g}); the file is left there for inspection"
         )
+    progress(f"checked {ONNX_NAME} in onnxruntime: relative error {err:.2e}")
     return err
 
 
@@ -292,13 +385,17 @@ def export_backbone(
     opset: int = 18,
     teacher_weights: Optional[str] = None,
     report: Optional[Dict[str, Any]] = None,
+    progress: Optional[Callable[[str], None]] = None,
 ) -> Path:
     """Export RUN_OR_CKPT (see the module docstring) into `out`; returns `out`.
 
     `report`, when given, receives {"torch_rel_error", "onnx_rel_error" (with onnx),
-    "files"}. Raises ExportError (a ConfigError) or BackboneFormatError with a clear
-    message; refuses a non-empty `out` unless `overwrite`.
+    "files", "evaluation" (the eval.json shown by the card, or None)}; `progress`, when
+    given, is called with a line per finished step and its time. Raises ExportError (a
+    ConfigError) or BackboneFormatError with a clear message; refuses a non-empty `out`
+    unless `overwrite`.
     """
+    step = Progress(progress)
     out = Path(out)
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         prepare_out(out, overwrite)  # raises before any heavy work
@@ -312,18 +409,33 @@ def export_backbone(
         "stage": int(hp.get("stage", 0)),
         "global_step": [int(c.get("global_step", -1)) for c in ckpts],
         "run_name": str(cfg.name),
+        "training": training_info(cfg),
     }
-    config = backbone_config(teacher, model, cfg, info)
+    step(f"loaded {', '.join(map(str, paths))} and the teacher {teacher.arch['name']}")
+    eval_file = find_evaluation(source, paths)
+    evaluation = card_evaluation(eval_file) if eval_file else None
+    config = backbone_config(teacher, model, cfg, info, evaluation)
     backbone = RaptorBackbone(config)
     backbone.load_state_dict(backbone_state(teacher, model), strict=True)
+    if evaluation and evaluation["plot"]:
+        backbone.files[PLOT_NAME] = (eval_file.parent / PLOT_NAME).read_bytes()
 
     prepare_out(out, overwrite)
     backbone.save_pretrained(out)
+    step(
+        f"wrote {CONFIG_NAME}, {WEIGHTS_NAME}, {CARD_NAME} (evaluation: "
+        f"{eval_file or 'none found'})"
+    )
     reloaded = RaptorBackbone.from_pretrained(out)
     result: Dict[str, Any] = {"torch_rel_error": check_against_training(reloaded, teacher, model)}
+    step(
+        "verified: read back (sha256, self-test) vs the in-training model, relative error "
+        f"{result['torch_rel_error']:.2e}"
+    )
     if onnx:
-        result["onnx_rel_error"] = export_onnx(reloaded, out, opset)
+        result["onnx_rel_error"] = export_onnx(reloaded, out, opset, step)
     result["files"] = sorted(p.name for p in out.iterdir() if p.name in _WRITTEN)
+    result["evaluation"] = str(eval_file) if eval_file else None
     if report is not None:
         report.update(result)
     return out
