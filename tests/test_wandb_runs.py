@@ -1,7 +1,8 @@
 """W&B runs of a pipeline, read back from the offline run files with wandb's own record
 protobufs: one group, a job type and readable name per step, summary reductions, the
 per-layer fidelity table and plot, headline numbers, and the artifact lineage teacher ->
-phases -> stage 1 -> stage 2 -> eval / export; then `raptor sync` on the pipeline root."""
+phases -> stage 1 -> stage 2 -> eval -> export (its model card reads the evaluation); then
+`raptor sync` on the pipeline root."""
 
 from __future__ import annotations
 
@@ -82,7 +83,7 @@ def test_pipeline_wandb_runs_have_group_jobs_summary_tables_and_lineage(
     assert used("k2/stage1") == ["demo-phases", "demo-teacher"]
     assert used("k2/stage2") == ["demo-k2-stage1", "demo-phases", "demo-teacher"]
     assert used("k2/eval") == ["demo-k2-stage2", "demo-phases", "demo-teacher"]
-    assert used("k2/export") == ["demo-k2-stage2"]
+    assert used("k2/export") == ["demo-k2-eval", "demo-k2-stage2"]  # the card reads eval.json
     # a used artifact has the same content (digest) as the one its producer logged
     logged = {a: e for f in files.values() for a, _, e in f["logged"]}
     for f in files.values():
