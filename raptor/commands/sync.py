@@ -113,12 +113,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     root = Path(args.root)
     if not root.is_dir():
-        raise UserError(f"raptor sync: {root} is not a folder (expected a pipeline's run_dir)")
+        raise UserError(f"{root} is not a folder (expected a pipeline's run_dir)")
     folders = offline_runs(root, args.include_stale)
     if not folders:
         raise UserError(
-            f"raptor sync: no offline W&B runs under {root} (runs are written with "
-            "logging.wandb=offline)"
+            f"no offline W&B runs under {root} (runs are written with logging.wandb=offline)"
         )
     runs = [OfflineRun.read(f) for f in folders]
     verb = "would upload" if args.dry_run else "uploading"
@@ -129,7 +128,7 @@ def main(args: argparse.Namespace) -> int:
         return 0
     wandb = shutil.which("wandb")
     if wandb is None:
-        raise UserError("raptor sync: the `wandb` command is not on PATH (pip install wandb)")
+        raise UserError("the `wandb` command is not on PATH (pip install wandb)")
     done = subprocess.run([wandb, "sync", *map(str, folders)], capture_output=True, text=True)
     uploaded = [r for r in runs if r.synced]
     print(f"raptor sync: uploaded {len(uploaded)} of {len(runs)} run(s)")
@@ -138,7 +137,7 @@ def main(args: argparse.Namespace) -> int:
     if done.returncode != 0 or len(uploaded) < len(runs):
         tail = (done.stderr or done.stdout).strip().splitlines()[-5:]
         raise RunFailed(
-            f"raptor sync: `wandb sync` exited {done.returncode} with "
+            f"`wandb sync` exited {done.returncode} with "
             f"{len(runs) - len(uploaded)} run(s) not uploaded: {' | '.join(tail)}"
         )
     return 0
