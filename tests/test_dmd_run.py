@@ -39,6 +39,7 @@ def _cfg(shards, run_dir, *extra):
             "dmd.sweep.cut_starts=[0,1]",
             "dmd.sweep.prune_lengths=[1,3]",
             "dmd.sweep.token_groups=[cls,patch]",
+            "dmd.compute_dtype=float64",  # compared below with float64 moments to 1e-6
             *extra,
         ],
     )
