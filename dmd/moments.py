@@ -136,6 +136,22 @@ class _Block:
         return self._copy(self.mlp_out, i - 1, slot)
 
 
+def block_rows(dim: int, compute_dtype: torch.dtype | str, max_update_bytes: int) -> int:
+    """Rows per block of an update that may allocate `max_update_bytes`: three (rows, dim)
+    slots in the compute dtype, the dim x dim product, its float64 cast (adding it to a
+    moment makes one) and two row sums. ValueError when not even one row fits."""
+    dtype = moment_dtype(compute_dtype)
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    fixed = dim * dim * (itemsize + (8 if itemsize != 8 else 0)) + 2 * dim * 8
+    rows = (int(max_update_bytes) - fixed) // (3 * dim * itemsize)
+    if rows < 1:
+        raise ValueError(
+            f"max_update_bytes={max_update_bytes} cannot hold one row block at width {dim} "
+            f"in {dtype}: need at least {fixed + 3 * dim * itemsize} bytes"
+        )
+    return rows
+
+
 class MomentAccumulator:
     """Streams the moments of trajectories (B, L+1, T, D) (module docstring).
 
@@ -205,16 +221,7 @@ class MomentAccumulator:
         self.mlp_pairs: list[tuple[int, int]] = sorted(mlp_pairs)  # (i, b): sum x_b m_i^T
         self.mlp_layers: list[int] = sorted({i for i, _ in mlp_pairs})
         self.compute_dtype = compute_dtype
-        itemsize = torch.empty((), dtype=compute_dtype).element_size()
-        # the d x d product, its float64 cast that adding it to a moment makes, row sums
-        product = D * D * (itemsize + (8 if itemsize != 8 else 0)) + 2 * D * 8
-        self.block_rows = (int(max_update_bytes) - product) // (3 * D * itemsize)
-        if self.block_rows < 1:
-            need = product + 3 * D * itemsize
-            raise ValueError(
-                f"MomentAccumulator: max_update_bytes={max_update_bytes} cannot hold one row "
-                f"block at width {D} in {compute_dtype}: need at least {need} bytes"
-            )
+        self.block_rows = block_rows(D, compute_dtype, max_update_bytes)
         E, M = len(self.endpoints), len(self.mlp_layers) + len(self.mlp_pairs)
         n_mat = (L + 1) + L + E + M
         sums = (L + 1 + len(self.mlp_layers)) * D

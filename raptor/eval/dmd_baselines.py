@@ -47,7 +47,7 @@ from dmd import MomentAccumulator, fit
 from dmd.evaluate import Entry, Evaluator, fit_entries
 from dmd.fit import NO_SPECTRUM, check_span, endpoint_pairs, fits_span
 from dmd.metrics import FidelityTable, metric_key
-from dmd.moments import moment_dtype
+from dmd.moments import MiB, block_rows, moment_dtype
 from dmd.plots import curve_figure, eigenvalue_figure, power_law_figure, save_figure, sweep_figure
 from dmd.stream import rank_share, stream_trajectories
 from dmd.sweeps import BudgetMoments, FitSpec, plan_sweeps, power_law, sweep_rows
@@ -100,7 +100,10 @@ def check_settings(cfg: DictConfig, num_layers: int, dim: int, groups: Iterable[
             raise ConfigError(
                 f"dmd.sweep.token_groups: unknown group '{g}'; the teacher has {known}"
             )
-    moment_dtype_or_fail(d.compute_dtype)
+    try:
+        block_rows(dim, moment_dtype_or_fail(d.compute_dtype), int(d.update_memory_mib * MiB))
+    except ValueError as exc:
+        raise ConfigError(f"dmd.update_memory_mib={d.update_memory_mib}: {exc}") from None
 
 
 def moment_dtype_or_fail(name: str) -> torch.dtype:
@@ -190,7 +193,7 @@ def calibrate(cfg, teacher, loader, spans_needed, device) -> Dict[str, Any]:
     d = cfg.dmd
     L, D = teacher.num_layers, teacher.embed_dim
     dtype = moment_dtype_or_fail(d.compute_dtype)
-    limit = int(d.update_memory_mib * 2**20)
+    limit = int(d.update_memory_mib * MiB)
     ends = endpoint_pairs(spans_needed)
     world = distributed.world_size()
     mlp_out = "replaceme" in d.selections
