@@ -175,6 +175,6 @@ def test_bad_dmd_settings_fail_before_any_image(digits_shards, tmp_path, capsys)
     cfg = _cfg(digits_shards, tmp_path / "r2", "dmd.sweep.cut_starts=[3]")
     with pytest.raises(ConfigError, match=r"dmd.sweep.cut_starts=3 around the base span \(0, 2\)"):
         run_dmd(cfg)
-    cfg = _cfg(digits_shards, tmp_path / "r3", "dmd.update_memory_mib=0.01")
-    with pytest.raises(ConfigError, match=r"dmd.update_memory_mib=0.01: .* at width 32 in torch"):
+    cfg = _cfg(digits_shards, tmp_path / "r3", "dmd.update_memory_mib=0.001")
+    with pytest.raises(ConfigError, match=r"dmd.update_memory_mib=0.001: .* at width 32 in torch"):
         run_dmd(cfg)
