@@ -59,7 +59,7 @@ from torch import Tensor
 from dmd.evaluate import Evaluator, fit_entries
 from dmd.fit import NO_SPECTRUM, SELECTIONS, check_span, endpoint_pairs, fits_span
 from dmd.metrics import METRICS, FidelityTable
-from dmd.moments import MomentAccumulator, moment_dtype
+from dmd.moments import UPDATE_BYTES, MiB, MomentAccumulator, moment_dtype
 from dmd.plots import curve_figure, eigenvalue_figure, save_figure
 from dmd.solvers import ALPHA_MODES, SOLVERS
 from dmd.stream import stream_trajectories, through_teacher
@@ -86,6 +86,7 @@ class DMDCallback(L.Callback):
             datamodule's, else the module's, train_dataloader()).
         out_dir: folder for the CSV and plots (default: trainer.default_root_dir).
         compute_dtype: dtype of the per-batch moment products (float64 or float32).
+        max_update_bytes: the most one moments update allocates (`MomentAccumulator`).
     """
 
     def __init__(
@@ -104,6 +105,7 @@ class DMDCallback(L.Callback):
         out_dir: Optional[str | Path] = None,
         compute_dtype: torch.dtype = torch.float64,
         alpha_mode: str = "relative",
+        max_update_bytes: int = UPDATE_BYTES,
     ) -> None:
         super().__init__()
         for s in solvers:
@@ -136,6 +138,7 @@ class DMDCallback(L.Callback):
         self.calib_loader = calib_loader
         self.out_dir = Path(out_dir) if out_dir else None
         self.compute_dtype = compute_dtype
+        self.max_update_bytes = int(max_update_bytes)
         self.evaluator: Optional[Evaluator] = None
         self.moments: Optional[MomentAccumulator] = None  # merged over ranks
         self._local: Optional[MomentAccumulator] = None  # this rank's, keeps growing with refits
@@ -148,7 +151,7 @@ class DMDCallback(L.Callback):
     ) -> DMDCallback:
         """From a config section with keys spans, solvers, selections, rank, alpha, center,
         calib_images, refit_every_n_steps (and optionally downstream, log_groups, compute_dtype,
-        alpha_mode);
+        alpha_mode, update_memory_mib);
         `default_spans` (the student's phases) when the section names no spans."""
         get = dmd_cfg.get if hasattr(dmd_cfg, "get") else lambda k, d=None: getattr(dmd_cfg, k, d)
         args = dict(
@@ -164,6 +167,7 @@ class DMDCallback(L.Callback):
             log_groups=bool(get("log_groups", False)),
             compute_dtype=moment_dtype(get("compute_dtype", "float64")),
             alpha_mode=str(get("alpha_mode", "relative")),
+            max_update_bytes=int(get("update_memory_mib", UPDATE_BYTES / MiB) * MiB),
         )
         args.update(kwargs)
         return cls(**args)
@@ -222,6 +226,7 @@ class DMDCallback(L.Callback):
                     endpoints=endpoint_pairs(spans),
                     device=traj.device,
                     compute_dtype=self.compute_dtype,
+                    max_update_bytes=self.max_update_bytes,
                     mlp_spans=[s for s in spans if self.mlp_out and fits_span("replaceme", s)],
                 )
             acc.update(traj, out.valid, out.mlp if self.mlp_out else None)

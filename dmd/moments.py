@@ -18,6 +18,18 @@ so all cut starts and prune lengths come from the same pass.
 
 All state lives in one flat float64 buffer, so merging DDP ranks is a single
 `all_reduce` of it.
+
+An update streams: the valid rows are cut into blocks (whole images when one
+image's tokens fit, else pieces of one image's tokens), and within a block the
+layers are visited in order, each copied once into a (rows, d) scratch slot in
+the compute dtype; every product is one (d, rows) x (rows, d) matrix product in
+that dtype whose result is added into the float64 moments. What an update
+allocates is the scratch (three slots and one d x d product), sized from
+`max_update_bytes` whatever the batch, depth or token count: no float64 copy of
+the (B, L+1, T, D) batch is made. With float32 products the moments differ from
+an all-float64 pass by rounding inside each block's products only (measured and
+bounded on ViT-like data in tests/test_dmd_moments_precision.py; `dmd.fit`
+warns where that rounding can move K).
 """
 
 from __future__ import annotations
@@ -67,11 +79,77 @@ class PairMoments:
 
 
 def moment_dtype(name: str | torch.dtype) -> torch.dtype:
-    """ "float64" | "float32" (or the dtype) -> the dtype of the per-batch moment products."""
+    """ "float64" | "float32" (or the dtype) -> the dtype of the moment products."""
     dtype = getattr(torch, name, None) if isinstance(name, str) else name
     if dtype not in (torch.float64, torch.float32):
         raise ValueError(f"moment compute dtype must be float64 or float32, got {name!r}")
     return dtype
+
+
+MiB = 2**20
+UPDATE_BYTES = 256 * MiB  # default bound on what one update allocates
+
+
+def _runs(indices: Sequence[int]) -> list[slice]:
+    """Sorted indices as maximal runs of consecutive ones (slices)."""
+    runs, start = [], 0
+    for k in range(1, len(indices) + 1):
+        if k == len(indices) or indices[k] != indices[k - 1] + 1:
+            runs.append(slice(indices[start], indices[k - 1] + 1))
+            start = k
+    return runs
+
+
+class _Block:
+    """Some images x some tokens of a batch: copies one layer at a time of the trajectory
+    (or of the MLP outputs) into a (rows, D) scratch slot, in the compute dtype."""
+
+    def __init__(
+        self,
+        trajectory: Tensor,
+        mlp: Optional[Tensor],
+        images: list[slice],
+        tokens: slice,
+        scratch: Tensor,
+    ) -> None:
+        self.trajectory, self.mlp_out, self.images, self.tokens = trajectory, mlp, images, tokens
+        self.width = len(range(trajectory.shape[2])[tokens])
+        self.rows = sum(r.stop - r.start for r in images) * self.width
+        self.scratch = scratch[:, : self.rows]
+
+    def _copy(self, source: Tensor, index: int, slot: int) -> Tensor:
+        out, start = self.scratch[slot], 0
+        for run in self.images:
+            n = (run.stop - run.start) * self.width
+            out[start : start + n].view(-1, self.width, out.shape[-1]).copy_(
+                source[run, index, self.tokens]
+            )
+            start += n
+        return out
+
+    def layer(self, layer: int, slot: int) -> Tensor:
+        """x_layer of the block's rows (rows, D)."""
+        return self._copy(self.trajectory, layer, slot)
+
+    def mlp(self, i: int, slot: int) -> Tensor:
+        """m_i, block i's MLP output, of the block's rows (rows, D)."""
+        return self._copy(self.mlp_out, i - 1, slot)
+
+
+def block_rows(dim: int, compute_dtype: torch.dtype | str, max_update_bytes: int) -> int:
+    """Rows per block of an update that may allocate `max_update_bytes`: three (rows, dim)
+    slots in the compute dtype, the dim x dim product, its float64 cast (adding it to a
+    moment makes one) and two row sums. ValueError when not even one row fits."""
+    dtype = moment_dtype(compute_dtype)
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    fixed = dim * dim * (itemsize + (8 if itemsize != 8 else 0)) + 2 * dim * 8
+    rows = (int(max_update_bytes) - fixed) // (3 * dim * itemsize)
+    if rows < 1:
+        raise ValueError(
+            f"max_update_bytes={max_update_bytes} cannot hold one row block at width {dim} "
+            f"in {dtype}: need at least {fixed + 3 * dim * itemsize} bytes"
+        )
+    return rows
 
 
 class MomentAccumulator:
@@ -86,12 +164,17 @@ class MomentAccumulator:
         tokens: the token rows used (a slice along T, e.g. one token group).
         device: where the moments live and the products run (default: CPU; put
             it on the trajectory's device).
-        compute_dtype: dtype of the per-batch products: float64 (default) or
-            float32 (faster on GPUs without fast float64; the products are still
-            accumulated in float64).
+        compute_dtype: dtype of the products: float64 (default here, exact) or
+            float32 (1.6-1.7x faster per update on CPU; each block's products are
+            still added into the float64 moments). `raptor dmd` and the callback
+            take it from `dmd.compute_dtype` (float32 by default).
         mlp_spans: spans (i, p), i >= 1, whose ReplaceMe moments are kept; `update`
             then needs the blocks' MLP outputs. Their endpoint pairs (i, i + p) are
             kept too.
+        max_update_bytes: the most one `update` allocates (its scratch: three blocks of
+            rows in the compute dtype, one d x d product and, below float64, that
+            product's float64 cast), whatever the batch, depth or number of tokens; it
+            sets the rows per block (`block_rows`).
     """
 
     def __init__(
@@ -103,6 +186,7 @@ class MomentAccumulator:
         device: Optional[torch.device | str] = None,
         compute_dtype: torch.dtype | str = torch.float64,
         mlp_spans: Iterable[Sequence[int]] = (),
+        max_update_bytes: int = UPDATE_BYTES,
     ) -> None:
         if num_layers < 1 or dim < 1:
             raise ValueError(
@@ -137,6 +221,7 @@ class MomentAccumulator:
         self.mlp_pairs: list[tuple[int, int]] = sorted(mlp_pairs)  # (i, b): sum x_b m_i^T
         self.mlp_layers: list[int] = sorted({i for i, _ in mlp_pairs})
         self.compute_dtype = compute_dtype
+        self.block_rows = block_rows(D, compute_dtype, max_update_bytes)
         E, M = len(self.endpoints), len(self.mlp_layers) + len(self.mlp_pairs)
         n_mat = (L + 1) + L + E + M
         sums = (L + 1 + len(self.mlp_layers)) * D
@@ -188,7 +273,8 @@ class MomentAccumulator:
     ) -> None:
         """Add a batch: trajectory (B, L+1, T, D) any float dtype; valid bool (B,) keeps rows;
         mlp (B, L, T, D) the blocks' MLP outputs (block l at index l - 1), needed with
-        mlp_spans (ignored otherwise)."""
+        mlp_spans (ignored otherwise). Streams over blocks of rows and, in each, over the
+        layers (module docstring), so it allocates at most `max_update_bytes`."""
         if self.merged:
             raise RuntimeError("MomentAccumulator: already merged across ranks; start a new one")
         L, D = self.num_layers, self.dim
@@ -202,39 +288,59 @@ class MomentAccumulator:
                 f"MomentAccumulator: ReplaceMe spans need the blocks' MLP outputs "
                 f"(B, {L}, T, {D}) with the trajectory, got {got}"
             )
-        x = trajectory[:, :, self.tokens]
+        keep = range(trajectory.shape[0])
         if valid is not None:
-            keep = valid.to(device=x.device, dtype=torch.bool)
-            x = x[keep]
-            mlp = None if mlp is None else mlp[keep.to(mlp.device)]
-        images = x.shape[0]
-        # (L+1, N, D): the layers are the batch of every product below
-        x = x.to(device=self.device, dtype=self.compute_dtype).transpose(0, 1).reshape(L + 1, -1, D)
-        xt = x.transpose(1, 2)
-        self._add(self.grams, xt, x)
-        self._add(self.crosses, xt[1:], x[:-1])
-        if self.endpoints:
-            self._add(self.ends, xt[self._ends_b], x[self._ends_a])
-        self.sums += x.sum(1, dtype=torch.float64)
-        if self.mlp_layers:
-            m = mlp[:, self._mlp_blocks.to(mlp.device)][:, :, self.tokens]
-            m = (
-                m.to(device=self.device, dtype=self.compute_dtype)
-                .transpose(0, 1)
-                .reshape(-1, x.shape[1], D)
-            )
-            self._add(self.mlp_grams, m.transpose(1, 2), m)
-            self._add(self.mlp_crosses, xt[self._mlp_b], m[self._mlp_a])
-            self.mlp_sums += m.sum(1, dtype=torch.float64)
-        self.counts[0] += x.shape[1]
-        self.counts[1] += images
+            keep = torch.nonzero(valid.bool().cpu()).flatten().tolist()
+        tokens = range(trajectory.shape[2])[self.tokens]
+        if not keep or not tokens:
+            return
+        rows = self.block_rows
+        per_image = max(rows // len(tokens), 1)
+        step = rows if per_image == 1 else len(tokens)  # tokens per block
+        buffers = torch.empty(
+            3, min(rows, len(keep) * len(tokens)), D, dtype=self.compute_dtype, device=self.device
+        )
+        product = torch.empty(D, D, dtype=self.compute_dtype, device=self.device)
+        for i in range(0, len(keep), per_image):
+            images = _runs(keep[i : i + per_image])
+            for t in range(0, len(tokens), step):
+                part = tokens[t : t + step]
+                block = _Block(
+                    trajectory, mlp, images, slice(part.start, part.stop, part.step), buffers
+                )
+                self._add_block(block, product)
+        self.counts[0] += len(keep) * len(tokens)
+        self.counts[1] += len(keep)
 
-    def _add(self, dest: Tensor, left: Tensor, right: Tensor) -> None:
-        """dest += left @ right, batched over the leading (layer) dim."""
+    def _add_block(self, block: _Block, product: Tensor) -> None:
+        """The moments of one block of rows, layer after layer."""
+        prev = None
+        for layer in range(self.num_layers + 1):
+            cur = block.layer(layer, slot=layer % 2)
+            self._add(self.grams[layer], cur, cur, product)
+            self.sums[layer] += cur.sum(0)
+            if prev is not None:
+                self._add(self.crosses[layer - 1], cur, prev, product)
+            for k, (a, b) in enumerate(self.endpoints):
+                if b == layer:
+                    self._add(self.ends[k], cur, block.layer(a, slot=2), product)
+            if layer in self.mlp_layers:
+                k = self.mlp_layers.index(layer)
+                m = block.mlp(layer, slot=2)
+                self._add(self.mlp_grams[k], m, m, product)
+                self.mlp_sums[k] += m.sum(0)
+            for k, (i, b) in enumerate(self.mlp_pairs):
+                if b == layer:
+                    self._add(self.mlp_crosses[k], cur, block.mlp(i, slot=2), product)
+            prev = cur
+
+    def _add(self, dest: Tensor, left: Tensor, right: Tensor, product: Tensor) -> None:
+        """dest += left^T @ right: in float64 directly, else the product in the compute
+        dtype (into the scratch `product`) added to the float64 moment."""
         if left.dtype == torch.float64:
-            dest.baddbmm_(left, right)
+            dest.addmm_(left.T, right)
         else:
-            dest += torch.bmm(left, right)
+            dest += torch.mm(left.T, right, out=product)
 
     @torch.no_grad()
     def all_reduce(self, group=None) -> MomentAccumulator:
@@ -248,6 +354,15 @@ class MomentAccumulator:
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(self.buffer, op=dist.ReduceOp.SUM, group=group)
         self.merged = True
+        return self
+
+    @torch.no_grad()
+    def add_(self, other: MomentAccumulator) -> MomentAccumulator:
+        """Add the moments of `other` (same layers, width, pairs and tokens) into these."""
+        layout = ("num_layers", "dim", "endpoints", "mlp_pairs", "tokens")
+        if any(getattr(self, k) != getattr(other, k) for k in layout):
+            raise ValueError("MomentAccumulator.add_: the two accumulators keep different moments")
+        self.buffer += other.buffer.to(self.device)
         return self
 
     def clone(self, device: Optional[torch.device | str] = None) -> MomentAccumulator:

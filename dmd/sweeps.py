@@ -4,9 +4,10 @@ Each sweep varies one thing and keeps the base fit's other choices:
 
 - ``rank``: every rank, for each rank-aware solver (pcr, rrr) among the solvers;
 - ``alpha``: every alpha, for each solver;
-- ``budget``: calibration images B, from moment snapshots taken while streaming;
-  the error at the span end is fitted by least squares in log-log space,
-  error(B) = C / B^gamma (`power_law`);
+- ``budget``: calibration images B, from the moments of the first B images of one
+  stream (`BudgetMoments`: each image accumulated once, into the stretch between
+  two budgets; the stretches summed at the end); the error at the span end is
+  fitted by least squares in log-log space, error(B) = C / B^gamma (`power_law`);
 - ``cut_start``: span (i, p_base) for every i, each selection that can fit it
   (`dmd.fit.fits_span`: no ReplaceMe at i = 0);
 - ``prune_length``: span (i_base, p) for every p, each selection;
@@ -17,14 +18,17 @@ A sweep's score is read at the span's last layer i + p (`score`).
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Optional
 
 import numpy as np
+import torch
+from torch import Tensor
 
 from dmd.fit import fits_span
 from dmd.metrics import METRICS, metric_key
+from dmd.moments import MomentAccumulator
 
 RANK_SOLVERS = ("pcr", "rrr")
 SWEEPS = ("rank", "alpha", "budget", "cut_start", "prune_length", "token_group")
@@ -106,6 +110,42 @@ def plan_sweeps(
                     points.append(SweepPoint(sweep, value, replace(base, span=span, selection=sel)))
     points += [SweepPoint("token_group", g, replace(base, group=g)) for g in token_groups]
     return points
+
+
+class BudgetMoments:
+    """The moments of the first B images of a stream for several budgets B at once.
+
+    `stops`: the budgets in images (the largest: all the stream gives); `make()`: a new
+    empty accumulator. Each image goes into one accumulator, that of the stretch
+    (previous stop, stop] it falls in; `totals` sums the stretches in place into the
+    moments of every budget, so memory is one set of moments per budget and no
+    image is accumulated twice.
+    """
+
+    def __init__(self, stops: Sequence[int], make: Callable[[], MomentAccumulator]) -> None:
+        self.stops = sorted({int(s) for s in stops})
+        self.parts = [make() for _ in self.stops]
+        self.images = 0
+
+    def update(self, trajectory: Tensor, valid: Tensor, mlp: Optional[Tensor] = None) -> None:
+        """Add a batch (`MomentAccumulator.update`); images after the last stop are left out."""
+        count = self.images + torch.cumsum(valid.long(), 0)
+        low = 0
+        for stop, part in zip(self.stops, self.parts):
+            piece = valid & (count > low) & (count <= stop)
+            if piece.any():
+                part.update(trajectory, piece, mlp)
+            low = stop
+        self.images = min(int(count[-1]), self.stops[-1])
+
+    def totals(self, group=None) -> dict[int, MomentAccumulator]:
+        """{stop: the moments of the first `stop` images}, merged over DDP ranks (every
+        rank calls it); a rank whose stream ended early gives all it had."""
+        for part in self.parts:
+            part.all_reduce(group)
+        for before, part in zip(self.parts, self.parts[1:]):
+            part.add_(before)
+        return dict(zip(self.stops, self.parts))
 
 
 def score(result: Mapping[str, Any], layer: int, group: str = "all") -> dict[str, float]:

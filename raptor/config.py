@@ -432,8 +432,13 @@ class DmdConfig:
     refit_every_n_steps: int = valid(0, NON_NEGATIVE)  # 0: fit once
     downstream: bool = True  # span-end predictions through the teacher's remaining blocks (+ top-1)
     log_groups: bool = False  # callback: also log per-token-group metrics (the CSV table has them)
-    # per-batch moment products (sums stay float64)
-    compute_dtype: str = valid("float64", OneOf(("float64", "float32")))
+    # dtype of the moment products, each block's partial sums added into float64 moments:
+    # float32 (default: 1.6-1.7x faster per update on CPU, docs/BENCHMARKS.md; moments
+    # within 1e-6 and K within 2e-2 of float64 at relative alpha >= 1e-4,
+    # tests/test_dmd_moments_precision.py) or float64
+    compute_dtype: str = valid("float32", OneOf(("float64", "float32")))
+    # the most one moments update allocates, in MiB, whatever the batch and model size
+    update_memory_mib: float = valid(256.0, GREATER_THAN_0)
     sweep: DmdSweepConfig = field(default_factory=DmdSweepConfig)
 
 

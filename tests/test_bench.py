@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -358,54 +356,6 @@ def test_bench_train_stage1_and_stage2(tmp_path, capsys):
     achieved = r2["result"]["achieved_tflop_per_s"]
     assert r2["result"]["fraction_of_peak"] == pytest.approx(achieved / 1.0)
     assert "stage1_separate" not in r2 and "dmd_pass" not in r2
-
-
-def test_bench_dmd_runs_from_the_command_line(tmp_path):
-    out = tmp_path / "dmd.json"
-    cmd = [
-        sys.executable,
-        "-m",
-        "raptor.cli",
-        "bench",
-        "dmd",
-        "--dim",
-        "16",
-        "--layers",
-        "3",
-        "--tokens",
-        "5",
-        "--budgets",
-        "20",
-        "200",
-        "--batch-size",
-        "10",
-        "--rank",
-        "4",
-        "--device",
-        "cpu",
-        "--threads",
-        "1",
-        "--json",
-        str(out),
-    ]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr
-    for word in ("accumulate_s", "ridge_s", "pcr_s", "rrr_s", "accumulate_peak_ratio"):
-        assert word in proc.stdout
-    result = json.loads(out.read_text())
-    finite_numbers(result)
-    rows = result["budgets"]
-    assert [r["images"] for r in rows] == [20, 200]
-    for r in rows:
-        solve = r["ridge_s"] + r["pcr_s"] + r["rrr_s"]
-        assert r["accumulate_share"] == pytest.approx(
-            r["accumulate_s"] / (r["accumulate_s"] + solve)
-        )
-        assert r["accumulate_images_per_s"] == pytest.approx(r["images"] / r["accumulate_s"])
-        assert r["accumulate_peak_mib"] is not None
-    assert result["summary"]["moments_mib (analytic, float64)"] == pytest.approx(
-        7 * 16 * 16 * 8 / 2**20
-    )
 
 
 def test_bench_data_full_images_vs_crops(tmp_path, capsys):

@@ -9,6 +9,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from dmd import MomentAccumulator, fit
+from dmd.sweeps import BudgetMoments
 
 L, T, D = 4, 5, 3
 ENDS = [(0, 2), (1, 4)]
@@ -114,3 +115,38 @@ def test_ddp_merge_equals_one_process(tmp_path, free_port):
     Y = torch.cat([x[:, j + 1].reshape(-1, D) for j in range(3)]).numpy()
     K = np.linalg.lstsq(X, Y, rcond=None)[0].T
     np.testing.assert_allclose(fit(merged, (0, 3), "span", "ridge", alpha=0.0).K, K, atol=1e-10)
+
+
+@pytest.mark.parametrize("rows", [1, 2, 7, 9])  # token pieces, one image, two images a block
+def test_row_blocks_give_the_moments_of_the_whole_batch(rows):
+    traj = _traj(seed=4)
+    valid = torch.ones(12, dtype=torch.bool)
+    valid[[0, 5, 6]] = False  # three runs of images
+    # max_update_bytes holding `rows` rows of three float64 blocks, the product and sums
+    acc = MomentAccumulator(
+        L,
+        D,
+        endpoints=ENDS,
+        tokens=TOKENS,
+        max_update_bytes=D * D * 8 + 2 * D * 8 + rows * 3 * D * 8,
+    )
+    assert acc.block_rows == rows
+    acc.update(traj, valid)
+    _assert_equal(acc, _direct(traj[valid]))
+    with pytest.raises(ValueError, match="max_update_bytes=100 cannot hold one row block"):
+        MomentAccumulator(L, D, max_update_bytes=100)
+
+
+def test_budget_moments_are_those_of_the_first_images():
+    traj, valid = _traj(seed=5), torch.ones(12, dtype=torch.bool)
+    valid[3] = False
+    stream = BudgetMoments(
+        [4, 9, 2], lambda: MomentAccumulator(L, D, endpoints=ENDS, tokens=TOKENS)
+    )
+    for chunk in (slice(0, 5), slice(5, 7), slice(7, None)):  # batches across the budgets
+        stream.update(traj[chunk], valid[chunk])
+    totals = stream.totals()
+    assert sorted(totals) == [2, 4, 9] and stream.images == 9
+    kept = traj[valid]
+    for budget, acc in totals.items():
+        _assert_equal(acc, _direct(kept[:budget]))

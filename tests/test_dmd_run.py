@@ -39,6 +39,7 @@ def _cfg(shards, run_dir, *extra):
             "dmd.sweep.cut_starts=[0,1]",
             "dmd.sweep.prune_lengths=[1,3]",
             "dmd.sweep.token_groups=[cls,patch]",
+            "dmd.compute_dtype=float64",  # compared below with float64 moments to 1e-6
             *extra,
         ],
     )
@@ -173,4 +174,7 @@ def test_bad_dmd_settings_fail_before_any_image(digits_shards, tmp_path, capsys)
     )
     cfg = _cfg(digits_shards, tmp_path / "r2", "dmd.sweep.cut_starts=[3]")
     with pytest.raises(ConfigError, match=r"dmd.sweep.cut_starts=3 around the base span \(0, 2\)"):
+        run_dmd(cfg)
+    cfg = _cfg(digits_shards, tmp_path / "r3", "dmd.update_memory_mib=0.001")
+    with pytest.raises(ConfigError, match=r"dmd.update_memory_mib=0.001: .* at width 32 in torch"):
         run_dmd(cfg)

@@ -124,8 +124,28 @@ def _dmd_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--compute-dtype",
         choices=["float64", "float32"],
-        default="float64",
-        help="dtype of the per-batch products (accumulation is always float64)",
+        default="float32",
+        help="dtype of the products in the budget runs (accumulation is always float64)",
+    )
+    parser.add_argument(
+        "--max-update-mib",
+        type=float,
+        default=256,
+        help="MomentAccumulator max_update_bytes in MiB (default 256, dmd.update_memory_mib)",
+    )
+    parser.add_argument(
+        "--repeats", type=int, default=5, help="interleaved timed rounds, medians (default 5)"
+    )
+    parser.add_argument(
+        "--teacher",
+        default="vit_small_patch16_224",
+        help="timm ViT (random weights) for the moments-pass ratio (default ViT-S/16)",
+    )
+    parser.add_argument(
+        "--teacher-batch", type=int, default=8, help="images per teacher batch (default 8)"
+    )
+    parser.add_argument(
+        "--skip-teacher", action="store_true", help="skip the moments-pass / forward ratio"
     )
 
 

@@ -1,8 +1,10 @@
 """`raptor dmd CONFIG [key=value ...]`: DMD baselines along the teacher's depth, standalone.
 
 Streams `dmd.calib_images` training images through the teacher, accumulating
-second moments (`dmd.MomentAccumulator`, float64; snapshots at every
-`dmd.sweep.budgets` count; one accumulator per `dmd.sweep.token_groups` group),
+second moments (`dmd.MomentAccumulator`: products in `dmd.compute_dtype` summed into
+float64, at most `dmd.update_memory_mib` allocated per batch; the moments of the
+first B images for every `dmd.sweep.budgets` B from the same stream
+(`dmd.sweeps.BudgetMoments`); one accumulator per other `dmd.sweep.token_groups` group),
 fits every variant (`dmd.selections` x `dmd.solvers`, plus identity) on every
 span and every sweep point, then streams `dmd.eval_images` validation images
 and scores them all on the same batches (`dmd.evaluate.Evaluator`).
@@ -45,10 +47,10 @@ from dmd import MomentAccumulator, fit
 from dmd.evaluate import Entry, Evaluator, fit_entries
 from dmd.fit import NO_SPECTRUM, check_span, endpoint_pairs, fits_span
 from dmd.metrics import FidelityTable, metric_key
-from dmd.moments import moment_dtype
+from dmd.moments import MiB, block_rows, moment_dtype
 from dmd.plots import curve_figure, eigenvalue_figure, power_law_figure, save_figure, sweep_figure
 from dmd.stream import rank_share, stream_trajectories
-from dmd.sweeps import FitSpec, plan_sweeps, power_law, sweep_rows
+from dmd.sweeps import BudgetMoments, FitSpec, plan_sweeps, power_law, sweep_rows
 from raptor import distributed
 from raptor.config import ConfigError
 from raptor.model.partition import Partition
@@ -98,7 +100,10 @@ def check_settings(cfg: DictConfig, num_layers: int, dim: int, groups: Iterable[
             raise ConfigError(
                 f"dmd.sweep.token_groups: unknown group '{g}'; the teacher has {known}"
             )
-    moment_dtype_or_fail(d.compute_dtype)
+    try:
+        block_rows(dim, moment_dtype_or_fail(d.compute_dtype), int(d.update_memory_mib * MiB))
+    except ValueError as exc:
+        raise ConfigError(f"dmd.update_memory_mib={d.update_memory_mib}: {exc}") from None
 
 
 def moment_dtype_or_fail(name: str) -> torch.dtype:
@@ -182,50 +187,50 @@ def _short(what: str, seen: int, images: int) -> None:
 
 
 def calibrate(cfg, teacher, loader, spans_needed, device) -> Dict[str, Any]:
-    """Stream calibration images into the moments: {"main", "budgets": {B: snapshot},
-    "groups": {name: accumulator}}, all merged over ranks."""
+    """Stream calibration images into the moments: {"main", "budgets": {B: moments of
+    the first B images}, "groups": {name: accumulator}}, all merged over ranks; one set
+    of moments per budget and per token group ("all": the main moments)."""
     d = cfg.dmd
     L, D = teacher.num_layers, teacher.embed_dim
     dtype = moment_dtype_or_fail(d.compute_dtype)
+    limit = int(d.update_memory_mib * MiB)
     ends = endpoint_pairs(spans_needed)
     world = distributed.world_size()
     mlp_out = "replaceme" in d.selections
     mlp_spans = sorted({tuple(s) for s in spans_needed if mlp_out and fits_span("replaceme", s)})
-    main = MomentAccumulator(L, D, ends, device=device, compute_dtype=dtype, mlp_spans=mlp_spans)
-    slices = dict(teacher.groups, all=slice(None))
-    groups = {
-        g: MomentAccumulator(L, D, ends, tokens=slices[g], device=device, compute_dtype=dtype)
-        for g in d.sweep.token_groups
-    }
-    stops = sorted({rank_share(b, world) for b in d.sweep.budgets})
-    snapshots: Dict[int, MomentAccumulator] = {}
+
+    def accumulator(tokens: slice = slice(None), mlp_spans=()) -> MomentAccumulator:
+        return MomentAccumulator(
+            L,
+            D,
+            ends,
+            tokens=tokens,
+            device=device,
+            compute_dtype=dtype,
+            mlp_spans=mlp_spans,
+            max_update_bytes=limit,
+        )
+
     total = rank_share(d.calib_images, world)
+    stream = BudgetMoments(
+        [rank_share(b, world) for b in d.sweep.budgets] + [total],
+        lambda: accumulator(mlp_spans=mlp_spans),
+    )
+    groups = {g: accumulator(teacher.groups[g]) for g in d.sweep.token_groups if g != "all"}
     for out in _images(loader, teacher, device, d.calib_images, "calibration", mlp_out):
-        traj, valid, mlp = out.trajectory, out.valid, out.mlp if mlp_out else None
-        count = main.images + torch.cumsum(valid.long(), 0)
-        lo = main.images
-        for stop in [s for s in stops if s > lo] + [total]:
-            piece = valid & (count > lo) & (count <= stop)
-            if piece.any():
-                main.update(traj, piece, mlp)
-                for acc in groups.values():
-                    acc.update(traj, piece)
-            if main.images == stop and stop in stops:
-                snapshots[stop] = main.clone()
-            lo = stop
-            if int(count[-1]) <= stop:
-                break
-    _short("calibration", main.images, d.calib_images)
-    budgets = {}
-    for b in sorted(set(d.sweep.budgets)):
-        snap = snapshots.get(rank_share(b, world))
-        if snap is None:  # fewer images than the budget on this rank: use what there is
-            snap = main.clone()
-        budgets[b] = snap.all_reduce()
+        stream.update(out.trajectory, out.valid, out.mlp if mlp_out else None)
+        for acc in groups.values():
+            acc.update(out.trajectory, out.valid)
+    _short("calibration", stream.images, d.calib_images)
+    totals = stream.totals()
+    main = totals[total]
+    groups = {g: acc.all_reduce() for g, acc in groups.items()}
+    if "all" in d.sweep.token_groups:
+        groups["all"] = main
     return {
-        "main": main.all_reduce(),
-        "budgets": budgets,
-        "groups": {g: acc.all_reduce() for g, acc in groups.items()},
+        "main": main,
+        "budgets": {b: totals[rank_share(b, world)] for b in d.sweep.budgets},
+        "groups": groups,
     }
 
 
