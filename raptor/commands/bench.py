@@ -73,6 +73,29 @@ def _train_options(parser: argparse.ArgumentParser) -> None:
         "--compile", action="store_true", help="torch.compile every teacher and surrogate block"
     )
     parser.add_argument(
+        "--compile-backend", default="inductor", help="torch.compile backend (default inductor)"
+    )
+    parser.add_argument(
+        "--baseline-rounds",
+        type=int,
+        default=3,
+        help="rounds of (this run, reference-style baseline), interleaved; medians (default 3)",
+    )
+    parser.add_argument(
+        "--baseline-batch", type=int, help="the baseline's batch (default: the run's batch)"
+    )
+    parser.add_argument(
+        "--skip-baseline",
+        action="store_true",
+        help="skip the reference-style baseline (float32, explicit softmax attention)",
+    )
+    parser.add_argument(
+        "--max-batch-limit",
+        type=int,
+        default=4096,
+        help="--max-batch never tries a batch above this (default 4096)",
+    )
+    parser.add_argument(
         "--activation-checkpointing",
         action="store_true",
         help="recompute surrogate block activations in the backward pass",
