@@ -176,6 +176,13 @@ def _data_options(parser: argparse.ArgumentParser) -> None:
         "--workers", type=int, nargs="+", default=[0, 1, 2], help="loader workers W to try"
     )
     parser.add_argument(
+        "--decode",
+        nargs="+",
+        choices=["cpu", "gpu"],
+        default=["cpu"],
+        help="data.decode values to time (gpu: decode_jpeg on the current CUDA device)",
+    )
+    parser.add_argument(
         "--dir", help="keep the synthetic images and shards here (empty or new folder)"
     )
 
