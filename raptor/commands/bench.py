@@ -8,7 +8,7 @@ import argparse
 
 import torch
 
-from raptor.bench import data, dmd, train
+from raptor.bench import data, dmd, growth, train
 from raptor.bench.common import write_json
 
 
@@ -187,6 +187,25 @@ def _data_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _growth_options(parser: argparse.ArgumentParser) -> None:
+    """The options of `bench growth` (the axis, its values, the base sizes)."""
+    parser.add_argument("--vary", choices=growth.AXES, default="dim", help="axis (default dim)")
+    parser.add_argument(
+        "--values",
+        type=int,
+        nargs="+",
+        default=[96, 192, 384],
+        help="its sizes (default 96 192 384)",
+    )
+    parser.add_argument("--dim", type=int, default=192, help="base width (default 192)")
+    parser.add_argument(
+        "--tokens", type=int, default=65, help="base tokens, square + 1 (default 65)"
+    )
+    parser.add_argument("--layers", type=int, default=4, help="base depth L (default 4)")
+    parser.add_argument("--batch-size", type=int, default=8, help="images per call (default 8)")
+    parser.add_argument("--repeats", type=int, default=5, help="timed rounds, median (default 5)")
+
+
 # action -> (module whose run(args) returns the figures, its options, help, takes --device)
 ACTIONS = {
     "train": (
@@ -205,6 +224,12 @@ ACTIONS = {
         dmd,
         _dmd_options,
         "streaming DMD moments and solvers: time and memory vs budget B",
+        True,
+    ),
+    "growth": (
+        growth,
+        _growth_options,
+        "cost per image vs width, tokens or layers: FLOP-count prediction vs measurement",
         True,
     ),
 }
