@@ -536,3 +536,31 @@ def test_bench_data_full_images_vs_crops(tmp_path, capsys):
         assert r["images_per_s"] * r["epoch_s"] >= (6 - skip) * 4
         assert r["images_per_s_per_worker"] == pytest.approx(r["images_per_s"] / skip)
     assert rows[2]["kib_per_image"] < rows[0]["kib_per_image"]  # 32x32 crops vs 64x48 images
+
+
+def test_bench_growth_predicts_from_flop_counts(tmp_path, capsys):
+    out = tmp_path / "growth.json"
+    argv = ["bench", "growth", "--vary", "dim", "--values", "32", "64", "--tokens", "5"]
+    argv += ["--layers", "2", "--batch-size", "2", "--repeats", "1", "--device", "cpu"]
+    text = run_cli([*argv, "--threads", "1", "--json", str(out)], capsys)
+    assert "measured_over_predicted" in text
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["computation"], r["dim"]) for r in rows] == [
+        (c, d) for c in ("dmd_moments", "stage2_step", "teacher_fwd") for d in (32, 64)
+    ]
+    T, L = 5, 2
+    for D in (32, 64):  # by hand: 2x2 patches of 16 x 16 x 3 pixels, GELU teacher, SwiGLU surrogate
+        teacher = 2 * 4 * 768 * D + L * by_hand_block(T, D, 4 * D, gated=False)
+        surrogate = 3 * L * by_hand_block(T, D, 4 * D, gated=True, depth_hidden=16)
+        moments = (2 * L + 1) * 2 * T * D * D
+        got = {r["computation"]: r["gflop_per_image"] for r in rows if r["dim"] == D}
+        assert got["teacher_fwd"] == pytest.approx(teacher / 1e9, rel=1e-12)
+        assert got["stage2_step"] == pytest.approx((teacher + surrogate) / 1e9, rel=1e-12)
+        assert got["dmd_moments"] == pytest.approx(moments / 1e9, rel=1e-12)
+    for name in ("dmd_moments", "stage2_step", "teacher_fwd"):
+        small, large = (r for r in rows if r["computation"] == name)
+        assert large["measured_over_predicted"] == pytest.approx(1.0)  # the reference size
+        ratio = small["gflop_per_image"] / large["gflop_per_image"]
+        assert small["predicted_ms_per_image"] == pytest.approx(
+            large["measured_ms_per_image"] * ratio
+        )

@@ -23,8 +23,9 @@ with the `eager` backend; no largest-batch search, which needs CUDA memory): wha
 test suite runs.
 
 Packages: the suite imports only what `raptor bench` imports (torch, lightning, timm,
-torchmetrics, torchvision, PIL, numpy, omegaconf, PyYAML); where one is missing the
-sections say which (docs/BENCHMARKS.md shows how to carry omegaconf's wheel).
+torchmetrics, torchvision, PIL, numpy, PyYAML, omegaconf; webdataset and braceexpand in
+the `data` section); a section whose package is missing says which and the others run
+(docs/BENCHMARKS.md shows how to carry the wheels to a machine without them).
 """
 
 from __future__ import annotations
