@@ -46,13 +46,13 @@ teacher:
   img_size: 8
   patch_size: 4
   embed_dim: 32
-  depth: 6
+  depth: 4
   num_heads: 2
   mlp_ratio: 2.0
   reg_tokens: 1
   num_classes: 0
-model: {k: 3, mlp_ratio: 2.0}
-phases: {boundaries: [3, 5]}
+model: {k: 2, mlp_ratio: 2.0}
+phases: {boundaries: [3]}
 train:
   stage1: {steps: 100, warmup_steps: 2}
   stage2: {steps: 100, warmup_steps: 2}
