@@ -7,7 +7,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test test-slurm lint bench clean
+.PHONY: setup demo test test-slurm lint bench bench-gpu clean
 
 setup: $(STAMP)
 
@@ -38,6 +38,14 @@ bench: $(STAMP)
 	$(BIN)/raptor bench train configs/demo.yaml
 	$(BIN)/raptor bench dmd
 	$(BIN)/raptor bench data
+
+# The one-shot GPU suite (docs/BENCHMARKS.md, "GPU suite"): one JSON + one markdown table
+# in BENCH_GPU_OUT, under 8 minutes on one H100/H200. BENCH_GPU_FLAGS=--dry-run rehearses
+# it on the CPU with tiny shapes in seconds.
+BENCH_GPU_OUT ?= results/bench_gpu
+BENCH_GPU_FLAGS ?=
+bench-gpu: $(STAMP)
+	$(BIN)/python -m raptor.bench.gpu --out $(BENCH_GPU_OUT) $(BENCH_GPU_FLAGS)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

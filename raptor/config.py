@@ -196,6 +196,10 @@ class DataConfig:
     `shards` (use `train_urls` / `val_urls` as given).
     URL patterns use brace expansion (`/data/in1k/train-{000000..001023}.tar`); a
     local folder holding a `manifest.json` is also accepted.
+    `decode`: `cpu` (loader workers decode with PIL and transform) or `gpu` (workers pass
+    the JPEG bytes on; each batch is decoded with torchvision.io.decode_jpeg on the current
+    CUDA device and transformed there: JPEG shards only, evaluation transform only;
+    `raptor.data.device_decode`).
     """
 
     source: str = valid("shards", OneOf(("shards", "digits"), prefixes=("imagefolder:",)))
@@ -214,6 +218,7 @@ class DataConfig:
     # stop when more than this fraction of samples fail
     max_bad_fraction: float = valid(0.01, PROBABILITY)
     require_labels: bool = False  # a sample without a valid .cls label is skipped as bad
+    decode: str = valid("cpu", OneOf(("cpu", "gpu")))  # where JPEGs are decoded (docstring)
     # writing shards (`raptor shards`, pipeline)
     shard_size: int = valid(1000, POSITIVE)  # samples per shard
     val_fraction: float = valid(0.2, FRACTION)  # digits only

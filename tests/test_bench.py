@@ -10,6 +10,7 @@ import pytest
 import torch
 from conftest import make_vit
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 from raptor import cli
@@ -207,6 +208,11 @@ def test_largest_fitting_batch_search():
         # brute force: the largest multiple of 8 (or 8 itself) not above the limit
         assert found == max(b for b in range(8, limit + 1) if b % 8 == 0)
         assert len(tried) < 25
+        for cap in (8, 50, 100, 600):  # a bounded search never tries past its cap
+            tried.clear()
+            found = largest_fitting(fits, 8, limit=cap)
+            assert found == max(b for b in range(8, min(limit, cap) + 1) if b % 8 == 0)
+            assert max(tried) <= cap and len(tried) < 25
     assert largest_fitting(lambda b: False, 64) == 0
 
 
@@ -283,7 +289,18 @@ def test_bench_train_stage1_and_stage2(tmp_path, capsys):
         "2",
     ]
     text = run_cli(
-        ["bench", "train", str(config), "--stage", "1", "--json", str(out1), *common], capsys
+        [
+            "bench",
+            "train",
+            str(config),
+            "--stage",
+            "1",
+            "--skip-baseline",
+            "--json",
+            str(out1),
+            *common,
+        ],
+        capsys,
     )
     for line in (
         "images_per_s",
@@ -332,12 +349,14 @@ def test_bench_train_stage1_and_stage2(tmp_path, capsys):
     )
 
     out2 = tmp_path / "s2.json"
-    run_cli(
+    text = run_cli(
         [
             "bench",
             "train",
             str(config),
             "stage=2",
+            "--baseline-rounds",
+            "2",
             "--activation-checkpointing",
             "--skip-dmd-pass",
             "--peak-tflops",
@@ -356,6 +375,74 @@ def test_bench_train_stage1_and_stage2(tmp_path, capsys):
     achieved = r2["result"]["achieved_tflop_per_s"]
     assert r2["result"]["fraction_of_peak"] == pytest.approx(achieved / 1.0)
     assert "stage1_separate" not in r2 and "dmd_pass" not in r2
+    # the reference-style baseline: interleaved rounds, every figure with its ratio
+    assert "reference-style baseline" in text and "images_per_s_ratio" in text
+    base = r2["baseline"]
+    assert r2["params"]["rounds"] == 2 and len(base["speedup_per_round"]) == 2
+    for name in ("images_per_s", "step_time_median_s", "achieved_tflop_per_s", "peak_memory_mib"):
+        this, ref = base[f"{name}_this"], base[f"{name}_baseline"]
+        assert base[f"{name}_ratio"] == pytest.approx(this / ref)
+    assert base["images_per_s_this"] == r2["result"]["images_per_s"]
+    assert base["achieved_tflop_per_s_baseline"] == pytest.approx(
+        stage2 * base["images_per_s_baseline"] / 1e12
+    )
+    assert min(base["speedup_per_round"]) <= base["images_per_s_ratio"]
+    assert base["images_per_s_ratio"] <= max(base["speedup_per_round"]) or math.isclose(
+        base["images_per_s_ratio"], max(base["speedup_per_round"])
+    )
+
+
+class OpCounter(TorchDispatchMode):
+    """Counts the aten operators run inside it (forward and backward) by kind."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops: list = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(func.__name__)
+        return func(*args, **(kwargs or {}))
+
+    def count(self, word: str) -> int:
+        return sum(word in op and "backward" not in op for op in self.ops)
+
+
+def test_reference_style_baseline_computes_the_same_step_the_reference_way():
+    from raptor.bench.train import ReferenceAttention, reference_style
+    from raptor.model.raptor import Raptor
+    from raptor.model.teacher import Teacher
+
+    vit = make_vit(img_size=16, patch_size=4, embed_dim=32, depth=4, num_heads=4, reg_tokens=1)
+    teacher = Teacher(vit.eval())
+    torch.manual_seed(1)
+    raptor = Raptor(4, [2], 32, 4, mlp="swiglu", mlp_ratio=2.0)
+    ref_teacher, ref_raptor = reference_style(teacher, raptor)
+    assert all(isinstance(b.attn, ReferenceAttention) for b in ref_raptor.blocks)
+    assert ref_teacher.precision == "fp32" and teacher.precision == "bf16"
+    images = torch.randn(3, 3, 16, 16)
+    with OpCounter() as ours:
+        traj = teacher.trajectory(images)
+        out = raptor(traj[:, 0])
+    with OpCounter() as ref:
+        ref_traj = ref_teacher.trajectory(images)
+        ref_out = ref_raptor(ref_traj[:, 0])
+    # our path: fused attention kernels (4 teacher + 4 surrogate applications), no softmax;
+    # the reference's: 8 explicit softmaxes, no fused kernel
+    assert ours.count("scaled_dot_product") == 8 and ours.count("softmax") == 0
+    assert ref.count("scaled_dot_product") == 0 and ref.count("softmax") == 8
+    # the same function: same attention, trajectory and rollout, and the same gradients
+    x = torch.randn(3, 7, 32)
+    for block, ref_block in zip(raptor.blocks, ref_raptor.blocks):
+        torch.testing.assert_close(ref_block.attn(x), block.attn(x), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ref_traj, traj, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ref_out, out, rtol=1e-5, atol=1e-5)
+    out.square().sum().backward()
+    ref_out.square().sum().backward()
+    for block, ref_block in zip(raptor.blocks, ref_raptor.blocks):
+        torch.testing.assert_close(
+            ref_block.attn.mha.in_proj_weight.grad, block.attn.qkv.weight.grad, rtol=1e-4, atol=1e-6
+        )
+        torch.testing.assert_close(ref_block.mlp.fc1.weight.grad, block.mlp.fc1.weight.grad)
 
 
 def test_bench_data_full_images_vs_crops(tmp_path, capsys):
@@ -399,3 +486,31 @@ def test_bench_data_full_images_vs_crops(tmp_path, capsys):
         assert r["images_per_s"] * r["epoch_s"] >= (6 - skip) * 4
         assert r["images_per_s_per_worker"] == pytest.approx(r["images_per_s"] / skip)
     assert rows[2]["kib_per_image"] < rows[0]["kib_per_image"]  # 32x32 crops vs 64x48 images
+
+
+def test_bench_growth_predicts_from_flop_counts(tmp_path, capsys):
+    out = tmp_path / "growth.json"
+    argv = ["bench", "growth", "--vary", "dim", "--values", "32", "64", "--tokens", "5"]
+    argv += ["--layers", "2", "--batch-size", "2", "--repeats", "1", "--device", "cpu"]
+    text = run_cli([*argv, "--threads", "1", "--json", str(out)], capsys)
+    assert "measured_over_predicted" in text
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["computation"], r["dim"]) for r in rows] == [
+        (c, d) for c in ("dmd_moments", "stage2_step", "teacher_fwd") for d in (32, 64)
+    ]
+    T, L = 5, 2
+    for D in (32, 64):  # by hand: 2x2 patches of 16 x 16 x 3 pixels, GELU teacher, SwiGLU surrogate
+        teacher = 2 * 4 * 768 * D + L * by_hand_block(T, D, 4 * D, gated=False)
+        surrogate = 3 * L * by_hand_block(T, D, 4 * D, gated=True, depth_hidden=16)
+        moments = (2 * L + 1) * 2 * T * D * D
+        got = {r["computation"]: r["gflop_per_image"] for r in rows if r["dim"] == D}
+        assert got["teacher_fwd"] == pytest.approx(teacher / 1e9, rel=1e-12)
+        assert got["stage2_step"] == pytest.approx((teacher + surrogate) / 1e9, rel=1e-12)
+        assert got["dmd_moments"] == pytest.approx(moments / 1e9, rel=1e-12)
+    for name in ("dmd_moments", "stage2_step", "teacher_fwd"):
+        small, large = (r for r in rows if r["computation"] == name)
+        assert large["measured_over_predicted"] == pytest.approx(1.0)  # the reference size
+        ratio = small["gflop_per_image"] / large["gflop_per_image"]
+        assert small["predicted_ms_per_image"] == pytest.approx(
+            large["measured_ms_per_image"] * ratio
+        )

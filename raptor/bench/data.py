@@ -1,6 +1,8 @@
 """`raptor bench data`: images/s through shard reading, JPEG decoding and the
 evaluation transform with W loader workers, for shards of full images and of
-stored center crops, made from a synthetic image folder.
+stored center crops, made from a synthetic image folder; with `--decode cpu gpu`
+also with the JPEGs decoded on the device (`data.decode=gpu`, torchvision's
+decode_jpeg; timed to the decoded batch on the device).
 """
 
 from __future__ import annotations
@@ -38,11 +40,17 @@ def synthetic_image_folder(
 
 
 def loader_throughput(
-    shards: Path, workers: int, batch_size: int, images: int, data_config: Dict[str, Any]
+    shards: Path,
+    workers: int,
+    batch_size: int,
+    images: int,
+    data_config: Dict[str, Any],
+    decode: str = "cpu",
 ) -> Dict[str, Any]:
     """One epoch of `images` through ShardDataModule's training loader with `workers`
-    workers: time to the first batch, and images/s once every worker has delivered its
-    first batch (the batches after the first max(W, 1))."""
+    workers and data.decode=`decode`: time to the first batch, and images/s once every
+    worker has delivered its first batch (the batches after the first max(W, 1)); a
+    batch arrives when its images are ready where they were decoded."""
     from raptor.config import load_config
     from raptor.data.stream import ShardDataModule
 
@@ -54,11 +62,17 @@ def loader_throughput(
             f"data.batch_size={batch_size}",
             f"data.train_samples={images}",
             f"data.shuffle_buffer={min(images, 1000)}",
+            f"data.decode={decode}",
         ],
     )
     loader = ShardDataModule(cfg.data, data_config).train_dataloader()
+    sync = torch.cuda.synchronize if decode == "gpu" and torch.cuda.is_available() else None
     start = time.perf_counter()
-    arrivals = [time.perf_counter() for _ in loader]
+    arrivals = []
+    for _ in loader:
+        if sync is not None:
+            sync()
+        arrivals.append(time.perf_counter())
     skip = max(1, workers)
     if len(arrivals) <= skip:
         raise SystemExit(
@@ -66,6 +80,7 @@ def loader_throughput(
         )
     steady = (len(arrivals) - skip) * batch_size / (arrivals[-1] - arrivals[skip - 1])
     return {
+        "decode": decode,
         "workers": workers,
         "startup_s": arrivals[0] - start,
         "images_per_s": steady,
@@ -79,6 +94,7 @@ def _folder_bytes(folder: Path) -> int:
 
 
 def run(args: argparse.Namespace) -> Dict[str, Any]:
+    from raptor.data.device_decode import DeviceDecoder
     from raptor.data.shards import write_shards
 
     W, H = (int(v) for v in args.image_size.lower().split("x"))
@@ -112,12 +128,15 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
         prepare_s = time.perf_counter() - t0
         rows = []
         for name, (out, _) in sets.items():
-            for workers in args.workers:
-                row = {"shards": name, "kib_per_image": _folder_bytes(out) / args.images / 1024}
-                row.update(
-                    loader_throughput(out, workers, args.batch_size, args.images, data_config)
-                )
-                rows.append(row)
+            for decode in args.decode:
+                for workers in args.workers:
+                    row = {"shards": name, "kib_per_image": _folder_bytes(out) / args.images / 1024}
+                    row.update(
+                        loader_throughput(
+                            out, workers, args.batch_size, args.images, data_config, decode
+                        )
+                    )
+                    rows.append(row)
     result = {
         "bench": "data",
         "params": {
@@ -128,6 +147,8 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
             "stored_crop": f"{side}x{side} JPEG q95 (raptor shards --crop {side})",
             "batch_size": args.batch_size,
             "workers": list(args.workers),
+            "decode": list(args.decode),
+            "gpu decode device": str(DeviceDecoder.device()) if "gpu" in args.decode else None,
             "prepare_s (images + both shard sets)": prepare_s,
         },
         "env": environment(torch.device("cpu")),

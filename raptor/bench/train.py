@@ -6,6 +6,13 @@ fraction of the device's peak; for stage 1 also the per-image cost of k
 single-block runs over one run with all k blocks, and the cost of a DMD moments
 pass over the teacher's forward alone, both measured in the run. `--max-batch`
 (CUDA) first searches the largest batch that fits (`largest_fitting`).
+
+Every figure comes with its ratio to a reference-style baseline measured in the same
+run (`reference_style`): the same step computed the way the reference's code computes
+it, float32 throughout (no autocast, no TF32) and explicit softmax attention with the
+weights materialised (`nn.MultiheadAttention(need_weights=True)` in the surrogate, as
+the reference's `Block`; timm's non-fused attention in the teacher). The measured run
+and the baseline alternate for `--baseline-rounds` rounds; figures are medians.
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional
 
 import torch
 from lightning.pytorch.callbacks import Callback
+from torch import nn
 
 from raptor.bench.common import (
     PeakMemory,
@@ -157,7 +165,7 @@ def bench_config(args: argparse.Namespace):
 
 
 def build_models(cfg, device: torch.device, args: argparse.Namespace):
-    """Teacher (random weights) and Raptor on `device`, with compile/checkpointing applied."""
+    """Teacher (random weights) and Raptor on `device`, with activation checkpointing applied."""
     teacher = Teacher.from_config(cfg.teacher)
     if cfg.phases.boundaries is None and not cfg.phases.file:
         even = Partition.even(teacher.num_layers, int(cfg.model.k))
@@ -167,10 +175,73 @@ def build_models(cfg, device: torch.device, args: argparse.Namespace):
     raptor.to(device)
     for block in raptor.blocks:
         block.checkpoint_activations = bool(args.activation_checkpointing)
-    if args.compile:
-        for block in list(raptor.blocks) + list(teacher.vit.blocks):
-            block.compile()
     return teacher, raptor
+
+
+def compile_blocks(teacher, raptor, backend: str = "inductor") -> None:
+    """torch.compile every teacher and surrogate block in place."""
+    for block in list(raptor.blocks) + list(teacher.vit.blocks):
+        block.compile(backend=backend)
+
+
+class ReferenceAttention(nn.Module):
+    """The reference's attention: `nn.MultiheadAttention` called with need_weights=True
+    (its default in the reference's Block), i.e. explicit softmax(QK^T / sqrt(d)) V per
+    head with the head-averaged weights materialised, holding a copy of a Raptor
+    `SelfAttention`'s weights (same [q; k; v] layout and head split, so the same
+    function)."""
+
+    def __init__(self, attn: nn.Module) -> None:
+        super().__init__()
+        weight = attn.qkv.weight
+        self.mha = nn.MultiheadAttention(
+            weight.shape[1],
+            attn.num_heads,
+            batch_first=True,
+            device=weight.device,
+            dtype=weight.dtype,
+        )
+        with torch.no_grad():
+            self.mha.in_proj_weight.copy_(weight)
+            if attn.qkv.bias is None:
+                self.mha.in_proj_bias.zero_()
+            else:
+                self.mha.in_proj_bias.copy_(attn.qkv.bias)
+            self.mha.out_proj.weight.copy_(attn.proj.weight)
+            self.mha.out_proj.bias.copy_(attn.proj.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.mha(x, x, x, need_weights=True)[0]
+
+
+def reference_style(teacher, raptor):
+    """Copies of the teacher and surrogate computed as the reference does (module
+    docstring): the teacher in float32 with timm's explicit attention, every surrogate
+    attention a `ReferenceAttention`, no activation checkpointing."""
+    import copy
+
+    ref_teacher, ref_raptor = copy.deepcopy(teacher), copy.deepcopy(raptor)
+    ref_teacher.precision = "fp32"
+    for block in ref_teacher.vit.blocks:
+        if hasattr(block.attn, "fused_attn"):
+            block.attn.fused_attn = False
+    for block in ref_raptor.blocks:
+        block.attn = ReferenceAttention(block.attn)
+        block.checkpoint_activations = False
+    return ref_teacher, ref_raptor
+
+
+@contextmanager
+def float32_matmuls() -> Iterator[None]:
+    """float32 matrix products and convolutions without TF32 (restored on exit)."""
+    matmul, cudnn = torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32
+    torch.set_float32_matmul_precision("highest")
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(matmul)
+        torch.backends.cudnn.allow_tf32 = cudnn
 
 
 def timed_run(
@@ -219,10 +290,73 @@ def timed_run(
     )
     return {
         "images_per_s": len(times) * B / timer.wall,
+        "step_times": times,
         "step_s": spread(times),
         "peak_memory_mib": to_mib(timer.memory.total),
         "tf_fraction": tf_steps / len(timed),
     }
+
+
+def interleaved_runs(cfg, teacher, raptor, reference, blocks, batch, device, args):
+    """`args.baseline_rounds` rounds of (the measured run, then the reference-style run
+    when `reference` is given, at --baseline-batch or the same batch): two lists of
+    `timed_run` results. One round when there is no baseline."""
+    rounds = max(1, int(args.baseline_rounds)) if reference is not None else 1
+    size = args.baseline_batch or batch["image"].shape[0]
+    ref_batch = batch if size == batch["image"].shape[0] else synthetic_batch(teacher, size, device)
+    ref_args = argparse.Namespace(**{**vars(args), "precision": "32-true", "attn_backend": "auto"})
+    runs, reference_runs = [], []
+    for _ in range(rounds):
+        runs.append(timed_run(cfg, teacher, raptor, blocks, batch, device, args))
+        if reference is not None:
+            with float32_matmuls():
+                reference_runs.append(
+                    timed_run(cfg, *reference, blocks, ref_batch, device, ref_args)
+                )
+    return runs, reference_runs
+
+
+def median_run(runs: List[Dict[str, Any]]) -> Dict[str, Any]:
+    """Rounds of one kind combined: median images/s and peak memory, the step-time
+    spread over every timed step of every round."""
+    import statistics
+
+    memory = [r["peak_memory_mib"] for r in runs if r["peak_memory_mib"] is not None]
+    times = [t for r in runs for t in r["step_times"]]
+    return {
+        "images_per_s": statistics.median(r["images_per_s"] for r in runs),
+        "step_times": times,
+        "step_s": spread(times),
+        "peak_memory_mib": statistics.median(memory) if memory else None,
+        "tf_fraction": runs[0]["tf_fraction"],
+    }
+
+
+def baseline_ratios(
+    main, base, runs, reference_runs, flops_per_image, batch_size
+) -> Dict[str, Any]:
+    """Each figure of the measured run next to the reference-style baseline's and their
+    ratio (this / baseline; images/s > 1 = faster), plus the per-round speed-ups."""
+    figures = {
+        "images_per_s": (main["images_per_s"], base["images_per_s"]),
+        "step_time_median_s": (main["step_s"]["median"], base["step_s"]["median"]),
+        "achieved_tflop_per_s": (
+            flops_per_image * main["images_per_s"] / 1e12,
+            flops_per_image * base["images_per_s"] / 1e12,
+        ),
+        "peak_memory_mib": (main["peak_memory_mib"], base["peak_memory_mib"]),
+    }
+    out: Dict[str, Any] = {
+        "baseline_batch_size": batch_size,
+        "baseline_precision": "32-true, float32 matmuls (no TF32)",
+    }
+    for name, (this, ref) in figures.items():
+        out[f"{name}_this"], out[f"{name}_baseline"] = this, ref
+        out[f"{name}_ratio"] = None if this is None or not ref else this / ref
+    out["speedup_per_round"] = [
+        a["images_per_s"] / b["images_per_s"] for a, b in zip(runs, reference_runs)
+    ]
+    return out
 
 
 def step_flops(
@@ -246,14 +380,21 @@ def step_flops(
     return out
 
 
-def largest_fitting(fits: Callable[[int], bool], start: int, multiple: int = 8) -> int:
-    """The largest batch b (a multiple of `multiple`, or `start`) with fits(b), assuming
-    fits is monotone: doubling from `start`, then bisection. 0 if not even `start` fits."""
+def largest_fitting(
+    fits: Callable[[int], bool], start: int, multiple: int = 8, limit: Optional[int] = None
+) -> int:
+    """The largest batch b <= limit (a multiple of `multiple`, or `start`) with fits(b),
+    assuming fits is monotone: doubling from `start` (never past `limit`), then
+    bisection. 0 if not even `start` fits."""
     if not fits(start):
         return 0
     lo, hi = start, 2 * start
-    while fits(hi):
+    while limit is None or hi <= limit:
+        if not fits(hi):
+            break
         lo, hi = hi, 2 * hi
+    else:  # the next doubling would pass the limit: bisect up to the limit itself
+        hi = (limit // multiple + 1) * multiple
     while hi - lo > multiple:
         mid = (lo + hi) // 2 // multiple * multiple
         if mid <= lo:
@@ -281,7 +422,7 @@ def max_batch(cfg, teacher, raptor, blocks, device: torch.device, args: argparse
             gc.collect()
             torch.cuda.empty_cache()
 
-    found = largest_fitting(fits, int(cfg.data.batch_size))
+    found = largest_fitting(fits, int(cfg.data.batch_size), limit=args.max_batch_limit)
     if not found:
         raise SystemExit(f"--max-batch: even batch {cfg.data.batch_size} runs out of memory")
     return found
@@ -349,6 +490,8 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     device = resolve_device(args.device)
     if args.steps < 1 or args.warmup < 0:
         raise SystemExit("--steps must be >= 1 and --warmup >= 0")
+    if args.baseline_rounds < 1 or (args.baseline_batch is not None and args.baseline_batch < 1):
+        raise SystemExit("--baseline-rounds and --baseline-batch must be >= 1")
     if (
         args.attn_backend != "auto"
         and device.type == "cpu"
@@ -366,13 +509,19 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     args.precision = args.precision or default_precision(cfg)
     torch.manual_seed(0)
     teacher, raptor = build_models(cfg, device, args)
+    reference = None if args.skip_baseline else reference_style(teacher, raptor)
+    if args.compile:
+        compile_blocks(teacher, raptor, args.compile_backend)
     stage = int(cfg.train.stage)
     blocks = selected_blocks(cfg, raptor.k)
     if args.max_batch:
         cfg.data.batch_size = max_batch(cfg, teacher, raptor, blocks, device, args)
     batch = synthetic_batch(teacher, int(cfg.data.batch_size), device)
 
-    main_run = timed_run(cfg, teacher, raptor, blocks, batch, device, args)
+    runs, reference_runs = interleaved_runs(
+        cfg, teacher, raptor, reference, blocks, batch, device, args
+    )
+    main_run = median_run(runs)
     counts = step_flops(cfg, teacher, raptor, blocks, main_run["tf_fraction"])
     device_name = result_device_name(device)
     dtype = peak_dtype(args.precision)
@@ -392,7 +541,8 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
             "warmup": args.warmup,
             "precision": args.precision,
             "attn_backend": args.attn_backend,
-            "compile": bool(args.compile),
+            "compile": bool(args.compile) and args.compile_backend,
+            "rounds": len(runs),
             "activation_checkpointing": bool(args.activation_checkpointing),
             "matmul_precision": torch.get_float32_matmul_precision(),
             "teacher": f"{cfg.teacher.name} (random weights), T={teacher.num_tokens}, D={teacher.embed_dim}, L={teacher.num_layers}",
@@ -418,6 +568,15 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
             "fraction_of_peak": None if peak is None else achieved / peak,
         },
     }
+    if reference_runs:
+        result["baseline"] = baseline_ratios(
+            main_run,
+            median_run(reference_runs),
+            runs,
+            reference_runs,
+            counts["total"],
+            args.baseline_batch or int(cfg.data.batch_size),
+        )
     if stage == 1 and not args.skip_separate and raptor.k > 1 and cfg.train.blocks is None:
         result["stage1_separate"] = separate_runs(
             cfg, teacher, raptor, batch, device, args, main_run, counts
@@ -432,6 +591,11 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
         result["result"],
     )
     for key, title in (
+        (
+            "baseline",
+            "this run vs the reference-style baseline (float32, explicit softmax attention "
+            "with weights materialised), interleaved rounds, medians; ratio = this / baseline",
+        ),
         (
             "stage1_separate",
             "stage 1: k single-block runs vs one run with all k blocks (same batch)",

@@ -8,7 +8,7 @@ import argparse
 
 import torch
 
-from raptor.bench import data, dmd, train
+from raptor.bench import data, dmd, growth, train
 from raptor.bench.common import write_json
 
 
@@ -71,6 +71,29 @@ def _train_options(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--compile", action="store_true", help="torch.compile every teacher and surrogate block"
+    )
+    parser.add_argument(
+        "--compile-backend", default="inductor", help="torch.compile backend (default inductor)"
+    )
+    parser.add_argument(
+        "--baseline-rounds",
+        type=int,
+        default=3,
+        help="rounds of (this run, reference-style baseline), interleaved; medians (default 3)",
+    )
+    parser.add_argument(
+        "--baseline-batch", type=int, help="the baseline's batch (default: the run's batch)"
+    )
+    parser.add_argument(
+        "--skip-baseline",
+        action="store_true",
+        help="skip the reference-style baseline (float32, explicit softmax attention)",
+    )
+    parser.add_argument(
+        "--max-batch-limit",
+        type=int,
+        default=4096,
+        help="--max-batch never tries a batch above this (default 4096)",
     )
     parser.add_argument(
         "--activation-checkpointing",
@@ -173,8 +196,34 @@ def _data_options(parser: argparse.ArgumentParser) -> None:
         "--workers", type=int, nargs="+", default=[0, 1, 2], help="loader workers W to try"
     )
     parser.add_argument(
+        "--decode",
+        nargs="+",
+        choices=["cpu", "gpu"],
+        default=["cpu"],
+        help="data.decode values to time (gpu: decode_jpeg on the current CUDA device)",
+    )
+    parser.add_argument(
         "--dir", help="keep the synthetic images and shards here (empty or new folder)"
     )
+
+
+def _growth_options(parser: argparse.ArgumentParser) -> None:
+    """The options of `bench growth` (the axis, its values, the base sizes)."""
+    parser.add_argument("--vary", choices=growth.AXES, default="dim", help="axis (default dim)")
+    parser.add_argument(
+        "--values",
+        type=int,
+        nargs="+",
+        default=[96, 192, 384],
+        help="its sizes (default 96 192 384)",
+    )
+    parser.add_argument("--dim", type=int, default=192, help="base width (default 192)")
+    parser.add_argument(
+        "--tokens", type=int, default=65, help="base tokens, square + 1 (default 65)"
+    )
+    parser.add_argument("--layers", type=int, default=4, help="base depth L (default 4)")
+    parser.add_argument("--batch-size", type=int, default=8, help="images per call (default 8)")
+    parser.add_argument("--repeats", type=int, default=5, help="timed rounds, median (default 5)")
 
 
 # action -> (module whose run(args) returns the figures, its options, help, takes --device)
@@ -195,6 +244,12 @@ ACTIONS = {
         dmd,
         _dmd_options,
         "streaming DMD moments and solvers: time and memory vs budget B",
+        True,
+    ),
+    "growth": (
+        growth,
+        _growth_options,
+        "cost per image vs width, tokens or layers: FLOP-count prediction vs measurement",
         True,
     ),
 }

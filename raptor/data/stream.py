@@ -372,12 +372,18 @@ def decode_sample(
     if ext is None:
         found = sorted(k for k in sample if not k.startswith("__"))
         raise _Bad("no image", f"expected one of .{'/.'.join(IMAGE_KEYS)}, found {found}")
-    try:
-        with Image.open(io.BytesIO(sample[ext])) as img:
-            img.load()  # full decode: a truncated file fails here
-            rgb = img.convert("RGB")
-    except Exception as exc:  # noqa: BLE001 - PIL raises many types for corrupt files
-        raise _Bad("undecodable image", f".{ext}: {exc}") from None
+    if getattr(transform, "encoded", False):  # data.decode=gpu: decoded later, on the device
+        try:
+            rgb = transform(sample[ext], ext)
+        except ValueError as exc:
+            raise _Bad("undecodable image", str(exc)) from None
+    else:
+        try:
+            with Image.open(io.BytesIO(sample[ext])) as img:
+                img.load()  # full decode: a truncated file fails here
+                rgb = img.convert("RGB")
+        except Exception as exc:  # noqa: BLE001 - PIL raises many types for corrupt files
+            raise _Bad("undecodable image", f".{ext}: {exc}") from None
     label = -1
     raw = sample.get("cls")
     try:
@@ -389,6 +395,8 @@ def decode_sample(
         raise _Bad("missing label", "no .cls member" if raw is None else f".cls={raw[:20]!r}")
     if num_classes and label >= num_classes:
         raise _Bad("label out of range", f"{label} is not a class of the {num_classes}-way head")
+    if getattr(transform, "encoded", False):
+        return rgb, label
     try:
         return transform(rgb), label
     except Exception as exc:  # noqa: BLE001
@@ -502,8 +510,11 @@ def _collate(
 ) -> Dict[str, torch.Tensor]:
     """A batch of `size` rows: the samples, then padding rows (zeros, label -1, valid False)."""
     pad = size - len(images)
+    encoded = bool(images) and images[0].dtype == torch.uint8  # data.decode=gpu: JPEG bytes
     return {
-        "image": torch.stack(images + [torch.zeros(shape)] * pad),
+        "image": images + [torch.empty(0, dtype=torch.uint8)] * pad
+        if encoded
+        else torch.stack(images + [torch.zeros(shape)] * pad),
         "label": torch.tensor(labels + [-1] * pad, dtype=torch.long),
         "valid": torch.tensor([True] * len(images) + [False] * pad),
         "missing": torch.tensor(missing, dtype=torch.long),
@@ -698,6 +709,7 @@ class ShardLoader(DataLoader):
         stream: _ShardStream,
         num_workers: int,
         epoch_source: Optional[Callable[[], Optional[int]]] = None,
+        on_batch: Optional[Callable[[Dict[str, Any]], Dict[str, Any]]] = None,
     ):
         super().__init__(
             stream, batch_size=None, num_workers=num_workers, pin_memory=torch.cuda.is_available()
@@ -705,7 +717,7 @@ class ShardLoader(DataLoader):
         # Lightning warns that an IterableDataset's len() may be wrong; ours is exact by
         # construction (every worker yields its planned share).
         warnings.filterwarnings("ignore", message="Your `IterableDataset` has `__len__` defined")
-        self.stream, self.epoch_source = stream, epoch_source
+        self.stream, self.epoch_source, self.on_batch = stream, epoch_source, on_batch
         self.epoch, self.batches_consumed = 0, 0
         self._resume: Optional[Dict[str, int]] = None
 
@@ -724,7 +736,7 @@ class ShardLoader(DataLoader):
             self.stream.epoch, self.stream.start = epoch, start
         for batch in super().__iter__():
             self.batches_consumed += 1
-            yield batch
+            yield batch if self.on_batch is None else self.on_batch(batch)
         if source is None:  # not driven by a trainer: the next pass is the next epoch
             self.epoch, self.batches_consumed = epoch + 1, 0
 
@@ -947,13 +959,18 @@ class ShardDataModule(L.LightningDataModule):
         train_aug = bool(self.cfg.transform.train_augment)
         stream = TrainStream(
             shards,
-            build_transform(self.transform_config, training=train_aug),
+            self._transform(training=train_aug),
             **kwargs,
             num_batches=self.num_train_batches,
             seed=int(self.cfg.seed),
             shuffle_buffer=int(self.cfg.shuffle_buffer),
         )
-        return ShardLoader(stream, int(self.cfg.num_workers), epoch_source=self._trainer_epoch)
+        return ShardLoader(
+            stream,
+            int(self.cfg.num_workers),
+            epoch_source=self._trainer_epoch,
+            on_batch=self._device_decoder(),
+        )
 
     def val_dataloader(self) -> ShardLoader:
         shards = self.shards("val")
@@ -965,8 +982,31 @@ class ShardDataModule(L.LightningDataModule):
             kwargs["world_size"],
             max(1, kwargs["num_workers"]),
         )
-        stream = ValStream(shards, build_transform(self.transform_config), **kwargs, plan=plan)
-        return ShardLoader(stream, int(self.cfg.num_workers))
+        stream = ValStream(shards, self._transform(), **kwargs, plan=plan)
+        return ShardLoader(stream, int(self.cfg.num_workers), on_batch=self._device_decoder())
+
+    def _transform(self, training: bool = False) -> Callable:
+        """The workers' transform: `build_transform`, or with data.decode=gpu the encoded
+        JPEG bytes passed on (`raptor.data.device_decode`)."""
+        if self.cfg.get("decode", "cpu") == "gpu":
+            from raptor.data.device_decode import EncodedJpeg
+
+            if training:
+                raise UserError(
+                    "data.decode=gpu applies the evaluation transform only: set "
+                    "data.decode=cpu for data.transform.train_augment=true"
+                )
+
+            return EncodedJpeg()
+        return build_transform(self.transform_config, training=training)
+
+    def _device_decoder(self) -> Optional[Callable]:
+        """data.decode=gpu: decodes each batch in the main process, on the current device."""
+        if self.cfg.get("decode", "cpu") != "gpu":
+            return None
+        from raptor.data.device_decode import DeviceDecoder
+
+        return DeviceDecoder(self.transform_config, resize_side(self.transform_config))
 
     def _trainer_epoch(self) -> Optional[int]:
         return self.trainer.current_epoch if self.trainer is not None else None
