@@ -76,7 +76,7 @@ def plan(dry_run: bool, work: Path) -> List[tuple]:
         train = [str(config), "--device", "cpu", "--threads", "1", "--steps", "2", "--warmup", "1"]
         dev = ["--device", "cpu", "--threads", "1"]
         dmd = ["--dim", "16", "--layers", "3", "--tokens", "5", "--budgets", "10", "20"]
-        dmd += ["--batch-size", "10", "--rank", "4"]
+        dmd += ["--batch-size", "10", "--rank", "4", "--skip-teacher"]
         data = ["--images", "16", "--image-size", "48x40", "--input-size", "32"]
         data += ["--batch-size", "4", "--workers", "0", "--threads", "1"]
         compile_backend, rounds, dmd_repeats = "eager", "1", "1"
@@ -86,6 +86,7 @@ def plan(dry_run: bool, work: Path) -> List[tuple]:
         dev = ["--device", "cuda"]
         dmd = ["--dim", "768", "--layers", "12", "--tokens", "261", "--budgets", "256", "1024"]
         dmd += ["--batch-size", "64", "--rank", "256"]
+        dmd += ["--teacher", "vit_base_patch16_224", "--teacher-batch", "64"]
         data = ["--images", "1024", "--image-size", "500x375", "--input-size", "224"]
         data += ["--batch-size", "64", "--workers", "4", "8"]
         compile_backend, rounds, dmd_repeats = "inductor", "3", "8"
@@ -266,7 +267,7 @@ def summarize(sections: Dict[str, Any]) -> List[Dict[str, Any]]:
         "DMD moments pass / teacher forward",
         _get(sections, "stage2", "dmd_pass", "ratio"),
         "stage2",
-        "float64 products (bench train's dmd_pass); bench dmd's own figures in the JSON",
+        "float32 products into float64 sums (bench train's dmd_pass); bench dmd's own figures in the JSON",
     )
     for loader in _get(sections, "data", "loaders") or []:
         row(

@@ -121,8 +121,8 @@ def _train_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--dmd-compute-dtype",
         choices=["float64", "float32"],
-        default="float64",
-        help="MomentAccumulator compute_dtype for the DMD ratio",
+        default="float32",
+        help="MomentAccumulator compute_dtype for the DMD ratio (default float32, dmd's default)",
     )
 
 
