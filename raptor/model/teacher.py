@@ -19,6 +19,11 @@ Weights (`Teacher.from_config(cfg.teacher)`):
 With none of these there is nothing to load: a TeacherLoadError names `raptor teacher`.
 Files are read with `torch.load(weights_only=True)` or safetensors, never unpickled.
 
+Image size: the teacher (and so a Raptor, which embeds with it) takes images of any size
+divisible by the patch size: timm's `dynamic_img_size`, the position embedding resampled
+(bicubic) to the image's patch grid; at the training size it is used as stored, so the
+numbers there are those of the plain model. `num_tokens` is the count at the training size.
+
 Numerics: on CUDA the forward runs under bf16 autocast (`precision="bf16"`, the default)
 or in float32 with any outer autocast switched off (`precision="fp32"`, config key
 `teacher.precision`); float32 on CPU either way; every output is float32.
@@ -115,6 +120,7 @@ class Teacher(nn.Module):
                 "Teacher needs a ViT with a class token (class_token=True); "
                 "set teacher.name to a ViT with one"
             )
+        _allow_other_sizes(vit)
         self.vit = vit
         self.head = head
         self.num_layers = len(vit.blocks)
@@ -160,8 +166,14 @@ class Teacher(nn.Module):
     # ------------------------------------------------------------------ forward
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
-        """(B, C, H, W) normalized images -> a_0 (B, T, D)."""
+        """(B, C, H, W) normalized images -> a_0 (B, T, D); H, W multiples of the patch."""
         v = self.vit
+        (h, w), (ph, pw) = images.shape[-2:], v.patch_embed.patch_size
+        if h % ph or w % pw:
+            raise ConfigError(
+                f"images of {h}x{w} px do not split into the teacher's {ph}x{pw} patches: set "
+                f"data.transform.input_size to a multiple of {ph}"
+            )
         with self.autocast(images.device):
             x = v.patch_embed(images)
             x = v._pos_embed(x)
@@ -306,6 +318,17 @@ class Teacher(nn.Module):
 
 
 # ---------------------------------------------------------------------- helpers
+
+
+def _allow_other_sizes(vit: nn.Module) -> None:
+    """Switch a built timm ViT to timm's `dynamic_img_size` (what the constructor argument
+    sets): patches kept as a (B, h, w, D) grid until the position embedding, resampled to
+    (h, w), is added; sizes must be multiples of the patch."""
+    from timm.layers import Format
+
+    pe = vit.patch_embed
+    vit.dynamic_img_size = True
+    pe.strict_img_size, pe.flatten, pe.output_fmt = False, False, Format.NHWC
 
 
 def _plain(value: Any) -> Any:
