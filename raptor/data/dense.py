@@ -7,14 +7,16 @@ see `raptor.data.shards.encode_target`), and `dense` is the manifest's descripti
 targets: `{"seg": {"classes": [...], "ignore_index": 255}, "depth": {"scale": metres per
 depth.png unit, "max": metres}}`.
 
-- `digit_scenes` (generated, offline): `scene_digits` of scikit-learn's 8x8 digits composed on
-  a `scene_size`-pixel black canvas. Each digit gets a depth d uniform in [NEAR, FAR] metres
-  that sets its drawn side (round(0.6 x scene_size x NEAR / d) pixels, bilinear), its
-  brightness (1 at NEAR, 0.6 at FAR) and the occlusion order (drawn far to near, alpha = its
-  ink). A pixel whose ink alpha is >= 0.5 is labelled with the digit's class (0..9) and gets
-  its depth; the other pixels are the background: class 10 `background` (its own class, not
-  void) at the depth of a wall, WALL metres. Train scenes use only the digits of the train
-  split of the digits (`val_fraction`, `seed`), val scenes only the others.
+- `digit_scenes` (generated, offline): `scene_digits` of scikit-learn's 8x8 digits on a
+  `scene_size`-pixel black canvas, as opaque square tiles (the digit's ink on black). Each
+  digit gets a depth d uniform in [NEAR, FAR] metres that sets its tile's side,
+  round(8 x 1 m / d) pixels (bilinear; 8 px, the digits' own size, at 1 m), and the
+  occlusion order (tiles drawn far to near, a nearer one hides what is under it). Every
+  pixel of a digit's visible tile is labelled with its class (0..9) and has its depth; the
+  rest is the background: class 10 `background` (its own class, not void) at the depth of
+  a wall, WALL metres. So depth shows only through a digit's drawn scale and what it hides.
+  Train scenes use only the digits of the train split of the digits (`val_fraction`,
+  `seed`), val scenes only the others.
 - `ade20k:PATH` (ADEChallengeData2016 layout): `images/{training,validation}/NAME.jpg` and
   `annotations/{training,validation}/NAME.png` (the splits train / val). The annotations'
   label 0 ("other objects") is void and labels 1..150 become 0..149 (the reduce-zero-label
@@ -36,7 +38,7 @@ import numpy as np
 from PIL import Image
 
 VOID = 255  # the ignore index of segmentation masks
-NEAR, FAR, WALL = 1.0, 2.0, 2.5  # digit scenes: depth range of the digits, background wall (m)
+NEAR, FAR, WALL = 0.8, 1.25, 2.0  # digit scenes: depth range of the digits, background wall (m)
 SCENE_DEPTH_SCALE = 1e-3  # metres per depth.png unit (millimetres, as NYUv2)
 NYU_DEPTH_SCALE, NYU_MAX_DEPTH = 1e-3, 10.0
 ADE_NUM_CLASSES = 150
@@ -56,20 +58,17 @@ def compose_scene(
     for i in sorted(range(len(digits)), key=lambda i: -depths[i]):  # far to near
         side = scene_side(depths[i], size)
         ink = Image.fromarray(digits[i].astype(np.float32) / 255.0, mode="F")
-        alpha = np.clip(np.asarray(ink.resize((side, side), Image.BILINEAR)), 0.0, 1.0)
         y, x = corners[i]
         win = (slice(y, y + side), slice(x, x + side))
-        bright = 1.0 - 0.4 * (depths[i] - NEAR) / (FAR - NEAR)
-        image[win] = alpha * bright + (1.0 - alpha) * image[win]
-        drawn = alpha >= 0.5
-        seg[win][drawn] = labels[i]
-        depth[win][drawn] = depths[i]
+        image[win] = np.clip(np.asarray(ink.resize((side, side), Image.BILINEAR)), 0.0, 1.0)
+        seg[win] = labels[i]
+        depth[win] = depths[i]
     return np.round(image * 255.0).astype(np.uint8), seg, depth
 
 
 def scene_side(depth: float, size: int) -> int:
-    """The drawn side in pixels of a digit at `depth` metres on a `size` canvas."""
-    return max(2, int(round(0.6 * size * NEAR / depth)))
+    """The drawn side in pixels of a digit at `depth` metres (at most the canvas `size`)."""
+    return min(size, 2 * int(round(4.0 / depth)))
 
 
 def digit_scenes_source(
@@ -78,8 +77,11 @@ def digit_scenes_source(
     """The generated scenes (module doc): round(num_scenes x val_fraction) val scenes."""
     from raptor.data.shards import _split_indices, digits_pixels
 
-    if size < 8:
-        raise ValueError(f"scene size must be >= 8 pixels, got {size}")
+    if size < scene_side(NEAR, size=10**6):
+        raise ValueError(
+            f"scene size must be >= {scene_side(NEAR, 10**6)} pixels (the nearest digit's side), "
+            f"got {size}"
+        )
     images, labels = digits_pixels()
     train_idx, val_idx = _split_indices(len(images), val_fraction, seed)
     n_val = int(round(num_scenes * val_fraction))
@@ -94,7 +96,8 @@ def digit_scenes_source(
             pick = rng.choice(pool, size=per_scene)
             depths = rng.uniform(NEAR, FAR, size=per_scene).tolist()
             corners = [
-                tuple(rng.integers(0, size - scene_side(d, size) + 1, size=2)) for d in depths
+                tuple(2 * rng.integers(0, (size - scene_side(d, size)) // 2 + 1, size=2))
+                for d in depths
             ]
             image, seg, depth = compose_scene(
                 [images[i] for i in pick], [int(labels[i]) for i in pick], depths, corners, size

@@ -73,7 +73,7 @@ MANIFEST = "manifest.json"
 FORMAT = "raptor-shards/1"
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm"}
 JPEG_QUALITY = 95
-SCENE_DEFAULTS = {"count": 2000, "size": 24, "digits": 3}  # digit_scenes (raptor.data.dense)
+SCENE_DEFAULTS = {"count": 2000, "size": 16, "digits": 2}  # digit_scenes (raptor.data.dense)
 
 # One sample to encode: (key, label, source, payload[, targets]); payload is uint8 pixels
 # (an ndarray) or the image file's Path (picklable, for the encoding pool); `source` names
@@ -300,7 +300,7 @@ def write_shards(
 ) -> dict:
     """Write the shards of `source` ("digits", "imagefolder:PATH", "digit_scenes",
     "ade20k:PATH", "nyuv2:PATH") into `out`. `scenes`: digit_scenes' {"count", "size",
-    "digits"} (default 2000 scenes of 3 digits on 24 px).
+    "digits"} (default 2000 scenes of 2 digits on 16 px).
 
     Returns the manifest (also written to out/manifest.json, last, so its presence
     marks a complete folder). `workers` > 1 decodes/encodes images in a process pool.
