@@ -79,7 +79,9 @@ def _ade_folder(root, rng):
             ann = rng.choice(np.array([0, 1, 2, 150, 160], dtype=np.uint8), size=(16, 16))
             Image.fromarray(ann).save(root / "annotations" / split / f"ADE_{i}.png")
             annotations[(split, i)] = ann
-    Image.fromarray(np.zeros((8, 8), np.uint8)).save(root / "annotations" / "training" / "ADE_0.png")
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(
+        root / "annotations" / "training" / "ADE_0.png"
+    )
     return annotations
 
 
@@ -137,3 +139,27 @@ def test_dense_sources_refuse_stored_crops_and_unknown_folders(tmp_path):
         write_shards("digit_scenes", tmp_path / "a", crop=8, progress=False)
     with pytest.raises(FileNotFoundError, match="ADEChallengeData2016"):
         write_shards(f"ade20k:{tmp_path}", tmp_path / "b", progress=False)
+
+
+def test_raptor_shards_writes_digit_scenes_from_the_command_line(tmp_path, capsys):
+    from raptor.cli import main
+
+    out = tmp_path / "s"
+    args = ["shards", "--source", "digit_scenes", "--out", str(out), "--scenes", "10"]
+    assert main(args + ["--scene-size", "12", "--scene-digits", "1"]) == 0
+    assert "dense targets: seg.png, depth.png" in capsys.readouterr().out
+    assert read_manifest(out)["options"]["scenes"] == {"count": 10, "size": 12, "digits": 1}
+    assert (
+        main(
+            [
+                "shards",
+                "--source",
+                "digit_scenes",
+                "--out",
+                str(tmp_path / "t"),
+                "--scene-size",
+                "9",
+            ]
+        )
+        == 2
+    )

@@ -48,7 +48,11 @@ Sources = Tuple[List[str], Dict[str, List[tuple]], Dict[str, Any]]
 
 
 def compose_scene(
-    digits: List[np.ndarray], labels: List[int], depths: List[float], corners: List[tuple], size: int
+    digits: List[np.ndarray],
+    labels: List[int],
+    depths: List[float],
+    corners: List[tuple],
+    size: int,
 ) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
     """One scene: (image uint8 (S, S), seg uint8 (S, S), depth float64 metres (S, S)) from 8x8
     uint8 digits, their classes, depths and top-left corners (the rules in the module doc)."""
@@ -82,6 +86,8 @@ def digit_scenes_source(
             f"scene size must be >= {scene_side(NEAR, 10**6)} pixels (the nearest digit's side), "
             f"got {size}"
         )
+    if num_scenes < 1 or per_scene < 1:
+        raise ValueError(f"need >= 1 scene of >= 1 digit, got {num_scenes} of {per_scene}")
     images, labels = digits_pixels()
     train_idx, val_idx = _split_indices(len(images), val_fraction, seed)
     n_val = int(round(num_scenes * val_fraction))

@@ -433,7 +433,7 @@ class DenseTarget:
         info = (dense or {}).get(kind)
         if not isinstance(info, dict):
             raise UserError(
-                f"{where}: the shards carry no {kind} targets (their manifest's \"dense\" "
+                f'{where}: the shards carry no {kind} targets (their manifest\'s "dense" '
                 f"section has {sorted(dense or {})}); write them from a dense source "
                 "(digit_scenes, ade20k:PATH, nyuv2:PATH)"
             )
