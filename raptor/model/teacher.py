@@ -120,7 +120,6 @@ class Teacher(nn.Module):
                 "Teacher needs a ViT with a class token (class_token=True); "
                 "set teacher.name to a ViT with one"
             )
-        _allow_other_sizes(vit)
         self.vit = vit
         self.head = head
         self.num_layers = len(vit.blocks)
@@ -174,7 +173,8 @@ class Teacher(nn.Module):
                 f"images of {h}x{w} px do not split into the teacher's {ph}x{pw} patches: set "
                 f"data.transform.input_size to a multiple of {ph}"
             )
-        with self.autocast(images.device):
+        native = (h, w) == tuple(v.patch_embed.img_size)
+        with self.autocast(images.device), contextlib.nullcontext() if native else _dynamic_size(v):
             x = v.patch_embed(images)
             x = v._pos_embed(x)
             x = v.patch_drop(x)
@@ -320,15 +320,21 @@ class Teacher(nn.Module):
 # ---------------------------------------------------------------------- helpers
 
 
-def _allow_other_sizes(vit: nn.Module) -> None:
-    """Switch a built timm ViT to timm's `dynamic_img_size` (what the constructor argument
-    sets): patches kept as a (B, h, w, D) grid until the position embedding, resampled to
-    (h, w), is added; sizes must be multiples of the patch."""
+@contextlib.contextmanager
+def _dynamic_size(vit: nn.Module):
+    """Within: the ViT in timm's `dynamic_img_size` mode (what the constructor argument
+    sets: patches kept as a (B, h, w, D) grid until the position embedding, resampled to
+    (h, w), is added); the model's own settings restored after."""
     from timm.layers import Format
 
     pe = vit.patch_embed
+    saved = vit.dynamic_img_size, pe.strict_img_size, pe.flatten, pe.output_fmt
     vit.dynamic_img_size = True
     pe.strict_img_size, pe.flatten, pe.output_fmt = False, False, Format.NHWC
+    try:
+        yield
+    finally:
+        vit.dynamic_img_size, pe.strict_img_size, pe.flatten, pe.output_fmt = saved
 
 
 def _plain(value: Any) -> Any:
