@@ -193,7 +193,10 @@ class DataConfig:
 
     source: `digits` (scikit-learn's bundled digits, written to `shards_dir` by the
     pipeline), `imagefolder:PATH` (class folders, written to `shards_dir`), or
-    `shards` (use `train_urls` / `val_urls` as given).
+    `shards` (use `train_urls` / `val_urls` as given); dense sources (masks / depth beside
+    the image, `raptor.data.dense`): `digit_scenes` (generated: `scene_count` scenes of
+    `scene_digits` digits on a `scene_size`-pixel canvas), `ade20k:PATH`
+    (ADEChallengeData2016 layout), `nyuv2:PATH` ({train,val}/{rgb,depth}).
     URL patterns use brace expansion (`/data/in1k/train-{000000..001023}.tar`); a
     local folder holding a `manifest.json` is also accepted.
     `decode`: `cpu` (loader workers decode with PIL and transform) or `gpu` (workers pass
@@ -202,7 +205,10 @@ class DataConfig:
     `raptor.data.device_decode`).
     """
 
-    source: str = valid("shards", OneOf(("shards", "digits"), prefixes=("imagefolder:",)))
+    source: str = valid(
+        "shards",
+        OneOf(("shards", "digits", "digit_scenes"), prefixes=("imagefolder:", "ade20k:", "nyuv2:")),
+    )
     shards_dir: str = ""
     train_urls: str = ""
     val_urls: str = ""
@@ -224,6 +230,9 @@ class DataConfig:
     val_fraction: float = valid(0.2, FRACTION)  # digits only
     split_seed: int = valid(0, SEED)
     store_crop: Optional[int] = valid(None, POSITIVE)  # store resize+center-crop JPEGs of this side
+    scene_count: int = valid(2000, Range(2))  # digit_scenes: scenes in all (val: val_fraction)
+    scene_size: int = valid(16, Range(10))  # digit_scenes: canvas side in pixels
+    scene_digits: int = valid(2, POSITIVE)  # digit_scenes: digits per scene
     transform: TransformConfig = field(default_factory=TransformConfig)
 
 
@@ -496,6 +505,24 @@ class PipelineConfig:
     ks: List[int] = valid(lambda: [3], POSITIVE, nonempty=True)  # Raptors trained, one per k
     evaluate: bool = True
     export: bool = True
+
+
+@dataclass
+class DenseProbeConfig:
+    """The dense linear probes' heads (`raptor.eval.probe.dense`; nested under `probe`).
+    seg: a 1x1 conv on the patch tokens, after a BatchNorm when `seg_batchnorm` (DINOv2's
+    linear protocol). depth: on [patch ; cls] when `depth_cls` (the Raptor paper's NYUv2
+    probe), `depth_bins` > 0: softmax over that many bins evenly spaced in
+    [depth_min, depth_max], depth = the probability-weighted bin centre (DINOv2's linear
+    depth head); 0: depth = sigmoid(1x1 conv) x depth_max. Loss: scale-invariant log
+    (Bhat et al. 2021) with `silog_lambda`, on valid pixels (depth > 0)."""
+
+    seg_batchnorm: bool = True
+    depth_bins: int = valid(256, NON_NEGATIVE)
+    depth_min: float = valid(1e-3, GREATER_THAN_0)  # metres
+    depth_max: float = valid(10.0, GREATER_THAN_0)  # metres (NYUv2's range)
+    depth_cls: bool = True
+    silog_lambda: float = valid(0.85, PROBABILITY)
 
 
 @dataclass

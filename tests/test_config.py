@@ -116,7 +116,7 @@ OUT_OF_RANGE = [
     ),
     (
         "data.source=imagefolder",
-        "data.source=imagefolder is not a valid choice: expected one of shards, digits, imagefolder:PATH (did you mean imagefolder:PATH?)",
+        "data.source=imagefolder is not a valid choice: expected one of shards, digits, digit_scenes, imagefolder:PATH, ade20k:PATH, nyuv2:PATH (did you mean imagefolder:PATH?)",
     ),
     ("teacher.train.epochs=0", "teacher.train.epochs=0 is out of range: expected an integer >= 1"),
     (

@@ -158,7 +158,7 @@ def test_cli_writes_digits_and_refuses_non_empty_out(tmp_path, capsys):
 
 
 def test_bad_source_is_named():
-    with pytest.raises(ValueError, match="expected 'digits' or 'imagefolder:PATH'"):
+    with pytest.raises(ValueError, match="expected digits, imagefolder:PATH, digit_scenes"):
         write_shards("mnist", "/nonexistent")
 
 

@@ -20,8 +20,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     write = actions.add_parser(
         "write",
         help="write the config's data.source where the pipeline does (runs/NAME/shards)",
-        description="Write the shards of the config's data.source (digits or imagefolder:PATH) "
-        "with its data.shard_size, val_fraction, split_seed and store_crop into data.shards_dir, "
+        description="Write the shards of the config's data.source (digits, imagefolder:PATH, "
+        "digit_scenes, ade20k:PATH, nyuv2:PATH) with its data.shard_size, val_fraction, "
+        "split_seed, store_crop and scene_* keys into data.shards_dir, "
         "default runs/NAME/shards; a folder holding a manifest.json is kept.",
     )
     add_config_arguments(write)
@@ -33,7 +34,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     verify.add_argument("dir", help="shard folder holding manifest.json")
     verify.add_argument("--no-progress", action="store_true", help="no progress bar")
-    parser.add_argument("--source", help="digits | imagefolder:PATH (required to write)")
+    parser.add_argument(
+        "--source",
+        help="digits | imagefolder:PATH | digit_scenes | ade20k:PATH (ADEChallengeData2016 "
+        "layout) | nyuv2:PATH ({train,val}/{rgb,depth}) (required to write)",
+    )
     parser.add_argument(
         "--out", help="output folder (must be empty unless --overwrite; required to write)"
     )
@@ -41,8 +46,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--shard-size", type=int, default=1000, help="samples per shard (default 1000)"
     )
     parser.add_argument(
-        "--val-fraction", type=float, default=0.2, help="digits: validation fraction"
+        "--val-fraction", type=float, default=0.2, help="digits, digit_scenes: validation fraction"
     )
+    parser.add_argument("--scenes", type=int, default=2000, help="digit_scenes: scenes in all")
+    parser.add_argument("--scene-size", type=int, default=16, help="digit_scenes: canvas side")
+    parser.add_argument("--scene-digits", type=int, default=2, help="digit_scenes: digits each")
     parser.add_argument("--seed", type=int, default=0, help="split and shuffle seed")
     parser.add_argument(
         "--crop",
@@ -85,13 +93,16 @@ def main(args: argparse.Namespace) -> int:
             crop=args.crop,
             overwrite=args.overwrite,
             workers=args.workers,
+            scenes={"count": args.scenes, "size": args.scene_size, "digits": args.scene_digits},
         )
     except (FileExistsError, FileNotFoundError, ValueError) as exc:
         print(f"raptor shards: {exc}", file=sys.stderr)
         return 2
     for split, info in manifest["splits"].items():
         print(f"{split}: {info['num_samples']} samples in {len(info['shards'])} shards")
-    print(f"classes: {len(manifest['classes'])}; manifest: {Path(args.out) / MANIFEST}")
+    dense = ", ".join(f"{k}.png" for k in manifest.get("dense", {}))
+    what = f"dense targets: {dense}" if dense else f"classes: {len(manifest['classes'])}"
+    print(f"{what}; manifest: {Path(args.out) / MANIFEST}")
     skipped = manifest["skipped"]
     if skipped["count"]:
         print(f"skipped {skipped['count']} unreadable images:", file=sys.stderr)

@@ -5,7 +5,11 @@ Layout of the output folder::
     train-000000.tar  train-000001.tar ...  val-000000.tar ...  manifest.json
 
 Each tar member is `{key}.{png|jpg}` (the image) and `{key}.cls` (the label as an
-ASCII integer); labels index `manifest["classes"]`. Samples are shuffled with
+ASCII integer); labels index `manifest["classes"]`. Dense sources (`raptor.data.dense`)
+store no label but `{key}.seg.png` (a palette PNG of class indices, 255 void) and/or
+`{key}.depth.png` (a 16-bit PNG; metres = value x `manifest["dense"]["depth"]["scale"]`,
+0 = no depth) beside the image, of the image's size; the manifest's `dense` section
+describes them (`raptor.data.dense`). Samples are shuffled with
 `seed` before writing, so a shard never holds a single class. Tars are written
 deterministically (fixed mtime/owner), so the same inputs give the same sha256.
 
@@ -18,6 +22,9 @@ Sources:
   PATH is one split named `train`. JPEG and PNG files are stored as they are,
   other formats re-encoded as PNG; an unreadable image is skipped, counted and
   named in the manifest.
+- `digit_scenes`, `ade20k:PATH`, `nyuv2:PATH`: dense sources (`raptor.data.dense`); a
+  sample whose target is unreadable or not of its image's size is skipped like an
+  unreadable image. `crop` is refused for them.
 
 `crop=SIDE` stores a fixed preprocessing instead of the original image: resize the
 shorter side to SIDE (bicubic), center-crop SIDE x SIDE, convert to RGB, JPEG
@@ -34,7 +41,9 @@ preprocessing store `--crop 256`.
      "splits": {"train": {"num_samples": N,
                           "shards": [{"name": "train-000000.tar", "num_samples": n,
                                       "sha256": "..."}, ...]}, ...},
-     "skipped": {"count": k, "paths": [...]}}
+     "skipped": {"count": k, "paths": [...]},
+     "dense": {"seg": {"classes": [...], "ignore_index": 255},
+               "depth": {"scale": 0.001, "max": 10.0}}}       (dense sources only)
 
 `raptor shards verify DIR` reads every shard of DIR's manifest once and checks its
 sha256 and sample count (and that the tar ends properly); exit 0 when all are good,
@@ -52,7 +61,7 @@ import re
 import tarfile
 from multiprocessing import Pool
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Optional, Tuple, Union
+from typing import Any, Dict, Iterable, List, Optional, Tuple
 
 import numpy as np
 from PIL import Image
@@ -64,11 +73,13 @@ MANIFEST = "manifest.json"
 FORMAT = "raptor-shards/1"
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm"}
 JPEG_QUALITY = 95
+SCENE_DEFAULTS = {"count": 2000, "size": 16, "digits": 2}  # digit_scenes (raptor.data.dense)
 
-# One sample to encode: (key, label, source, payload); payload is uint8 pixels (an
-# ndarray) or the image file's Path (picklable, for the encoding pool); `source` names
-# it in the skipped list.
-Item = Tuple[str, int, str, Union[np.ndarray, Path]]
+# One sample to encode: (key, label, source, payload[, targets]); payload is uint8 pixels
+# (an ndarray) or the image file's Path (picklable, for the encoding pool); `source` names
+# it in the skipped list; dense items add {"seg"|"depth": array or Path} (`encode`).
+Item = Tuple[Any, ...]
+DENSE_PREFIXES = ("ade20k:", "nyuv2:")
 
 
 def shard_name(split: str, index: int) -> str:
@@ -176,24 +187,29 @@ def center_crop(img: Image.Image, side: int) -> Image.Image:
     return resize_center_crop(img, side, side, "bicubic")
 
 
-def encode(item: Item, crop: Optional[int]) -> Tuple[str, int, str, Optional[str], Optional[bytes]]:
-    """(key, label, source, ext, data); ext/data are None when the image cannot be read."""
-    key, label, source, payload = item
+def encode(item: Item, crop: Optional[int]) -> tuple:
+    """(key, label, source, ext, data, extra); ext/data are None when the image (or a dense
+    target) cannot be read; extra maps member suffixes ("seg.png", "depth.png") to bytes."""
+    from raptor.data.dense import read_target
+
+    key, label, source, payload = item[:4]
+    targets = item[4] if len(item) > 4 else {}
     try:
         raw = payload.read_bytes() if isinstance(payload, Path) else None
         img = Image.fromarray(payload) if raw is None else Image.open(io.BytesIO(raw))
         img.load()  # full decode: truncated or corrupt files fail here
+        extra = {f"{k}.png": read_target(k, t, img.size) for k, t in targets.items()}
         if crop is not None:
             buf = io.BytesIO()
             center_crop(img.convert("RGB"), crop).save(buf, format="JPEG", quality=JPEG_QUALITY)
-            return key, label, source, "jpg", buf.getvalue()
+            return key, label, source, "jpg", buf.getvalue(), extra
         if raw is not None and img.format in ("JPEG", "PNG"):
-            return key, label, source, "jpg" if img.format == "JPEG" else "png", raw
+            return key, label, source, "jpg" if img.format == "JPEG" else "png", raw, extra
         buf = io.BytesIO()
         img.save(buf, format="PNG")
-        return key, label, source, "png", buf.getvalue()
+        return key, label, source, "png", buf.getvalue(), extra
     except Exception:  # noqa: BLE001 - any unreadable image is skipped and reported
-        return key, label, source, None, None
+        return key, label, source, None, None, {}
 
 
 def _encode_star(args):
@@ -213,7 +229,8 @@ class _ShardWriter:
         self._tar: Optional[tarfile.TarFile] = None
         self._count = 0
 
-    def add(self, key: str, ext: str, data: bytes, label: int) -> None:
+    def add(self, key: str, ext: str, data: bytes, label: int, extra: Dict[str, bytes]) -> None:
+        """One sample: the image, its label (none when < 0) and `extra` members."""
         if self._tar is None or self._count == self.shard_size:
             self._close()
             name = shard_name(self.split, len(self.shards))
@@ -221,7 +238,8 @@ class _ShardWriter:
             self._tar = tarfile.open(self._tmp, "w", format=tarfile.USTAR_FORMAT)
             self.shards.append({"name": name, "num_samples": 0, "sha256": ""})
             self._count = 0
-        for suffix, payload in ((ext, data), ("cls", str(label).encode("ascii"))):
+        members = [(ext, data)] + ([("cls", str(label).encode("ascii"))] if label >= 0 else [])
+        for suffix, payload in members + sorted(extra.items()):
             info = tarfile.TarInfo(f"{key}.{suffix}")
             info.size, info.mtime, info.mode = len(payload), 0, 0o644
             info.uname = info.gname = "raptor"
@@ -278,8 +296,11 @@ def write_shards(
     overwrite: bool = False,
     workers: int = 1,
     progress: bool = True,
+    scenes: Optional[Dict[str, int]] = None,
 ) -> dict:
-    """Write the shards of `source` ("digits" or "imagefolder:PATH") into `out`.
+    """Write the shards of `source` ("digits", "imagefolder:PATH", "digit_scenes",
+    "ade20k:PATH", "nyuv2:PATH") into `out`. `scenes`: digit_scenes' {"count", "size",
+    "digits"} (default 2000 scenes of 2 digits on 16 px).
 
     Returns the manifest (also written to out/manifest.json, last, so its presence
     marks a complete folder). `workers` > 1 decodes/encodes images in a process pool.
@@ -288,12 +309,30 @@ def write_shards(
         raise ValueError(f"shard_size must be >= 1, got {shard_size}")
     if crop is not None and crop < 1:
         raise ValueError(f"crop must be a positive side in pixels, got {crop}")
+    from raptor.data import dense as dense_sources
+
+    dense = None
+    root = Path(source.split(":", 1)[-1]).expanduser()
+    if crop is not None and (source == "digit_scenes" or source.startswith(DENSE_PREFIXES)):
+        raise ValueError(f"crop is for classification sources; {source} stores masks or depth")
+    scenes = {**SCENE_DEFAULTS, **(scenes or {})}
     if source == "digits":
         classes, splits = digits_source(val_fraction, seed)
     elif source.startswith("imagefolder:"):
-        classes, splits = imagefolder_source(Path(source.split(":", 1)[1]).expanduser(), seed)
+        classes, splits = imagefolder_source(root, seed)
+    elif source == "digit_scenes":
+        classes, splits, dense = dense_sources.digit_scenes_source(
+            scenes["count"], scenes["size"], scenes["digits"], val_fraction, seed
+        )
+    elif source.startswith("ade20k:"):
+        classes, splits, dense = dense_sources.ade20k_source(root, seed)
+    elif source.startswith("nyuv2:"):
+        classes, splits, dense = dense_sources.nyuv2_source(root, seed)
     else:
-        raise ValueError(f"unknown source '{source}'; expected 'digits' or 'imagefolder:PATH'")
+        raise ValueError(
+            f"unknown source '{source}'; expected digits, imagefolder:PATH, digit_scenes, "
+            "ade20k:PATH or nyuv2:PATH"
+        )
     out = Path(out)
     _prepare_out(out, overwrite)
 
@@ -302,12 +341,12 @@ def write_shards(
     with tqdm(total=total, desc=f"shards -> {out}", unit="img", disable=not progress) as bar:
         for split, items in splits.items():
             writer = _ShardWriter(out, split, shard_size)
-            for key, label, src, ext, data in _encoded(items, crop, workers):
+            for key, label, src, ext, data, extra in _encoded(items, crop, workers):
                 bar.update(1)
                 if data is None:
                     skipped.append(src)
                 else:
-                    writer.add(key, ext, data, label)
+                    writer.add(key, ext, data, label, extra)
             manifest_splits[split] = writer.finish()
 
     manifest = {
@@ -318,10 +357,12 @@ def write_shards(
             "val_fraction": val_fraction,
             "seed": seed,
             "crop": crop,
+            **({"scenes": scenes} if source == "digit_scenes" else {}),
         },
         "classes": classes,
         "splits": manifest_splits,
         "skipped": {"count": len(skipped), "paths": skipped},
+        **({"dense": dense} if dense else {}),
     }
     (out / MANIFEST).write_text(json.dumps(manifest, indent=1))
     return manifest
@@ -523,7 +564,8 @@ def verify_shards(
 
 
 def ensure_shards(cfg: Any, default_dir: str | Path, overwrite: bool = False) -> Any:
-    """For data.source digits or imagefolder:PATH, write the shards into data.shards_dir
+    """For data.source other than `shards` (digits, imagefolder:PATH, digit_scenes,
+    ade20k:PATH, nyuv2:PATH), write the shards into data.shards_dir
     (default `default_dir`) unless a complete folder (manifest.json) is there; returns a
     copy of cfg that reads them (data.source=shards). cfg is a RaptorConfig. `overwrite`:
     an incomplete folder may hold other files (its earlier shards are replaced)."""
@@ -541,6 +583,7 @@ def ensure_shards(cfg: Any, default_dir: str | Path, overwrite: bool = False) ->
             seed=d.split_seed,
             crop=d.store_crop,
             overwrite=overwrite,
+            scenes={"count": d.scene_count, "size": d.scene_size, "digits": d.scene_digits},
         )
     cfg = copy.deepcopy(cfg)
     cfg.data.source, cfg.data.shards_dir = "shards", str(out)

@@ -4,6 +4,9 @@ Batches are dicts::
 
     {"image": float (B, 3, H, W) normalized, "label": long (B,) (-1: no label),
      "valid": bool (B,) (False only for validation padding rows),
+     "target": dense shards read with a target kind (`ShardDataModule(target=...)`) only:
+               seg long (B, H, W) class indices, 255 void (also padding rows); depth float
+               (B, H, W) metres, 0 where there is no depth (also padding rows),
      "missing": long () (validation: samples of the reader's planned share that it could
                 not deliver, missing from a shard or skipped as bad; set on its last batch
                 only, so the sum over a pass is 0 exactly when every sample was scored)}
@@ -27,7 +30,11 @@ Splitting, with R ranks and W dataloader workers per rank (G = R x W readers):
   pads its last batches with valid=False rows and adds all-padding batches up to the
   largest rank's count, so all ranks run the same number of batches.
 
-A sample whose image cannot be decoded, whose label is outside the head's classes
+Dense targets (`{key}.seg.png` / `{key}.depth.png`, `raptor.data.dense`) go through the
+image's geometry (resize of the shorter side, center crop) with nearest-neighbour
+resampling; the image is not augmented. A sample whose image cannot be decoded, whose
+target is missing, undecodable, of another size than its image or (seg) holds a label
+outside the manifest's classes (other than 255), whose label is outside the head's classes
 (`num_classes`), or whose label is missing/bad (when `data.require_labels`) is skipped,
 counted (`skip_stats()`) and reported by a rate-limited warning naming shard and key.
 Every shard's samples are counted as it is read; at its end a count below the manifest's
@@ -102,6 +109,7 @@ class ShardSet:
     counts: Optional[List[int]] = None
     classes: Optional[List[str]] = None
     stored_crop: Optional[int] = None
+    dense: Optional[Dict[str, Any]] = None  # the manifest's "dense" section
 
     @property
     def total(self) -> Optional[int]:
@@ -137,6 +145,7 @@ def resolve_shards(spec: str, split: str, allow_pipe: bool = False) -> ShardSet:
             [int(s["num_samples"]) for s in shards],
             manifest.get("classes"),
             _stored_crop(manifest),
+            manifest.get("dense"),
         )
     else:
         urls = wds.shardlists.expand_urls(spec)
@@ -163,14 +172,13 @@ def _stored_crop(manifest: Dict[str, Any]) -> Optional[int]:
     return (manifest.get("options") or {}).get("crop")
 
 
-def _manifest_counts(
-    urls: List[str],
-) -> Tuple[Optional[List[int]], Optional[List[str]], Optional[int]]:
-    """Per-shard counts, classes and stored crop side from a manifest.json in the shards'
-    common folder, if it lists them all."""
+def _manifest_counts(urls: List[str]) -> tuple:
+    """Per-shard counts, classes, stored crop side and dense section from a manifest.json in
+    the shards' common folder, if it lists them all (Nones otherwise)."""
+    nothing = None, None, None, None
     folders = {posixpath.dirname(u) for u in urls}
     if len(folders) != 1 or urls[0].startswith("pipe:"):
-        return None, None, None
+        return nothing
     import fsspec
 
     path = posixpath.join(folders.pop(), MANIFEST)
@@ -178,15 +186,20 @@ def _manifest_counts(
         with fsspec.open(path, "rt") as fh:
             text = fh.read()
     except (OSError, ImportError, UnicodeDecodeError):  # no (readable) manifest: count later
-        return None, None, None
+        return nothing
     manifest = parse_manifest(text, path)
     counts = {
         s["name"]: s["num_samples"] for sp in manifest["splits"].values() for s in sp["shards"]
     }
     names = [posixpath.basename(u) for u in urls]
     if not all(n in counts for n in names):
-        return None, None, None
-    return [counts[n] for n in names], manifest.get("classes"), _stored_crop(manifest)
+        return nothing
+    return (
+        [counts[n] for n in names],
+        manifest.get("classes"),
+        _stored_crop(manifest),
+        manifest.get("dense"),
+    )
 
 
 def _local_path(url: str) -> str:
@@ -365,9 +378,11 @@ def decode_sample(
     transform: Callable,
     require_labels: bool,
     num_classes: Optional[int] = None,
-) -> Tuple[torch.Tensor, int]:
-    """(transformed image, label) of a raw sample; raises _Bad for a corrupt one, or for a
-    label outside 0..num_classes-1 (when num_classes is given)."""
+    target: Optional[DenseTarget] = None,
+) -> tuple:
+    """(transformed image, label) of a raw sample, or with `target` (image, label, target)
+    through a `DenseTransform`; raises _Bad for a corrupt one, or for a label outside
+    0..num_classes-1 (when num_classes is given)."""
     ext = next((k for k in IMAGE_KEYS if k in sample), None)
     if ext is None:
         found = sorted(k for k in sample if not k.startswith("__"))
@@ -395,12 +410,79 @@ def decode_sample(
         raise _Bad("missing label", "no .cls member" if raw is None else f".cls={raw[:20]!r}")
     if num_classes and label >= num_classes:
         raise _Bad("label out of range", f"{label} is not a class of the {num_classes}-way head")
+    if target is not None:
+        mask = target.read(sample, rgb.size)
+        try:
+            image, dense = transform(rgb, mask)
+        except Exception as exc:  # noqa: BLE001
+            raise _Bad("transform failed", str(exc)) from None
+        return image, label, target.tensor(dense)
     if getattr(transform, "encoded", False):
         return rgb, label
     try:
         return transform(rgb), label
     except Exception as exc:  # noqa: BLE001
         raise _Bad("transform failed", str(exc)) from None
+
+
+@dataclass(frozen=True)
+class DenseTarget:
+    """Which dense target a stream yields: `kind` seg or depth; seg: `num_classes` (a label
+    >= it other than 255 is a bad sample); depth: `scale`, metres per depth.png unit."""
+
+    kind: str
+    num_classes: int = 0
+    scale: float = 1.0
+
+    @classmethod
+    def from_manifest(cls, dense: Optional[Dict[str, Any]], kind: str, where: str) -> DenseTarget:
+        """The target `kind` as the manifest's "dense" section describes it; UserError
+        naming `where` when the shards do not carry it."""
+        info = (dense or {}).get(kind)
+        if not isinstance(info, dict):
+            raise UserError(
+                f'{where}: the shards carry no {kind} targets (their manifest\'s "dense" '
+                f"section has {sorted(dense or {})}); write them from a dense source "
+                "(digit_scenes, ade20k:PATH, nyuv2:PATH)"
+            )
+        if kind == "seg":
+            return cls(kind, num_classes=len(info["classes"]))
+        return cls(kind, scale=float(info["scale"]))
+
+    @property
+    def fill(self) -> float:
+        """The target value of padding rows (and of nothing): void or no depth."""
+        return 255 if self.kind == "seg" else 0.0
+
+    def read(self, sample: Dict[str, Any], size: Tuple[int, int]) -> Image.Image:
+        """The sample's target PNG, checked against its image's (width, height); _Bad."""
+        member = f"{self.kind}.png"
+        if member not in sample:
+            raise _Bad(f"no {self.kind} target", f"expected a .{member} member")
+        try:
+            with Image.open(io.BytesIO(sample[member])) as img:
+                img.load()
+                mask = img.copy()
+        except Exception as exc:  # noqa: BLE001 - PIL raises many types for corrupt files
+            raise _Bad(f"undecodable {self.kind} target", str(exc)) from None
+        if mask.size != size:
+            raise _Bad(f"{self.kind} target size", f"{mask.size} differs from the image's {size}")
+        if self.kind == "seg":
+            labels = np.asarray(mask)
+            bad = (labels >= self.num_classes) & (labels != 255)
+            if bad.any():
+                raise _Bad(
+                    "label out of range",
+                    f"seg label {int(labels[bad][0])} is not one of the {self.num_classes} classes",
+                )
+        return mask
+
+    def tensor(self, mask: Image.Image) -> torch.Tensor:
+        """seg: long class indices; depth: float32 metres."""
+        arr = np.asarray(mask)
+        if self.kind == "seg":
+            return torch.from_numpy(arr.astype(np.int64))
+        return torch.from_numpy(arr.astype(np.float32) * np.float32(self.scale))
 
 
 class BadSampleCounter:
@@ -502,23 +584,31 @@ def validation_complete(missing: int, what: str) -> bool:
 
 
 def _collate(
-    images: List[torch.Tensor],
-    labels: List[int],
+    rows: List[tuple],
     size: int,
     shape: Tuple[int, ...],
     missing: int = 0,
+    target: Optional[DenseTarget] = None,
 ) -> Dict[str, torch.Tensor]:
-    """A batch of `size` rows: the samples, then padding rows (zeros, label -1, valid False)."""
-    pad = size - len(images)
-    encoded = bool(images) and images[0].dtype == torch.uint8  # data.decode=gpu: JPEG bytes
-    return {
+    """A batch of `size` rows: the samples ((image, label[, target]) each), then padding rows
+    (zeros, label -1, valid False, target `target.fill`). With data.decode=gpu the images are
+    JPEG bytes (uint8, one tensor each) and stay a list, padded with empty tensors."""
+    pad = size - len(rows)
+    images = [r[0] for r in rows]
+    encoded = bool(images) and images[0].dtype == torch.uint8
+    batch = {
         "image": images + [torch.empty(0, dtype=torch.uint8)] * pad
         if encoded
         else torch.stack(images + [torch.zeros(shape)] * pad),
-        "label": torch.tensor(labels + [-1] * pad, dtype=torch.long),
-        "valid": torch.tensor([True] * len(images) + [False] * pad),
+        "label": torch.tensor([r[1] for r in rows] + [-1] * pad, dtype=torch.long),
+        "valid": torch.tensor([True] * len(rows) + [False] * pad),
         "missing": torch.tensor(missing, dtype=torch.long),
     }
+    if target is not None:
+        dtype = torch.long if target.kind == "seg" else torch.float32
+        filler = torch.full(tuple(shape[1:]), target.fill, dtype=dtype)
+        batch["target"] = torch.stack([r[2] for r in rows] + [filler] * pad)
+    return batch
 
 
 def _worker() -> Tuple[int, int]:
@@ -546,8 +636,10 @@ class _ShardStream(IterableDataset):
         max_bad_fraction: float,
         stats=None,
         num_classes: Optional[int] = None,
+        target: Optional[DenseTarget] = None,
     ):
         self.shards, self.transform, self.image_shape = shards, transform, tuple(image_shape)
+        self.target = target
         self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
         self.num_workers = max(1, num_workers)
         self.require_labels, self.max_bad_fraction, self.stats = (
@@ -565,17 +657,17 @@ class _ShardStream(IterableDataset):
         return BadSampleCounter(self.max_bad_fraction, self.stats, slot)
 
     def _decoded(self, samples: Iterator[Dict[str, Any]], counter: BadSampleCounter):
-        """(image, label) of every good sample; bad ones are counted and dropped."""
+        """(image, label[, target]) of every good sample; bad ones are counted and dropped."""
         for s in samples:
             try:
-                image, label = decode_sample(
-                    s, self.transform, self.require_labels, self.num_classes
+                row = decode_sample(
+                    s, self.transform, self.require_labels, self.num_classes, self.target
                 )
             except _Bad as exc:
                 counter.record(s.get("__url__", "?"), s.get("__key__"), exc)
                 continue
             counter.record(s["__url__"])
-            yield image, label
+            yield row
 
 
 class TrainStream(_ShardStream):
@@ -624,8 +716,7 @@ class TrainStream(_ShardStream):
     def _batches(self, decoded):
         while True:
             rows = list(itertools.islice(decoded, self.batch_size))
-            images, labels = zip(*rows)
-            yield _collate(list(images), list(labels), len(rows), self.image_shape)
+            yield _collate(rows, len(rows), self.image_shape, target=self.target)
 
 
 def shuffled(samples: Iterator, buffer_size: int, rng: random.Random) -> Iterator:
@@ -664,18 +755,18 @@ class ValStream(_ShardStream):
         planned = math.ceil(part.num_samples / self.batch_size) + (self.extra if worker == 0 else 0)
         stream = itertools.islice(self._read(part, counter), part.offset, None, part.stride)
         rows = self._decoded(self._checked(stream, part), counter)
-        batches = iter(lambda: [list(c) for c in zip(*itertools.islice(rows, self.batch_size))], [])
+        batches = iter(lambda: list(itertools.islice(rows, self.batch_size)), [])
         # each batch is held back until the next one is read, so that the last one (or the
         # first padding batch) can carry how many planned samples never arrived
         held, delivered, emitted = None, 0, 0
         for batch in batches:
             if held is not None:
-                yield _collate(*held, self.batch_size, self.image_shape)
-            held, delivered, emitted = batch, delivered + len(batch[0]), emitted + 1
-        rest = ([held] if held is not None else []) + [([], [])] * (planned - emitted)
-        for i, (images, labels) in enumerate(rest):
+                yield _collate(held, self.batch_size, self.image_shape, target=self.target)
+            held, delivered, emitted = batch, delivered + len(batch), emitted + 1
+        rest = ([held] if held is not None else []) + [[]] * (planned - emitted)
+        for i, rows in enumerate(rest):
             missing = part.num_samples - delivered if i == 0 else 0
-            yield _collate(images, labels, self.batch_size, self.image_shape, missing)
+            yield _collate(rows, self.batch_size, self.image_shape, missing, self.target)
 
     def _read(self, part: ValPart, counter: BadSampleCounter):
         for i in part.shards:
@@ -842,6 +933,25 @@ def build_transform(resolved: Dict[str, Any], training: bool = False) -> Callabl
     return create_transform(**{k: resolved[k] for k in keys if k in resolved}, is_training=training)
 
 
+class DenseTransform:
+    """(PIL RGB image, PIL target) -> (normalized float (3, H, W), the target through the same
+    geometry): shorter side to `resize_side(resolved)` (the image with its interpolation, the
+    target nearest), center crop input_size, no augmentation."""
+
+    def __init__(self, resolved: Dict[str, Any]) -> None:
+        self.resize, self.side = resize_side(resolved), int(resolved["input_size"][-1])
+        self.interpolation = resolved.get("interpolation") or "bicubic"
+        self.mean = torch.tensor(resolved["mean"]).view(-1, 1, 1)
+        self.std = torch.tensor(resolved["std"]).view(-1, 1, 1)
+
+    def __call__(self, img: Image.Image, mask: Image.Image) -> Tuple[torch.Tensor, Image.Image]:
+        from torchvision.transforms.functional import to_tensor
+
+        img = resize_center_crop(img, self.resize, self.side, self.interpolation)
+        mask = resize_center_crop(mask, self.resize, self.side, "nearest")
+        return (to_tensor(img) - self.mean) / self.std, mask
+
+
 def check_stored_crop(shards: ShardSet, resolved: Dict[str, Any], split: str) -> None:
     """UserError when the shards hold crops stored by `raptor shards --crop SIDE` whose side
     is not the transform's resize side: the reader would resample the crop again (an
@@ -865,7 +975,8 @@ class ShardDataModule(L.LightningDataModule):
     data_cfg: the `data` config section. data_config: timm's resolved data config of the
     teacher (overridden key by key by data_cfg.transform). num_classes: the classes of the
     head the labels feed (a label outside 0..num_classes-1 is a bad sample); None or 0: no
-    head, labels unchecked.
+    head, labels unchecked. target: "seg" or "depth" for dense shards: batches carry that
+    target (`DenseTransform`, no augmentation); None: images and labels only.
     """
 
     def __init__(
@@ -873,9 +984,10 @@ class ShardDataModule(L.LightningDataModule):
         data_cfg: Any,
         data_config: Optional[Dict[str, Any]] = None,
         num_classes: Optional[int] = None,
+        target: Optional[str] = None,
     ):
         super().__init__()
-        self.cfg, self.num_classes = data_cfg, num_classes
+        self.cfg, self.num_classes, self.target = data_cfg, num_classes, target
         self.transform_config = resolve_transform_config(data_config, data_cfg.transform)
         self._shards: Dict[str, ShardSet] = {}
         self._counted: Dict[str, int] = {}
@@ -940,7 +1052,15 @@ class ShardDataModule(L.LightningDataModule):
             max_bad_fraction=float(self.cfg.max_bad_fraction),
             stats=self._stats[split],
             num_classes=self.num_classes,
+            target=self.dense_target(split),
         )
+
+    def dense_target(self, split: str) -> Optional[DenseTarget]:
+        """The split's DenseTarget (from its manifest) when the module reads a target."""
+        if self.target is None:
+            return None
+        where = str(self.cfg.get(f"{split}_urls") or self.cfg.shards_dir)
+        return DenseTarget.from_manifest(self.shards(split).dense, self.target, where)
 
     # -- loaders
 
@@ -986,8 +1106,8 @@ class ShardDataModule(L.LightningDataModule):
         return ShardLoader(stream, int(self.cfg.num_workers), on_batch=self._device_decoder())
 
     def _transform(self, training: bool = False) -> Callable:
-        """The workers' transform: `build_transform`, or with data.decode=gpu the encoded
-        JPEG bytes passed on (`raptor.data.device_decode`)."""
+        """The workers' transform: `build_transform`, `DenseTransform` for dense shards, or
+        with data.decode=gpu the encoded JPEG bytes passed on (`raptor.data.device_decode`)."""
         if self.cfg.get("decode", "cpu") == "gpu":
             from raptor.data.device_decode import EncodedJpeg
 
@@ -996,8 +1116,14 @@ class ShardDataModule(L.LightningDataModule):
                     "data.decode=gpu applies the evaluation transform only: set "
                     "data.decode=cpu for data.transform.train_augment=true"
                 )
-
+            if self.target is not None:
+                raise UserError(
+                    f"data.decode=gpu decodes images only, not {self.target} targets: "
+                    "set data.decode=cpu for dense shards"
+                )
             return EncodedJpeg()
+        if self.target is not None:
+            return DenseTransform(self.transform_config)
         return build_transform(self.transform_config, training=training)
 
     def _device_decoder(self) -> Optional[Callable]:

@@ -19,6 +19,11 @@ Weights (`Teacher.from_config(cfg.teacher)`):
 With none of these there is nothing to load: a TeacherLoadError names `raptor teacher`.
 Files are read with `torch.load(weights_only=True)` or safetensors, never unpickled.
 
+Image size: the teacher (and so a Raptor, which embeds with it) takes images of any size
+divisible by the patch size: timm's `dynamic_img_size`, the position embedding resampled
+(bicubic) to the image's patch grid; at the training size it is used as stored, so the
+numbers there are those of the plain model. `num_tokens` is the count at the training size.
+
 Numerics: on CUDA the forward runs under bf16 autocast (`precision="bf16"`, the default)
 or in float32 with any outer autocast switched off (`precision="fp32"`, config key
 `teacher.precision`); float32 on CPU either way; every output is float32.
@@ -160,9 +165,16 @@ class Teacher(nn.Module):
     # ------------------------------------------------------------------ forward
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
-        """(B, C, H, W) normalized images -> a_0 (B, T, D)."""
+        """(B, C, H, W) normalized images -> a_0 (B, T, D); H, W multiples of the patch."""
         v = self.vit
-        with self.autocast(images.device):
+        (h, w), (ph, pw) = images.shape[-2:], v.patch_embed.patch_size
+        if h % ph or w % pw:
+            raise ConfigError(
+                f"images of {h}x{w} px do not split into the teacher's {ph}x{pw} patches: set "
+                f"data.transform.input_size to a multiple of {ph}"
+            )
+        native = (h, w) == tuple(v.patch_embed.img_size)
+        with self.autocast(images.device), contextlib.nullcontext() if native else _dynamic_size(v):
             x = v.patch_embed(images)
             x = v._pos_embed(x)
             x = v.patch_drop(x)
@@ -306,6 +318,23 @@ class Teacher(nn.Module):
 
 
 # ---------------------------------------------------------------------- helpers
+
+
+@contextlib.contextmanager
+def _dynamic_size(vit: nn.Module):
+    """Within: the ViT in timm's `dynamic_img_size` mode (what the constructor argument
+    sets: patches kept as a (B, h, w, D) grid until the position embedding, resampled to
+    (h, w), is added); the model's own settings restored after."""
+    from timm.layers import Format
+
+    pe = vit.patch_embed
+    saved = vit.dynamic_img_size, pe.strict_img_size, pe.flatten, pe.output_fmt
+    vit.dynamic_img_size = True
+    pe.strict_img_size, pe.flatten, pe.output_fmt = False, False, Format.NHWC
+    try:
+        yield
+    finally:
+        vit.dynamic_img_size, pe.strict_img_size, pe.flatten, pe.output_fmt = saved
 
 
 def _plain(value: Any) -> Any:
