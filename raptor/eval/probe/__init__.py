@@ -1,0 +1,1 @@
+"""Probes: task heads trained on a backbone's frozen features (`raptor probe`)."""
