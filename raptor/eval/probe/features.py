@@ -6,7 +6,8 @@ A cache is a folder of `chunk-NNNNN.safetensors` files, each holding `x` (rows, 
 float16 and `y` (rows, ...) the targets in their own dtype, and `cache.json` (written last:
 the cache is complete) with its `key`, row count and chunk list. `FeatureCache.open(folder,
 key)` returns the cache when it is complete and made with the same key (model weights,
-layer, data, task: `cache_key`), else None; `write` replaces whatever the folder held.
+layer, data, task: `cache_key`), else None; `CacheWriter` (or `FeatureCache.write`)
+replaces whatever the folder held.
 `peak_rows` counts the most feature rows one FeatureCache held in memory at once.
 """
 
@@ -77,53 +78,11 @@ class FeatureCache:
         batches: Iterable[Tuple[Tensor, Tensor]],
         chunk_rows: Optional[int] = None,
     ) -> FeatureCache:
-        """Stream (features, targets) batches into `folder` (emptied first) in chunks of
-        `chunk_rows` rows (default: CHUNK_BYTES of float16 features); returns the cache."""
-        from safetensors.torch import save_file
-
-        folder = Path(folder)
-        if folder.exists():
-            shutil.rmtree(folder)
-        folder.mkdir(parents=True)
-        cache = cls(folder, {})
-        chunks: List[Dict[str, Any]] = []
-        xs: List[Tensor] = []
-        ys: List[Tensor] = []
-        held = 0
-        shape: Optional[Tuple[int, ...]] = None
-
-        def flush(upto: Optional[int]) -> None:
-            nonlocal xs, ys, held
-            x, y = torch.cat(xs), torch.cat(ys)
-            n = x.shape[0] if upto is None else upto
-            name = f"chunk-{len(chunks):05d}.safetensors"
-            save_file({"x": x[:n].contiguous(), "y": y[:n].contiguous()}, str(folder / name))
-            chunks.append({"file": name, "rows": n})
-            xs, ys = ([x[n:]], [y[n:]]) if n < x.shape[0] else ([], [])
-            held = x.shape[0] - n
-
+        """Stream (features, targets) batches into `folder`; returns the cache."""
+        writer = CacheWriter(folder, key, chunk_rows)
         for x, y in batches:
-            if shape is None:
-                shape = tuple(x.shape[1:])
-                if chunk_rows is None:
-                    per_row = max(1, x[0].numel() * torch.finfo(FEATURE_DTYPE).bits // 8)
-                    chunk_rows = max(1, CHUNK_BYTES // per_row)
-            xs.append(x.detach().to("cpu", FEATURE_DTYPE))
-            ys.append(y.detach().cpu())
-            held += x.shape[0]
-            cache.peak_rows = max(cache.peak_rows, held)
-            while held >= chunk_rows:
-                flush(chunk_rows)
-        if held:
-            flush(None)
-        cache.meta = {
-            "key": key,
-            "rows": sum(c["rows"] for c in chunks),
-            "feature_shape": list(shape or ()),
-            "chunks": chunks,
-        }
-        (folder / CACHE_FILE).write_text(json.dumps(cache.meta, indent=1))
-        return cache
+            writer.add(x, y)
+        return writer.close()
 
     def chunks(self, shuffle: Optional[random.Random] = None) -> Iterator[Tuple[Tensor, Tensor]]:
         """(features float32, targets) one chunk at a time; with `shuffle`, chunks in a
@@ -151,3 +110,57 @@ class FeatureCache:
         for x, y in self.chunks(shuffle):
             for i in range(0, x.shape[0], batch_size):
                 yield x[i : i + batch_size], y[i : i + batch_size]
+
+
+class CacheWriter:
+    """Writes a FeatureCache batch by batch: `add(features, targets)`, then `close()`.
+    `folder` is emptied first; rows go to disk in chunks of `chunk_rows` (default:
+    CHUNK_BYTES of float16 features) as soon as that many are held."""
+
+    def __init__(self, folder: str | Path, key: str, chunk_rows: Optional[int] = None):
+        self.folder, self.key, self.chunk_rows = Path(folder), key, chunk_rows
+        if self.folder.exists():
+            shutil.rmtree(self.folder)
+        self.folder.mkdir(parents=True)
+        self.cache = FeatureCache(self.folder, {})
+        self.chunks: List[Dict[str, Any]] = []
+        self.xs: List[Tensor] = []
+        self.ys: List[Tensor] = []
+        self.held = 0
+        self.shape: Optional[Tuple[int, ...]] = None
+
+    def add(self, x: Tensor, y: Tensor) -> None:
+        if self.shape is None:
+            self.shape = tuple(x.shape[1:])
+            if self.chunk_rows is None:
+                per_row = max(1, x[0].numel() * torch.finfo(FEATURE_DTYPE).bits // 8)
+                self.chunk_rows = max(1, CHUNK_BYTES // per_row)
+        self.xs.append(x.detach().to("cpu", FEATURE_DTYPE))
+        self.ys.append(y.detach().cpu())
+        self.held += x.shape[0]
+        self.cache.peak_rows = max(self.cache.peak_rows, self.held)
+        while self.held >= self.chunk_rows:
+            self._flush(self.chunk_rows)
+
+    def _flush(self, rows: int) -> None:
+        from safetensors.torch import save_file
+
+        x, y = torch.cat(self.xs), torch.cat(self.ys)
+        name = f"chunk-{len(self.chunks):05d}.safetensors"
+        save_file({"x": x[:rows].contiguous(), "y": y[:rows].contiguous()}, str(self.folder / name))
+        self.chunks.append({"file": name, "rows": rows})
+        self.xs, self.ys = ([x[rows:]], [y[rows:]]) if rows < x.shape[0] else ([], [])
+        self.held = x.shape[0] - rows
+
+    def close(self) -> FeatureCache:
+        """Write the last chunk and cache.json (the cache is complete); returns it."""
+        if self.held:
+            self._flush(self.held)
+        self.cache.meta = {
+            "key": self.key,
+            "rows": sum(c["rows"] for c in self.chunks),
+            "feature_shape": list(self.shape or ()),
+            "chunks": self.chunks,
+        }
+        (self.folder / CACHE_FILE).write_text(json.dumps(self.cache.meta, indent=1))
+        return self.cache

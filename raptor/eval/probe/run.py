@@ -35,7 +35,7 @@ from omegaconf import DictConfig
 from torch import Tensor, nn
 
 from raptor.errors import UserError
-from raptor.eval.probe.features import FeatureCache, cache_key, tensors_digest
+from raptor.eval.probe.features import CacheWriter, FeatureCache, cache_key, tensors_digest
 from raptor.eval.probe.tasks import TASKS, ProbeTask
 
 PROBE_FILE = "probe.json"
@@ -245,46 +245,53 @@ def _split_digest(dm: Any, split: str) -> Dict[str, Any]:
 
 
 def extract(
-    model: ProbeModel, task: ProbeTask, loader: Iterable, layer: int, device: torch.device
-) -> Iterator[Tuple[Tensor, Tensor]]:
-    """(select()'s features, targets) of the loader's valid rows, batch by batch."""
+    models: List[ProbeModel], task: ProbeTask, loader: Iterable, layer: int, device: torch.device
+) -> Iterator[List[Tuple[Tensor, Tensor]]]:
+    """Per batch, each model's (select()'s features, targets) of the loader's valid rows:
+    the images are read and decoded once for all models."""
     with torch.no_grad():
         for batch in loader:
             keep = batch["valid"]
             if not bool(keep.any()):
                 continue
-            tokens = model.tokens(batch["image"][keep].to(device), layer)
-            yield task.select(tokens, model.groups), batch[task.target_key][keep]
+            images, target = batch["image"][keep].to(device), batch[task.target_key][keep]
+            yield [(task.select(m.tokens(images, layer), m.groups), target) for m in models]
 
 
 def cached_features(
-    model: ProbeModel,
+    models: List[ProbeModel],
     task: ProbeTask,
     dm: Any,
     layer: int,
     cache_dir: Path,
     device: torch.device,
-) -> Tuple[Dict[str, FeatureCache], bool]:
-    """{split: FeatureCache} of the model's layer (written when missing or stale) and
-    whether all were reused."""
-    out, reused = {}, True
+) -> Tuple[Dict[str, Dict[str, FeatureCache]], set]:
+    """({model name: {split: FeatureCache}} of `layer`, the names of the models whose
+    features were written): those missing or stale are written in one pass over each
+    split's images."""
+    out: Dict[str, Dict[str, FeatureCache]] = {m.name: {} for m in models}
+    written = set()
     for split in SPLITS:
-        key = cache_key(
-            {
-                "model": model.digest,
-                "layer": layer,
-                "task": task.name,
-                "data": _split_digest(dm, split),
-            }
-        )
-        folder = cache_dir / task.name / re.sub(r"[^\w.-]+", "_", model.name) / f"L{layer}-{split}"
-        cache = FeatureCache.open(folder, key)
-        if cache is None:
-            reused = False
-            loader = dm.val_dataloader(split)
-            cache = FeatureCache.write(folder, key, extract(model, task, loader, layer, device))
-        out[split] = cache
-    return out, reused
+        data = _split_digest(dm, split)
+        todo = []
+        for m in models:
+            key = cache_key({"model": m.digest, "layer": layer, "task": task.name, "data": data})
+            name = re.sub(r"[^\w.-]+", "_", m.name)
+            folder = cache_dir / task.name / name / f"L{layer}-{split}"
+            cache = FeatureCache.open(folder, key)
+            if cache is None:
+                todo.append((m, CacheWriter(folder, key)))
+            else:
+                out[m.name][split] = cache
+        if todo:
+            batches = extract([m for m, _ in todo], task, dm.val_dataloader(split), layer, device)
+            for per_model in batches:
+                for (_, writer), (x, y) in zip(todo, per_model):
+                    writer.add(x, y)
+            for m, writer in todo:
+                out[m.name][split] = writer.close()
+                written.add(m.name)
+    return out, written
 
 
 # --------------------------------------------------------------------------- training
@@ -367,9 +374,9 @@ def run_probe(cfg: DictConfig, out_dir: str | Path) -> Dict[str, Any]:
     layer = L if p.layer is None else int(p.layer)
     if not 0 <= layer <= L:
         raise UserError(f"probe.layer={layer} is out of range: the teacher has layers 0..{L}")
-    data = cfg.data
+    data = copy.deepcopy(cfg.data)
+    data.val_batch_size = int(p.batch_size)  # features are extracted in probe batches too
     if p.data:  # the probe's own shards folder (e.g. dense targets)
-        data = copy.deepcopy(data)
         data.shards_dir, data.train_urls, data.val_urls = str(p.data), "", ""
     dm = ShardDataModule(data, teacher.data_config, teacher.num_classes or None)
     classes = teacher.num_classes or len(dm.shards("train").classes or [])
@@ -396,9 +403,10 @@ def run_probe(cfg: DictConfig, out_dir: str | Path) -> Dict[str, Any]:
         unit="epoch",
         disable=not cfg.logging.progress_bar,
     )
+    bar.set_postfix_str("features")
+    features, written = cached_features(models, task, dm, layer, cache_dir, device)
     for m in models:
-        bar.set_postfix_str(f"{m.name}: features")
-        caches, reused = cached_features(m, task, dm, layer, cache_dir, device)
+        caches = features[m.name]
         bar.set_postfix_str(m.name)
         head = task.head(caches["train"].feature_shape[-1], grid)
         if init is not None:
@@ -421,7 +429,7 @@ def run_probe(cfg: DictConfig, out_dir: str | Path) -> Dict[str, Any]:
                 "name": m.name,
                 "kind": m.kind,
                 "source": m.source,
-                "features_reused": reused,
+                "features_reused": m.name not in written,
                 "train_rows": caches["train"].rows,
                 "val_rows": caches["val"].rows,
                 "curve": curve,
