@@ -499,7 +499,8 @@ class ProbeConfig:
     random weights, or a Raptor run folder / .ckpt / exported backbone folder), `epochs`
     of AdamW at `lr` (cosine to 0) with `weight_decay` on batches of `batch_size` features;
     `data`: a shards folder with train and val splits (empty: the data section's shards);
-    features cached in `cache_dir` (empty: runs/NAME/probe/cache)."""
+    features cached as `feature_dtype` (float16; float32 keeps them exact) in `cache_dir`
+    (empty: runs/NAME/probe/cache)."""
 
     task: str = valid("cls", OneOf(PROBE_TASKS))
     layer: Optional[int] = valid(None, NON_NEGATIVE)
@@ -510,6 +511,7 @@ class ProbeConfig:
     batch_size: int = valid(256, POSITIVE)
     seed: int = valid(0, SEED)
     data: str = ""
+    feature_dtype: str = valid("float16", OneOf(("float16", "float32")))
     cache_dir: str = ""
 
 

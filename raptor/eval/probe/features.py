@@ -3,7 +3,7 @@ while the images stream and read back chunk by chunk, so memory holds one chunk 
 large the split (ImageNet's [cls ; mean(patch)] of a ViT-B layer is about 4 GB in float16).
 
 A cache is a folder of `chunk-NNNNN.safetensors` files, each holding `x` (rows, ...) in
-float16 and `y` (rows, ...) the targets in their own dtype, and `cache.json` (written last:
+float16 (or float32) and `y` (rows, ...) the targets in their own dtype, and `cache.json` (written last:
 the cache is complete) with its `key`, row count and chunk list. `FeatureCache.open(folder,
 key)` returns the cache when it is complete and made with the same key (model weights,
 layer, data, task: `cache_key`), else None; `CacheWriter` (or `FeatureCache.write`)
@@ -114,11 +114,18 @@ class FeatureCache:
 
 class CacheWriter:
     """Writes a FeatureCache batch by batch: `add(features, targets)`, then `close()`.
-    `folder` is emptied first; rows go to disk in chunks of `chunk_rows` (default:
-    CHUNK_BYTES of float16 features) as soon as that many are held."""
+    `folder` is emptied first; features are stored as `dtype` (float16; float32 to keep
+    them exact); rows go to disk in chunks of `chunk_rows` (default: CHUNK_BYTES of
+    features) as soon as that many are held."""
 
-    def __init__(self, folder: str | Path, key: str, chunk_rows: Optional[int] = None):
-        self.folder, self.key, self.chunk_rows = Path(folder), key, chunk_rows
+    def __init__(
+        self,
+        folder: str | Path,
+        key: str,
+        chunk_rows: Optional[int] = None,
+        dtype: torch.dtype = FEATURE_DTYPE,
+    ):
+        self.folder, self.key, self.chunk_rows, self.dtype = Path(folder), key, chunk_rows, dtype
         if self.folder.exists():
             shutil.rmtree(self.folder)
         self.folder.mkdir(parents=True)
@@ -133,9 +140,9 @@ class CacheWriter:
         if self.shape is None:
             self.shape = tuple(x.shape[1:])
             if self.chunk_rows is None:
-                per_row = max(1, x[0].numel() * torch.finfo(FEATURE_DTYPE).bits // 8)
+                per_row = max(1, x[0].numel() * torch.finfo(self.dtype).bits // 8)
                 self.chunk_rows = max(1, CHUNK_BYTES // per_row)
-        self.xs.append(x.detach().to("cpu", FEATURE_DTYPE))
+        self.xs.append(x.detach().to("cpu", self.dtype))
         self.ys.append(y.detach().cpu())
         self.held += x.shape[0]
         self.cache.peak_rows = max(self.cache.peak_rows, self.held)

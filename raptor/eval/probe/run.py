@@ -8,7 +8,8 @@
 - Features: `task.select` of layer `probe.layer` (default the last, L) after the teacher's
   final norm (the exported backbone's copy of it; the random model's own), as the Raptor
   paper reuses DINOv2's frozen final norm; computed once per model, layer and split into
-  a `FeatureCache` under probe.cache_dir (default `probe/cache` in the run's root) and
+  a `FeatureCache` (probe.feature_dtype) under probe.cache_dir (default `probe/cache` in
+  the run's root) and
   reused while the model's weights, the layer, the data and the task stay the same.
 - Head: `task.head` trained with AdamW and a cosine learning rate over `probe.epochs` on
   the training split's features, scored on the validation split's after every epoch;
@@ -173,8 +174,9 @@ def resolve_model(spec: str, teacher: Any, teacher_digest: str) -> ProbeModel:
     )
 
 
-def probe_models(cfg: DictConfig, teacher: Any) -> List[ProbeModel]:
-    """The models of cfg.probe.models, in order, with unique names."""
+def probe_models(cfg: DictConfig, teacher: Any, root: Path) -> List[ProbeModel]:
+    """The models of cfg.probe.models, in order, with unique names ("raptors": those in
+    the pipeline layout under `root`)."""
     from raptor.run_folders import run_folders
     from raptor.train.runs import CKPT_DIR, LAST_CKPT
 
@@ -191,7 +193,7 @@ def probe_models(cfg: DictConfig, teacher: Any) -> List[ProbeModel]:
         elif spec == "raptors":
             stage = 2 if 2 in cfg.train.stages else 1
             for k in cfg.pipeline.ks:
-                run = run_folders(cfg).stage(int(k), stage)
+                run = run_folders(cfg, root).stage(int(k), stage)
                 if not (run / CKPT_DIR / LAST_CKPT).is_file():
                     raise UserError(
                         f"probe.models: no Raptor k={k}: {run} holds no {CKPT_DIR}/{LAST_CKPT}; "
@@ -265,22 +267,32 @@ def cached_features(
     layer: int,
     cache_dir: Path,
     device: torch.device,
+    splits: Tuple[str, ...] = SPLITS,
+    dtype: torch.dtype = torch.float16,
 ) -> Tuple[Dict[str, Dict[str, FeatureCache]], set]:
     """({model name: {split: FeatureCache}} of `layer`, the names of the models whose
     features were written): those missing or stale are written in one pass over each
     split's images."""
     out: Dict[str, Dict[str, FeatureCache]] = {m.name: {} for m in models}
     written = set()
-    for split in SPLITS:
+    for split in splits:
         data = _split_digest(dm, split)
         todo = []
         for m in models:
-            key = cache_key({"model": m.digest, "layer": layer, "task": task.name, "data": data})
+            key = cache_key(
+                {
+                    "model": m.digest,
+                    "layer": layer,
+                    "task": task.name,
+                    "data": data,
+                    "dtype": str(dtype),
+                }
+            )
             name = re.sub(r"[^\w.-]+", "_", m.name)
             folder = cache_dir / task.name / name / f"L{layer}-{split}"
             cache = FeatureCache.open(folder, key)
             if cache is None:
-                todo.append((m, CacheWriter(folder, key)))
+                todo.append((m, CacheWriter(folder, key, dtype=dtype)))
             else:
                 out[m.name][split] = cache
         if todo:
@@ -310,7 +322,7 @@ def evaluate_head(task: ProbeTask, head: nn.Module, cache: FeatureCache, batch_s
 def train_head(
     task: ProbeTask,
     head: nn.Module,
-    train: FeatureCache,
+    train: Optional[FeatureCache],
     val: FeatureCache,
     epochs: int,
     lr: float,
@@ -324,6 +336,8 @@ def train_head(
     every epoch. AdamW, learning rate cosine-decayed from `lr` to 0 over all steps."""
     head = head.to(device)
     curve = [{"epoch": 0, **evaluate_head(task, head, val, batch_size, device)}]
+    if not epochs:
+        return curve
     steps_per_epoch = sum(math.ceil(c["rows"] / batch_size) for c in train.meta["chunks"])
     opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=weight_decay)
     total = max(1, epochs * steps_per_epoch)
@@ -355,9 +369,12 @@ def best_of(curve: List[Dict[str, float]], primary: str, higher: bool) -> Dict[s
 # --------------------------------------------------------------------------- the run
 
 
-def run_probe(cfg: DictConfig, out_dir: str | Path) -> Dict[str, Any]:
+def run_probe(
+    cfg: DictConfig, out_dir: str | Path, root: Optional[str | Path] = None
+) -> Dict[str, Any]:
     """Probe every model of cfg.probe.models on cfg.probe.task (module docstring); writes
-    the outputs into `out_dir` and returns probe.json's content."""
+    the outputs into `out_dir` and returns probe.json's content. `root`: the pipeline's
+    root (default runs/NAME), where "raptors" and the default cache_dir are."""
     from tqdm import tqdm
 
     from raptor import distributed
@@ -386,13 +403,14 @@ def run_probe(cfg: DictConfig, out_dir: str | Path) -> Dict[str, Any]:
             "lists no classes)"
         )
     task = TASKS[str(p.task)](classes)
-    models = probe_models(cfg, teacher)
+    root = run_folders(cfg, root).root
+    models = probe_models(cfg, teacher, root)
     for m in models:
         if m.num_layers < layer:
             raise UserError(
                 f"probe.layer={layer} is out of range: {m.name} has layers 0..{m.num_layers}"
             )
-    cache_dir = Path(p.cache_dir) if p.cache_dir else run_folders(cfg).root / "probe" / "cache"
+    cache_dir = Path(p.cache_dir) if p.cache_dir else root / "probe" / "cache"
     init = teacher_head_state(teacher) if task.name == "cls" and layer == L else None
     grid = tuple(teacher.vit.patch_embed.grid_size)
 
@@ -404,17 +422,19 @@ def run_probe(cfg: DictConfig, out_dir: str | Path) -> Dict[str, Any]:
         disable=not cfg.logging.progress_bar,
     )
     bar.set_postfix_str("features")
-    features, written = cached_features(models, task, dm, layer, cache_dir, device)
+    splits = SPLITS if p.epochs else ("val",)  # no training: no training features
+    dtype = getattr(torch, str(p.feature_dtype))
+    features, written = cached_features(models, task, dm, layer, cache_dir, device, splits, dtype)
     for m in models:
         caches = features[m.name]
         bar.set_postfix_str(m.name)
-        head = task.head(caches["train"].feature_shape[-1], grid)
+        head = task.head(caches["val"].feature_shape[-1], grid)
         if init is not None:
             head.load_state_dict(init)
         curve = train_head(
             task,
             head,
-            caches["train"],
+            caches.get("train"),
             caches["val"],
             int(p.epochs),
             float(p.lr),
@@ -430,7 +450,7 @@ def run_probe(cfg: DictConfig, out_dir: str | Path) -> Dict[str, Any]:
                 "kind": m.kind,
                 "source": m.source,
                 "features_reused": m.name not in written,
-                "train_rows": caches["train"].rows,
+                "train_rows": caches["train"].rows if "train" in caches else 0,
                 "val_rows": caches["val"].rows,
                 "curve": curve,
                 "at_init": curve[0][task.primary],
