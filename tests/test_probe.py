@@ -194,3 +194,35 @@ def test_config_names_every_task():
     from raptor.config import PROBE_TASKS
 
     assert set(PROBE_TASKS) == set(TASKS)
+
+
+def test_the_pipeline_probes_after_every_raptor_and_the_summary_shows_it(tmp_path):
+    """pipeline.probes adds a probe/TASK step consuming every Raptor's last stage, in
+    probe/TASK; the summary gains its table."""
+    from raptor.config import load_config
+    from raptor.eval.probe.run import probe_table
+    from raptor.eval.summary import write_summary
+    from raptor.pipeline import pipeline_steps
+
+    cfg = load_config("configs/demo.yaml", ["pipeline.probes=[]", f"run_dir={tmp_path}"])
+    assert not [s for s in pipeline_steps(cfg, tmp_path) if s.name.startswith("probe")]
+    cfg.pipeline.probes = ["cls"]
+    steps = pipeline_steps(cfg, tmp_path)
+    probe = steps[-1]
+    assert probe.name == "probe/cls" and probe.folder == tmp_path / "probe" / "cls"
+    assert {"k2/stage2", "k3/stage2", "teacher", "shards"} <= set(probe.after)
+    assert probe.values["probe.epochs"] == 5 and "probe.task" not in probe.values
+    curve = [{"epoch": 0, "top1": 0.5}, {"epoch": 1, "top1": 0.75}]
+    model = {"at_init": 0.5, "best": 0.75, "best_epoch": 1, "curve": curve}
+    result = {"task": "cls", "layer": 8, "num_layers": 8, "primary": "top1", "epochs": 1}
+    result["models"] = [
+        {"name": "teacher", "kind": "teacher", **model, "ratio": 1.0},
+        {"name": "k2", "kind": "raptor", **model, "best": 0.6, "ratio": 0.8},
+    ]
+    table = probe_table(result)
+    assert "| teacher | 50.0% | 75.0% | 1 | 1.000 |" in table
+    assert "| k2 | 50.0% | 60.0% | 1 | 0.800 |" in table
+    write_summary(
+        cfg, tmp_path, {"probe/cls": {"result": result, "wall_s": 1.0, "folder": str(tmp_path)}}
+    )
+    assert table in (tmp_path / "summary.md").read_text()
