@@ -113,7 +113,10 @@ def _csv_logger(run_dir: Path):
 
 
 def step_name(cfg: DictConfig, job: str) -> str:
-    """The W&B run name of a pipeline step: NAME/JOB, or NAME/k{K}/JOB for one Raptor's."""
+    """The W&B run name of a pipeline step: NAME/JOB, NAME/k{K}/JOB for one Raptor's,
+    NAME/probe/TASK for a probe."""
+    if job == "probe":
+        return f"{cfg.name}/probe/{cfg.probe.task}"
     return f"{cfg.name}/k{cfg.model.k}/{job}" if job in PER_K_JOBS else f"{cfg.name}/{job}"
 
 
