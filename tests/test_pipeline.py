@@ -150,7 +150,7 @@ def test_pipeline_reruns_what_a_change_reaches(tmp_path, capsys, monkeypatch):
     args += ["logging.log_every_n_steps=3", "data.num_workers=2", "train.ckpt_every_n_steps=3"]
     assert cli_main(args) == 0
     out = capsys.readouterr().out
-    assert out.count("complete, skipped") == 7 and "running in" not in out, out
+    assert out.count("complete, skipped") == 8 and "running in" not in out, out
     assert snapshot(shards, *(run / s for s in all_steps)) == before
     assert root_config(run).logging.log_every_n_steps == 3
     assert not list(run.rglob("*.stale-*"))
@@ -161,10 +161,10 @@ def test_pipeline_reruns_what_a_change_reaches(tmp_path, capsys, monkeypatch):
     args += ["train.stage2.lr=5e-4"]
     assert cli_main(args) == 0
     out = capsys.readouterr().out
-    assert out.count("running in") == 3, out
+    assert out.count("running in") == 4, out
     for step in ("shards", "teacher", "phases", "k2/stage1"):
         assert f"{step}: complete, skipped" in out, out
-    for step in ("k2/stage2", "k2/eval", "k2/export"):
+    for step in ("k2/stage2", "k2/eval", "k2/export", "probe/cls"):
         assert f"{step}: running in" in out, out
     assert "train.stage2.lr: 0.001 -> 0.0005" in out
     assert "k2/stage2 reruns" in out
@@ -193,7 +193,7 @@ def test_pipeline_reruns_what_a_change_reaches(tmp_path, capsys, monkeypatch):
     assert cli_main(args) == 0
     out = capsys.readouterr().out
     assert "shards: complete, skipped" in out
-    assert out.count("running in") == 6
+    assert out.count("running in") == 7
     assert torch.load(run / "teacher/checkpoints/last.ckpt", weights_only=True)["epoch"] == (
         teacher_epochs + 1
     )
