@@ -52,7 +52,8 @@ def test_pipeline_runs_every_step_then_skips(tmp_path, digits_shards, capsys, mo
     args += ["train.stage2.lr=1e-9", "train.stage2.min_lr=0"]
     assert cli_main(args) == 0
     out = capsys.readouterr().out
-    for step in ("shards", "teacher", "phases", "k2/stage1", "k2/stage2", "k2/eval", "k2/export"):
+    steps = ("shards", "teacher", "phases", "k2/stage1", "k2/stage2", "k2/eval", "k2/export")
+    for step in (*steps, "probe/cls"):
         folder = tmp_path / "shards" if step == "shards" else run / step
         assert (folder / "step.json").is_file(), step
 
@@ -91,7 +92,7 @@ def test_pipeline_runs_every_step_then_skips(tmp_path, digits_shards, capsys, mo
     # rerun: every step is complete and skipped
     assert cli_main(args) == 0
     again = capsys.readouterr().out
-    assert again.count("complete, skipped") == 7
+    assert again.count("complete, skipped") == 8  # with the demo's probe/cls
     assert "running in" not in again
 
 
