@@ -4,7 +4,7 @@ Each sub-command lives in the module named in COMMANDS (`raptor.commands.*`), wh
 `add_arguments(parser)` and `main(args) -> int | None`. Only the chosen
 command's module is imported, so `raptor config show` starts without torch.
 Commands that take a config accept `CONFIG [key=value ...]`; `stage=N` is
-shorthand for `train.stage=N`.
+shorthand for `train.stage=N`, `task=T` for `probe.task=T`.
 
 Expected failures (`raptor.errors`) print one message and exit 2 (`UserError`: bad
 input) or 1 (`RunFailed`); so do a full disk, a permission or read-only error, a
@@ -45,6 +45,10 @@ COMMANDS = {
         "raptor.commands.eval",
         "evaluate a stage-2 run as the pipeline does (student, identity, DMD; top-1)",
     ),
+    "probe": (
+        "raptor.commands.probe",
+        "linear probes of the teacher, Raptors and baselines on frozen features (`task=cls`)",
+    ),
     "pipeline": (
         "raptor.commands.pipeline",
         "the whole job: shards, teacher, phases, stages 1-2, DMD, export",
@@ -77,7 +81,10 @@ def config_from_args(args: argparse.Namespace, command: Optional[str] = None):
     run folder and inputs resolved in the pipeline's layout (`raptor.run_folders`)."""
     from raptor.config import load_config
 
-    overrides = [("train." + o) if o.startswith("stage=") else o for o in args.overrides]
+    short = {"stage=": "train.", "task=": "probe."}
+    overrides = [
+        next((s + o for p, s in short.items() if o.startswith(p)), o) for o in args.overrides
+    ]
     cfg = load_config(args.config, overrides)
     if command is not None:
         from raptor.run_folders import command_config  # imports torch: not for `config show`

@@ -10,7 +10,7 @@ field (`valid(default, rule)`); `load_config` rejects a value outside it, naming
 the key, the value and the range. `None` is always valid for an Optional key.
 
 Sections: data, teacher, model, phases, train, dmd, logging, trainer (passed
-through to `lightning.Trainer`), export, pipeline.
+through to `lightning.Trainer`), export, pipeline, probe.
 """
 
 from __future__ import annotations
@@ -157,6 +157,7 @@ PHASE_SPLITS = ("train", "val")
 TEACHER_PRECISIONS = ("bf16", "fp32")  # teacher.precision: the teacher forward's on GPU
 TOKEN_MODES = ("all", "cls+patchmean")
 DMD_SOLVERS = ("ridge", "pcr", "rrr")
+PROBE_TASKS = ("cls",)  # the names of raptor.eval.probe.tasks.TASKS (tests/test_probe.py checks)
 DMD_SELECTIONS = ("span", "anchor", "endpoint", "replaceme", "identity")
 DMD_ALPHA_MODES = ("relative", "absolute")
 TEACHER_FORCING = ("anneal", "always", "never")  # stage 1: r annealed, 1 throughout, 0 throughout
@@ -505,6 +506,32 @@ class PipelineConfig:
     ks: List[int] = valid(lambda: [3], POSITIVE, nonempty=True)  # Raptors trained, one per k
     evaluate: bool = True
     export: bool = True
+    # probe tasks run after every Raptor (runs/NAME/probe/TASK), with the probe section
+    probes: List[str] = valid(list, OneOf(PROBE_TASKS))
+
+
+@dataclass
+class ProbeConfig:
+    """`raptor probe` and the pipeline's probe steps (`raptor.eval.probe.run`): a `task`
+    head trained on frozen features of `layer` (None: the last) of each of `models`
+    (teacher, raptors = the pipeline's Raptors for pipeline.ks, identity = a_0, random =
+    random weights, or a Raptor run folder / .ckpt / exported backbone folder), `epochs`
+    of AdamW at `lr` (cosine to 0) with `weight_decay` on batches of `batch_size` features;
+    `data`: a shards folder with train and val splits (empty: the data section's shards);
+    features cached as `feature_dtype` (float16; float32 keeps them exact) in `cache_dir`
+    (empty: runs/NAME/probe/cache)."""
+
+    task: str = valid("cls", OneOf(PROBE_TASKS))
+    layer: Optional[int] = valid(None, NON_NEGATIVE)
+    models: List[str] = valid(lambda: ["teacher", "raptors", "identity", "random"], nonempty=True)
+    epochs: int = valid(10, NON_NEGATIVE)
+    lr: float = valid(1e-3, NON_NEGATIVE)
+    weight_decay: float = valid(0.0, NON_NEGATIVE)
+    batch_size: int = valid(256, POSITIVE)
+    seed: int = valid(0, SEED)
+    data: str = ""
+    feature_dtype: str = valid("float16", OneOf(("float16", "float32")))
+    cache_dir: str = ""
 
 
 @dataclass
@@ -541,6 +568,7 @@ class RaptorConfig:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
+    probe: ProbeConfig = field(default_factory=ProbeConfig)
 
 
 # --------------------------------------------------------------------------- loading

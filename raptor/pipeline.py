@@ -8,6 +8,8 @@ reads and writes by default too:
     phases/    similarity matrix, phases.json, heat-map
     k{K}/stage1, k{K}/stage2, k{K}/eval, k{K}/export   for every K in pipeline.ks
                (`train.stages` [1] or [2]: only that stage, evaluated and exported)
+    probe/TASK for every task in pipeline.probes: the teacher, every Raptor and the
+               baselines probed side by side (`raptor probe`); probe/cache their features
     config.yaml, summary.md, summary.json, *.png
 
 Results cannot go stale. Each step depends on the config keys listed for it in `DEPENDS`
@@ -81,6 +83,7 @@ DEPENDS: Dict[str, Tuple[str, ...]] = {
     "stage2": ("model", "train.stage2") + _FIT + _DMD,
     "eval": ("trainer.precision", "trainer.extra") + _DMD,
     "export": ("export.onnx", "export.onnx_opset"),
+    "probe": ("probe", "!probe.task", "!probe.cache_dir", "trainer.precision"),
 }
 # Keys no step's results depend on: changing them reruns nothing. With DEPENDS these cover
 # every key of the schema (tests/test_pipeline.py checks), so a new key must be placed.
@@ -111,6 +114,8 @@ NO_RESULT_KEYS = (
     "dmd.sweep",  # `raptor dmd` only
     "export.out",  # the pipeline exports into k{K}/export/backbone
     "export.overwrite",
+    "probe.task",  # set by the pipeline per probe step (pipeline.probes)
+    "probe.cache_dir",  # where features are cached; a cache is reused only when it matches
 )
 # Keys naming a file: their value in a record is the file's content hash, not its path.
 FILE_KEYS = ("teacher.weights", "teacher.head", "phases.file")
@@ -277,6 +282,23 @@ def pipeline_steps(cfg: DictConfig, root: Path) -> List[Step]:
             data + teacher + phases,
             inputs,
         )
+    if cfg.pipeline.probes:
+        from raptor.eval.probe.run import run_probe
+
+        last = "stage2" if 2 in cfg.train.stages else "stage1"
+        raptors = [f"k{k}/{last}" for k in cfg.pipeline.ks]
+        for task in cfg.pipeline.probes:
+            add(
+                f"probe/{task}",
+                folders.probe(task),
+                data + teacher + phases + DEPENDS["probe"],
+                inputs + raptors,
+                lambda done, folder, task=task: run_probe(
+                    given(done, **{"probe.task": task, "run_dir": str(folder)}), folder, root
+                ),
+                source=_with(cfg, **{"probe.task": task}),
+                job="probe",
+            )
     return steps
 
 

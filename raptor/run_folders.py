@@ -9,6 +9,8 @@ reads and writes by default, so that commands run one by one compose as the pipe
       k{K}/eval                  `raptor eval`
       k{K}/export/backbone       `raptor export`
       dmd/                       `raptor dmd`
+      probe/TASK                 `raptor probe` (probe/TASK-layerN for probe.layer=N), and
+      probe/cache                its feature cache
 
 A command writes into run_dir when given, else into its folder above. The shards' folder
 depends on the name alone (or data.shards_dir), never on run_dir. `command_config` also
@@ -72,6 +74,9 @@ class RunFolders:
     def export(self, k: int) -> Path:
         return self.root / f"k{k}" / "export"
 
+    def probe(self, task: str, layer: Optional[int] = None) -> Path:
+        return self.root / "probe" / (task if layer is None else f"{task}-layer{layer}")
+
 
 def run_folders(cfg: DictConfig, root: Optional[str | Path] = None) -> RunFolders:
     """The layout of cfg's run under `root` (default runs/NAME, relative to the working
@@ -88,6 +93,8 @@ def command_folder(cfg: DictConfig, command: str) -> Path:
     f, k = run_folders(cfg), int(cfg.model.k)
     if command == "fit":
         return f.stage(k, int(cfg.train.stage))
+    if command == "probe":
+        return f.probe(str(cfg.probe.task), cfg.probe.layer)
     return {"teacher": f.teacher, "phases": f.phases, "eval": f.eval(k), "dmd": f.dmd}[command]
 
 
@@ -115,7 +122,7 @@ def absolute_paths(cfg: DictConfig) -> DictConfig:
 
 
 def command_config(cfg: DictConfig, command: str, config: str = "CONFIG") -> DictConfig:
-    """cfg for `raptor COMMAND` (teacher | phases | fit | dmd | eval) with `config` the file
+    """cfg for `raptor COMMAND` (teacher | phases | fit | dmd | eval | probe) with `config` the file
     named on the command line: its run folder, and each input it reads that the config does
     not give, from the layout, with a UserError naming the command that makes a missing one;
     every stored path absolute."""

@@ -52,7 +52,8 @@ def test_pipeline_runs_every_step_then_skips(tmp_path, digits_shards, capsys, mo
     args += ["train.stage2.lr=1e-9", "train.stage2.min_lr=0"]
     assert cli_main(args) == 0
     out = capsys.readouterr().out
-    for step in ("shards", "teacher", "phases", "k2/stage1", "k2/stage2", "k2/eval", "k2/export"):
+    steps = ("shards", "teacher", "phases", "k2/stage1", "k2/stage2", "k2/eval", "k2/export")
+    for step in (*steps, "probe/cls"):
         folder = tmp_path / "shards" if step == "shards" else run / step
         assert (folder / "step.json").is_file(), step
 
@@ -91,7 +92,7 @@ def test_pipeline_runs_every_step_then_skips(tmp_path, digits_shards, capsys, mo
     # rerun: every step is complete and skipped
     assert cli_main(args) == 0
     again = capsys.readouterr().out
-    assert again.count("complete, skipped") == 7
+    assert again.count("complete, skipped") == 8  # with the demo's probe/cls
     assert "running in" not in again
 
 
@@ -150,7 +151,7 @@ def test_pipeline_reruns_what_a_change_reaches(tmp_path, capsys, monkeypatch):
     args += ["logging.log_every_n_steps=3", "data.num_workers=2", "train.ckpt_every_n_steps=3"]
     assert cli_main(args) == 0
     out = capsys.readouterr().out
-    assert out.count("complete, skipped") == 7 and "running in" not in out, out
+    assert out.count("complete, skipped") == 8 and "running in" not in out, out
     assert snapshot(shards, *(run / s for s in all_steps)) == before
     assert root_config(run).logging.log_every_n_steps == 3
     assert not list(run.rglob("*.stale-*"))
@@ -161,10 +162,10 @@ def test_pipeline_reruns_what_a_change_reaches(tmp_path, capsys, monkeypatch):
     args += ["train.stage2.lr=5e-4"]
     assert cli_main(args) == 0
     out = capsys.readouterr().out
-    assert out.count("running in") == 3, out
+    assert out.count("running in") == 4, out
     for step in ("shards", "teacher", "phases", "k2/stage1"):
         assert f"{step}: complete, skipped" in out, out
-    for step in ("k2/stage2", "k2/eval", "k2/export"):
+    for step in ("k2/stage2", "k2/eval", "k2/export", "probe/cls"):
         assert f"{step}: running in" in out, out
     assert "train.stage2.lr: 0.001 -> 0.0005" in out
     assert "k2/stage2 reruns" in out
@@ -193,7 +194,7 @@ def test_pipeline_reruns_what_a_change_reaches(tmp_path, capsys, monkeypatch):
     assert cli_main(args) == 0
     out = capsys.readouterr().out
     assert "shards: complete, skipped" in out
-    assert out.count("running in") == 6
+    assert out.count("running in") == 7
     assert torch.load(run / "teacher/checkpoints/last.ckpt", weights_only=True)["epoch"] == (
         teacher_epochs + 1
     )

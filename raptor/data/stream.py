@@ -1092,13 +1092,14 @@ class ShardDataModule(L.LightningDataModule):
             on_batch=self._device_decoder(),
         )
 
-    def val_dataloader(self) -> ShardLoader:
-        shards = self.shards("val")
-        kwargs = self._stream_kwargs("val", int(self.cfg.val_batch_size or self.cfg.batch_size))
+    def val_dataloader(self, split: str = "val") -> ShardLoader:
+        """Every sample of `split` once, unaugmented (the probes read the train split so)."""
+        shards = self.shards(split)
+        kwargs = self._stream_kwargs(split, int(self.cfg.val_batch_size or self.cfg.batch_size))
         plan = plan_validation(
             len(shards.urls),
             shards.counts,
-            self._total("val"),
+            self._total(split),
             kwargs["world_size"],
             max(1, kwargs["num_workers"]),
         )

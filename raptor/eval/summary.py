@@ -1,8 +1,8 @@
 """The pipeline's closing report: `summary.md`, `summary.json`, plots beside them, and
 the table printed at the end of `raptor pipeline`.
 
-Reads only what the steps wrote (their `step.json` results and `eval.json`), so it
-can be rebuilt from a finished run folder at any time.
+Reads only what the steps wrote (their `step.json` results: the content of eval.json and
+probe.json), so it can be rebuilt from a finished run folder at any time.
 """
 
 from __future__ import annotations
@@ -92,7 +92,26 @@ def summary_tables(steps: Dict[str, Dict[str, Any]]) -> Dict[str, str]:
     times = _md_table(
         ["step", "wall time (s)"], [[n, f"{s['wall_s']:.1f}"] for n, s in steps.items()]
     )
-    return {"headline": headline, "per_layer_r2": per_layer, "wall_time": times}
+    return {
+        "headline": headline,
+        "per_layer_r2": per_layer,
+        "probes": probe_tables(steps),
+        "wall_time": times,
+    }
+
+
+def probe_tables(steps: Dict[str, Dict[str, Any]]) -> str:
+    """One markdown table per probe step (`probe/TASK`), under a heading naming the task
+    and layer, or "" without probe steps."""
+    from raptor.eval.probe.run import probe_table
+
+    parts = []
+    for name, step in steps.items():
+        if name.startswith("probe/"):
+            out = step["result"]
+            title = f"### {out['task']}, layer {out['layer']} of {out['num_layers']}"
+            parts.append(f"{title}\n\n{probe_table(out)}")
+    return "\n\n".join(parts)
 
 
 def write_summary(cfg: DictConfig, root: Path, steps: Dict[str, Dict[str, Any]]) -> Dict[str, Any]:
@@ -114,6 +133,8 @@ def write_summary(cfg: DictConfig, root: Path, steps: Dict[str, Dict[str, Any]])
             "span's last layer only; ReplaceMe needs a block before the span, so not the first).",
             "",
         ]
+    if tables["probes"]:
+        md += ["## Probes (frozen features, validation split)", "", tables["probes"], ""]
     md += ["## Wall time per step", "", tables["wall_time"], ""]
     md += ["## Plots", ""] + [f"![{p.stem}]({p.name})" for p in plots] + [""]
     md += ["## Artefacts", ""] + [f"- exported backbone: `{e}`" for e in exports]
@@ -128,7 +149,9 @@ def write_summary(cfg: DictConfig, root: Path, steps: Dict[str, Dict[str, Any]])
     if any(Path(s["folder"]).glob("events.out.tfevents.*") for s in steps.values()):
         where += [f"dashboard:     raptor dashboard {root}"]
     table = "\n\n".join(
-        t for t in (tables["headline"], tables["per_layer_r2"], tables["wall_time"]) if t
+        t
+        for t in (tables["headline"], tables["per_layer_r2"], tables["probes"], tables["wall_time"])
+        if t
     )
     return {"table": table, "where": "\n".join(where), "tables": tables}
 
@@ -142,9 +165,12 @@ def report_files(root: Path) -> List[Path]:
 
 def _collect_plots(root: Path, steps: Dict[str, Dict[str, Any]]) -> List[Path]:
     """Copy the final plots (phases heat-map; per Raptor: fidelity per layer, DMD
-    eigenvalues and DMD vs student) to the run root as `<step>_<name>.png`."""
+    eigenvalues and DMD vs student; per probe: its curves) to the run root as
+    `<step>_<name>.png`."""
     out = []
-    for name in (n for n in steps if n == "phases" or n.endswith("/eval")):
+    for name in (
+        n for n in steps if n == "phases" or n.endswith("/eval") or n.startswith("probe/")
+    ):
         folder = root / name
         for png in sorted(folder.glob("*.png")) if folder.is_dir() else []:
             dest = root / f"{name.replace('/', '_')}_{png.name}"

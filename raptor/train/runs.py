@@ -34,7 +34,7 @@ CKPT_DIR = "checkpoints"
 LAST_CKPT = "last.ckpt"
 METRICS_FILE = "metrics.csv"
 # W&B job types; those of one Raptor (model.k) are named NAME/k{K}/JOB
-JOBS = ("teacher", "phases", "stage1", "stage2", "dmd", "eval", "export")
+JOBS = ("teacher", "phases", "stage1", "stage2", "dmd", "eval", "export", "probe")
 PER_K_JOBS = ("stage1", "stage2", "eval", "export")
 # W&B summary reduction of the validation metrics (globs), the rest keep their last value
 METRIC_SUMMARIES = {"val/r2*": "max", "val/loss*": "min", "val/top1*": "last"}
@@ -113,7 +113,10 @@ def _csv_logger(run_dir: Path):
 
 
 def step_name(cfg: DictConfig, job: str) -> str:
-    """The W&B run name of a pipeline step: NAME/JOB, or NAME/k{K}/JOB for one Raptor's."""
+    """The W&B run name of a pipeline step: NAME/JOB, NAME/k{K}/JOB for one Raptor's,
+    NAME/probe/TASK for a probe."""
+    if job == "probe":
+        return f"{cfg.name}/probe/{cfg.probe.task}"
     return f"{cfg.name}/k{cfg.model.k}/{job}" if job in PER_K_JOBS else f"{cfg.name}/{job}"
 
 
@@ -297,6 +300,7 @@ ARTIFACTS = {
     "stage2": ("model", f"{CKPT_DIR}/{LAST_CKPT}"),
     "eval": ("evaluation", "eval.json"),
     "export": ("model", "backbone"),
+    "probe": ("evaluation", "probe.json"),
 }
 
 

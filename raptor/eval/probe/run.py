@@ -1,0 +1,542 @@
+"""The probe runner: several backbones side by side on the same data, one task, one layer.
+
+`run_probe(cfg, out_dir)` probes every model of `cfg.probe.models` on `cfg.probe.task`:
+- "teacher": the configured teacher; "raptors": the pipeline's Raptor of each k in
+  pipeline.ks (its last stage run); "identity": the embedding a_0 (the identity map's
+  prediction of every layer); "random": the teacher's architecture with random weights
+  (seeded by probe.seed); or a path: a Raptor run folder, a .ckpt, or an exported backbone.
+- Features: `task.select` of layer `probe.layer` (default the last, L) after the teacher's
+  final norm (the exported backbone's copy of it; the random model's own), as the Raptor
+  paper reuses DINOv2's frozen final norm; computed once per model, layer and split into
+  a `FeatureCache` (probe.feature_dtype) under probe.cache_dir (default `probe/cache` in
+  the run's root) and
+  reused while the model's weights, the layer, the data and the task stay the same.
+- Head: `task.head` trained with AdamW and a cosine learning rate over `probe.epochs` on
+  the training split's features, scored on the validation split's after every epoch;
+  epoch 0 is the head as initialised. For classification at the last layer the head
+  starts as the teacher's own classifier (`teacher_head_state`), for every model.
+Writes into `out_dir`: probe.json, probe.md (per model: the primary metric at
+initialisation, the best and its epoch, the ratio to the teacher's best), probe_curve.png,
+and the per-epoch metrics to the loggers (CSV, W&B, TensorBoard) as `probe/MODEL/METRIC`.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import random
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Tuple
+
+import torch
+from omegaconf import DictConfig
+from torch import Tensor, nn
+
+from raptor.errors import UserError
+from raptor.eval.probe.features import CacheWriter, FeatureCache, cache_key, tensors_digest
+from raptor.eval.probe.tasks import TASKS, ProbeTask
+
+PROBE_FILE = "probe.json"
+TABLE_FILE = "probe.md"
+SPLITS = ("train", "val")
+
+
+@dataclass
+class ProbeModel:
+    """A backbone to probe: `tokens(images, layer)` -> final-normed tokens (B, T, D) of
+    layer 0..num_layers; `digest` identifies its weights (the feature cache's key)."""
+
+    name: str
+    kind: str  # teacher | raptor | export | identity | random
+    source: str
+    num_layers: int
+    groups: Dict[str, slice]
+    tokens: Callable[[Tensor, int], Tensor]
+    digest: str
+
+
+# --------------------------------------------------------------------------- models
+
+
+def _teacher_model(name: str, kind: str, teacher: Any) -> ProbeModel:
+    def tokens(images: Tensor, layer: int) -> Tensor:
+        a = teacher.embed(images)
+        for i in range(1, layer + 1):
+            a = teacher.step(a, i)
+        return teacher.final_norm(a)
+
+    return ProbeModel(
+        name,
+        kind,
+        str(teacher.arch["name"]),
+        teacher.num_layers,
+        teacher.groups,
+        tokens,
+        tensors_digest(teacher.vit.state_dict()),
+    )
+
+
+def _identity_model(teacher: Any, teacher_digest: str) -> ProbeModel:
+    return ProbeModel(
+        "identity",
+        "identity",
+        "a_0",
+        teacher.num_layers,
+        teacher.groups,
+        lambda images, layer: teacher.final_norm(teacher.embed(images)),
+        teacher_digest + ":a0",
+    )
+
+
+def _random_model(teacher: Any, seed: int) -> ProbeModel:
+    """The teacher's architecture with timm's random initialisation (seeded)."""
+    import timm
+
+    from raptor.model.teacher import Teacher
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        vit = timm.create_model(teacher.arch["name"], **teacher.arch["kwargs"])
+    rand = Teacher(vit, arch=teacher.arch, data_config=teacher.data_config)
+    return _teacher_model("random", "random", rand.to(_device_of(teacher)))
+
+
+def _raptor_model(name: str, path: Path, teacher: Any, teacher_digest: str) -> ProbeModel:
+    from raptor.train.checkpoints import load_raptor
+
+    raptor, _, paths = load_raptor(path, error=UserError)
+    if raptor.num_layers != teacher.num_layers or raptor.dim != teacher.embed_dim:
+        raise UserError(
+            f"probe.models: {path} is a Raptor of {raptor.num_layers} layers of width "
+            f"{raptor.dim}, the teacher has {teacher.num_layers} of width {teacher.embed_dim}"
+        )
+    raptor = raptor.eval().to(_device_of(teacher))
+
+    def tokens(images: Tensor, layer: int) -> Tensor:
+        a = teacher.embed(images)
+        if layer:
+            a = raptor.rollout(a, 0, layer)[:, -1]
+        return teacher.final_norm(a)
+
+    digest = teacher_digest + ":" + tensors_digest(raptor.state_dict())
+    return ProbeModel(
+        name, "raptor", str(paths[0]), raptor.num_layers, teacher.groups, tokens, digest
+    )
+
+
+def _export_model(name: str, path: Path, device: torch.device) -> ProbeModel:
+    from raptor.model.backbone import RaptorBackbone
+
+    bb = RaptorBackbone.from_pretrained(path).to(device)
+
+    def tokens(images: Tensor, layer: int) -> Tensor:
+        a = bb.embed(images)
+        for i in range(1, layer + 1):
+            a = bb.raptor.step(a, i)
+        return bb.norm(a)
+
+    return ProbeModel(
+        name, "export", str(path), bb.num_layers, bb.groups, tokens, tensors_digest(bb.state_dict())
+    )
+
+
+def _device_of(module: nn.Module) -> torch.device:
+    return next(module.parameters()).device
+
+
+def _label(path: Path) -> str:
+    """A short model name from a path: its k{K} folder (plus 'export' for an export)."""
+    ks = [p for p in path.parts if re.fullmatch(r"k\d+", p)]
+    if ks:
+        return ks[-1] + (" export" if "export" in path.parts else "")
+    return path.name
+
+
+def resolve_model(spec: str, teacher: Any, teacher_digest: str) -> ProbeModel:
+    """A path from probe.models: a Raptor run folder or .ckpt, or an exported backbone."""
+    from raptor.model.backbone import CONFIG_NAME
+    from raptor.train.runs import CKPT_DIR, LAST_CKPT
+
+    path = Path(spec).expanduser().absolute()
+    if path.is_dir() and (path / CONFIG_NAME).is_file():
+        return _export_model(_label(path), path, _device_of(teacher))
+    if (path.is_dir() and (path / CKPT_DIR / LAST_CKPT).is_file()) or (
+        path.is_file() and path.suffix == ".ckpt"
+    ):
+        return _raptor_model(_label(path), path, teacher, teacher_digest)
+    raise UserError(
+        f"probe.models: {spec} is not a Raptor run folder (with {CKPT_DIR}/{LAST_CKPT}), a "
+        f".ckpt file, or an exported backbone folder (with {CONFIG_NAME}); names allowed "
+        "besides paths: teacher, raptors, identity, random"
+    )
+
+
+def probe_models(cfg: DictConfig, teacher: Any, root: Path) -> List[ProbeModel]:
+    """The models of cfg.probe.models, in order, with unique names ("raptors": those in
+    the pipeline layout under `root`)."""
+    from raptor.run_folders import run_folders
+    from raptor.train.runs import CKPT_DIR, LAST_CKPT
+
+    digest = tensors_digest(teacher.vit.state_dict())
+    models: List[ProbeModel] = []
+    for spec in cfg.probe.models:
+        spec = str(spec)
+        if spec == "teacher":
+            models.append(_teacher_model("teacher", "teacher", teacher))
+        elif spec == "identity":
+            models.append(_identity_model(teacher, digest))
+        elif spec == "random":
+            models.append(_random_model(teacher, int(cfg.probe.seed)))
+        elif spec == "raptors":
+            stage = 2 if 2 in cfg.train.stages else 1
+            for k in cfg.pipeline.ks:
+                run = run_folders(cfg, root).stage(int(k), stage)
+                if not (run / CKPT_DIR / LAST_CKPT).is_file():
+                    raise UserError(
+                        f"probe.models: no Raptor k={k}: {run} holds no {CKPT_DIR}/{LAST_CKPT}; "
+                        "train it (`raptor pipeline CONFIG`) or list the models to probe"
+                    )
+                models.append(_raptor_model(f"k{k}", run, teacher, digest))
+        else:
+            models.append(resolve_model(spec, teacher, digest))
+    seen: Dict[str, int] = {}
+    for m in models:
+        seen[m.name] = seen.get(m.name, 0) + 1
+        if seen[m.name] > 1:
+            m.name = f"{m.name} ({seen[m.name]})"
+    return models
+
+
+def teacher_head_state(teacher: Any) -> Optional[Dict[str, Tensor]]:
+    """The teacher's classifier as a linear map on [cls ; mean(patch)] of the final-normed
+    tokens (weight (C, 2D), bias (C,)), computing exactly its logits; None when it has no
+    head or its head is not such a map (an fc_norm after pooling, attention pooling).
+
+    A separate head (teacher.head) reads these features already; timm's own head reads
+    the cls token (global_pool 'token') or the mean of the patch tokens ('avg'), with no
+    fc_norm: its weight goes to that half, zeros to the other."""
+    if teacher.head is not None:
+        w, b = teacher.head.weight, teacher.head.bias
+    else:
+        vit = teacher.vit
+        if vit.num_classes == 0 or not isinstance(vit.fc_norm, nn.Identity):
+            return None
+        if not isinstance(vit.head, nn.Linear) or vit.global_pool not in ("token", "avg"):
+            return None
+        zeros = torch.zeros_like(vit.head.weight)
+        pair = (vit.head.weight, zeros) if vit.global_pool == "token" else (zeros, vit.head.weight)
+        w, b = torch.cat(pair, dim=1), vit.head.bias
+    b = b if b is not None else torch.zeros(w.shape[0], device=w.device)
+    return {"weight": w.detach().float().clone(), "bias": b.detach().float().clone()}
+
+
+# --------------------------------------------------------------------------- features
+
+
+def _split_digest(dm: Any, split: str) -> Dict[str, Any]:
+    """What a split's images are: its shard URLs (local files by size and mtime), the
+    transform and the sample limit."""
+    files = []
+    for url in dm.shards(split).urls:
+        p = Path(url)
+        files.append([url, *((p.stat().st_size, p.stat().st_mtime_ns) if p.is_file() else ())])
+    return {"shards": files, "transform": dm.transform_config, "samples": dm.shards(split).total}
+
+
+def extract(
+    models: List[ProbeModel], task: ProbeTask, loader: Iterable, layer: int, device: torch.device
+) -> Iterator[List[Tuple[Tensor, Tensor]]]:
+    """Per batch, each model's (select()'s features, targets) of the loader's valid rows:
+    the images are read and decoded once for all models."""
+    with torch.no_grad():
+        for batch in loader:
+            keep = batch["valid"]
+            if not bool(keep.any()):
+                continue
+            images, target = batch["image"][keep].to(device), batch[task.target_key][keep]
+            yield [(task.select(m.tokens(images, layer), m.groups), target) for m in models]
+
+
+def cached_features(
+    models: List[ProbeModel],
+    task: ProbeTask,
+    dm: Any,
+    layer: int,
+    cache_dir: Path,
+    device: torch.device,
+    splits: Tuple[str, ...] = SPLITS,
+    dtype: torch.dtype = torch.float16,
+) -> Tuple[Dict[str, Dict[str, FeatureCache]], set]:
+    """({model name: {split: FeatureCache}} of `layer`, the names of the models whose
+    features were written): those missing or stale are written in one pass over each
+    split's images."""
+    out: Dict[str, Dict[str, FeatureCache]] = {m.name: {} for m in models}
+    written = set()
+    for split in splits:
+        data = _split_digest(dm, split)
+        todo = []
+        for m in models:
+            key = cache_key(
+                {
+                    "model": m.digest,
+                    "layer": layer,
+                    "task": task.name,
+                    "data": data,
+                    "dtype": str(dtype),
+                }
+            )
+            name = re.sub(r"[^\w.-]+", "_", m.name)
+            folder = cache_dir / task.name / name / f"L{layer}-{split}"
+            cache = FeatureCache.open(folder, key)
+            if cache is None:
+                todo.append((m, CacheWriter(folder, key, dtype=dtype)))
+            else:
+                out[m.name][split] = cache
+        if todo:
+            batches = extract([m for m, _ in todo], task, dm.val_dataloader(split), layer, device)
+            for per_model in batches:
+                for (_, writer), (x, y) in zip(todo, per_model):
+                    writer.add(x, y)
+            for m, writer in todo:
+                out[m.name][split] = writer.close()
+                written.add(m.name)
+    return out, written
+
+
+# --------------------------------------------------------------------------- training
+
+
+def evaluate_head(task: ProbeTask, head: nn.Module, cache: FeatureCache, batch_size: int, device):
+    """task.metrics() of `head` over every row of `cache`."""
+    metrics = task.metrics()
+    head.eval()
+    with torch.no_grad():
+        for x, y in cache.batches(batch_size):
+            metrics.update(head(x.to(device)).cpu(), y)
+    return metrics.compute()
+
+
+def train_head(
+    task: ProbeTask,
+    head: nn.Module,
+    train: Optional[FeatureCache],
+    val: FeatureCache,
+    epochs: int,
+    lr: float,
+    weight_decay: float,
+    batch_size: int,
+    seed: int,
+    device: torch.device,
+    on_epoch: Callable[[], None] = lambda: None,
+) -> List[Dict[str, float]]:
+    """Fine-tune `head` on `train`; the metrics on `val` at epoch 0 (as given) and after
+    every epoch. AdamW, learning rate cosine-decayed from `lr` to 0 over all steps."""
+    head = head.to(device)
+    curve = [{"epoch": 0, **evaluate_head(task, head, val, batch_size, device)}]
+    if not epochs:
+        return curve
+    steps_per_epoch = sum(math.ceil(c["rows"] / batch_size) for c in train.meta["chunks"])
+    opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=weight_decay)
+    total = max(1, epochs * steps_per_epoch)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total))
+    )
+    rng = random.Random(seed)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for epoch in range(1, epochs + 1):
+            head.train()
+            for x, y in train.batches(batch_size, shuffle=rng):
+                loss = task.loss(head(x.to(device)), y.to(device))
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
+            curve.append({"epoch": epoch, **evaluate_head(task, head, val, batch_size, device)})
+            on_epoch()
+    return curve
+
+
+def best_of(curve: List[Dict[str, float]], primary: str, higher: bool) -> Dict[str, float]:
+    values = [c[primary] for c in curve]
+    i = max(range(len(values)), key=lambda j: values[j] if higher else -values[j])
+    return {"best": values[i], "best_epoch": curve[i]["epoch"]}
+
+
+# --------------------------------------------------------------------------- the run
+
+
+def run_probe(
+    cfg: DictConfig, out_dir: str | Path, root: Optional[str | Path] = None
+) -> Dict[str, Any]:
+    """Probe every model of cfg.probe.models on cfg.probe.task (module docstring); writes
+    the outputs into `out_dir` and returns probe.json's content. `root`: the pipeline's
+    root (default runs/NAME), where "raptors" and the default cache_dir are."""
+    from tqdm import tqdm
+
+    from raptor import distributed
+    from raptor.data.stream import ShardDataModule
+    from raptor.model.teacher import Teacher
+    from raptor.run_folders import run_folders
+    from raptor.train.runs import make_loggers, prepare_run_dir
+
+    p = cfg.probe
+    out_dir = prepare_run_dir(cfg, out_dir)
+    device = distributed.device(str(cfg.trainer.accelerator))
+    teacher = Teacher.from_config(cfg.teacher).to(device)
+    L = teacher.num_layers
+    layer = L if p.layer is None else int(p.layer)
+    if not 0 <= layer <= L:
+        raise UserError(f"probe.layer={layer} is out of range: the teacher has layers 0..{L}")
+    data = copy.deepcopy(cfg.data)
+    data.val_batch_size = int(p.batch_size)  # features are extracted in probe batches too
+    if p.data:  # the probe's own shards folder (e.g. dense targets)
+        data.shards_dir, data.train_urls, data.val_urls = str(p.data), "", ""
+    dm = ShardDataModule(data, teacher.data_config, teacher.num_classes or None)
+    classes = teacher.num_classes or len(dm.shards("train").classes or [])
+    if p.task == "cls" and not classes:
+        raise UserError(
+            "probe.task=cls: no class count (the teacher has no head and the shards' manifest "
+            "lists no classes)"
+        )
+    task = TASKS[str(p.task)](classes)
+    root = run_folders(cfg, root).root
+    models = probe_models(cfg, teacher, root)
+    for m in models:
+        if m.num_layers < layer:
+            raise UserError(
+                f"probe.layer={layer} is out of range: {m.name} has layers 0..{m.num_layers}"
+            )
+    cache_dir = Path(p.cache_dir) if p.cache_dir else root / "probe" / "cache"
+    init = teacher_head_state(teacher) if task.name == "cls" and layer == L else None
+    grid = tuple(teacher.vit.patch_embed.grid_size)
+
+    results = []
+    bar = tqdm(
+        total=len(models) * int(p.epochs),
+        desc=f"probe {task.name}",
+        unit="epoch",
+        disable=not cfg.logging.progress_bar,
+    )
+    bar.set_postfix_str("features")
+    splits = SPLITS if p.epochs else ("val",)  # no training: no training features
+    dtype = getattr(torch, str(p.feature_dtype))
+    features, written = cached_features(models, task, dm, layer, cache_dir, device, splits, dtype)
+    for m in models:
+        caches = features[m.name]
+        bar.set_postfix_str(m.name)
+        head = task.head(caches["val"].feature_shape[-1], grid)
+        if init is not None:
+            head.load_state_dict(init)
+        curve = train_head(
+            task,
+            head,
+            caches.get("train"),
+            caches["val"],
+            int(p.epochs),
+            float(p.lr),
+            float(p.weight_decay),
+            int(p.batch_size),
+            int(p.seed),
+            device,
+            on_epoch=lambda: bar.update(1),
+        )
+        results.append(
+            {
+                "name": m.name,
+                "kind": m.kind,
+                "source": m.source,
+                "features_reused": m.name not in written,
+                "train_rows": caches["train"].rows if "train" in caches else 0,
+                "val_rows": caches["val"].rows,
+                "curve": curve,
+                "at_init": curve[0][task.primary],
+                **best_of(curve, task.primary, task.higher_is_better),
+            }
+        )
+    bar.close()
+    ref = next((r["best"] for r in results if r["kind"] == "teacher"), None)
+    for r in results:
+        r["ratio"] = r["best"] / ref if ref else None
+    out = {
+        "task": task.name,
+        "layer": layer,
+        "num_layers": L,
+        "primary": task.primary,
+        "higher_is_better": task.higher_is_better,
+        "init": "teacher head" if init is not None else "fresh",
+        "epochs": int(p.epochs),
+        "models": results,
+    }
+    if distributed.is_rank_zero():
+        loggers = make_loggers(cfg, out_dir, "probe")
+        write_outputs(out, out_dir, loggers)
+        for logger in loggers:
+            logger.finalize("success")
+    return out
+
+
+def probe_table(out: Dict[str, Any]) -> str:
+    """The markdown table of probe.json's content: per model the primary metric at
+    initialisation, the best and its epoch, and the ratio to the teacher's best."""
+    from raptor.train.runs import markdown_table
+
+    m = out["primary"]
+    fmt = (lambda v: f"{100 * v:.1f}%") if m in ("top1", "miou") else (lambda v: f"{v:.4f}")
+    rows = [
+        [
+            r["name"],
+            fmt(r["at_init"]),
+            fmt(r["best"]),
+            r["best_epoch"],
+            "n/a" if r["ratio"] is None else f"{r['ratio']:.3f}",
+        ]
+        for r in out["models"]
+    ]
+    return markdown_table(
+        ["model", f"{m} at init", f"best {m}", "best epoch", "ratio to teacher"], rows
+    )
+
+
+def write_outputs(out: Dict[str, Any], out_dir: Path, loggers: List[Any]) -> None:
+    """probe.json, probe.md, probe_curve.png, and every epoch's metrics to the loggers."""
+    from dmd.plots import save_figure
+
+    (out_dir / PROBE_FILE).write_text(json.dumps(out, indent=1))
+    title = f"# Probe: {out['task']}, layer {out['layer']} of {out['num_layers']}"
+    (out_dir / TABLE_FILE).write_text(f"{title}\n\n{probe_table(out)}\n")
+    for epoch in range(out["epochs"] + 1):
+        values = {
+            f"probe/{r['name']}/{k}": v
+            for r in out["models"]
+            for k, v in r["curve"][epoch].items()
+            if k != "epoch"
+        }
+        for logger in loggers:
+            logger.log_metrics(values, step=epoch)
+    save_figure(curve_figure(out), out_dir, "probe_curve", loggers)
+
+
+def curve_figure(out: Dict[str, Any]):
+    """The primary metric per epoch (0: the initial head), one line per model."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(5.5, 3.6))
+    ax = fig.subplots()
+    for r in out["models"]:
+        ax.plot(
+            [c["epoch"] for c in r["curve"]],
+            [c[out["primary"]] for c in r["curve"]],
+            marker="o",
+            ms=3,
+            label=r["name"],
+        )
+    ax.set_xlabel("epoch (0: initial head)")
+    ax.set_ylabel(f"validation {out['primary']}")
+    ax.set_title(f"{out['task']} probe, layer {out['layer']}")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig

@@ -1,0 +1,228 @@
+"""`raptor probe` (issue 14): the classification probe, its streamed feature cache, errors."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import torch
+
+from raptor.cli import main as cli_main
+from raptor.eval.probe.features import FeatureCache
+from raptor.eval.probe.tasks import TASKS, ClsTask
+from tests.conftest import fit_overrides, make_vit
+
+
+def probe_args(teacher, shards, tmp_path, **extra) -> list:
+    """`raptor probe` overrides for the tiny teacher on the digits, outputs in tmp_path."""
+    base = {
+        "probe.models": "[teacher]",
+        "probe.epochs": 0,
+        "probe.cache_dir": str(tmp_path / "cache"),
+        "run_dir": str(tmp_path / "out"),
+        "logging.progress_bar": "false",
+        "trainer.num_threads": 1,
+    }
+    base.update(extra)
+    return fit_overrides(teacher, shards, **base)
+
+
+def config(tmp_path) -> str:
+    """A config file for the command line (the overrides give the rest)."""
+    path = tmp_path / "probe.yaml"
+    path.write_text("name: probe_test\n")
+    return str(path)
+
+
+def fitted_teacher(pool, cfg, path):
+    """A random tiny ViT whose timm head (on the cls token or the patch mean, as `pool`;
+    no fc_norm)
+    is fitted by least squares to the validation labels (a head that decides something),
+    saved to `path`; returns the file and the ViT's own top-1 there (its forward, float32)."""
+    from raptor.data.stream import ShardDataModule
+    from raptor.model.teacher import Teacher
+
+    vit = make_vit(
+        img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2, reg_tokens=2,
+        num_classes=10, global_pool=pool, fc_norm=False,
+    ).eval()  # fmt: skip
+    dm = ShardDataModule(cfg.data, Teacher(vit).data_config, 10)
+    batches = [(b["image"][b["valid"]], b["label"][b["valid"]]) for b in dm.val_dataloader()]
+    images, labels = torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches])
+    with torch.no_grad():
+        pooled = vit.forward_head(vit.forward_features(images), pre_logits=True)
+        a = torch.cat([pooled, torch.ones(len(pooled), 1)], dim=1).double()
+        sol = torch.linalg.lstsq(a, torch.nn.functional.one_hot(labels, 10).double()).solution
+        vit.head.weight.copy_(sol[:-1].T)
+        vit.head.bias.copy_(sol[-1])
+        top1 = (vit(images).argmax(-1) == labels).double().mean().item()
+    return Teacher(vit).save(path), top1
+
+
+@pytest.mark.parametrize("pool", ["token", "avg"])
+def test_head_init_reproduces_the_teachers_top1(pool, digits_shards, tmp_path):
+    """The probe's epoch 0 is the teacher's own classifier (cls-token or patch-mean pooled
+    timm head) mapped onto [cls ; mean(patch)]: the same top-1 as the teacher's forward
+    (features kept in float32: this head, fitted to a random ViT's nearly collinear
+    features, has weights large enough for float16 rounding to change its decisions)."""
+    from raptor.config import load_config
+    from raptor.eval.probe.run import run_probe
+
+    overrides = probe_args(tmp_path / "t", digits_shards, tmp_path)
+    cfg = load_config(None, overrides + ["probe.feature_dtype=float32"])
+    weights, top1 = fitted_teacher(pool, cfg, tmp_path / "teacher.safetensors")
+    cfg.teacher.weights = str(weights)
+    out = run_probe(cfg, tmp_path / "out")
+    (teacher,) = out["models"]
+    assert out["init"] == "teacher head" and teacher["val_rows"] == 359
+    assert teacher["at_init"] == top1 > 0.5
+
+
+def _cache(tmp_path, name, x, y, chunk_rows=256):
+    return FeatureCache.write(tmp_path / name, "k", ((x[i : i + 50], y[i : i + 50]) for i in
+                              range(0, len(x), 50)), chunk_rows)  # fmt: skip
+
+
+def test_linear_features_reach_100_and_random_features_chance(tmp_path):
+    """A head trained on features that hold the label linearly is exact; on features
+    independent of the label it scores about chance (1/10)."""
+    from raptor.eval.probe.run import train_head
+
+    torch.set_num_threads(1)  # tiny matrices: threads only contend (restored by conftest)
+    g = torch.Generator().manual_seed(0)
+    task = ClsTask(10)
+    scores = {}
+    for kind in ("linear", "random"):
+        caches = {}
+        for split, n in (("train", 1000), ("val", 1000)):
+            y = torch.randint(0, 10, (n,), generator=g)
+            x = torch.randn(n, 32, generator=g)
+            if kind == "linear":
+                x[:, :10] += 10 * torch.nn.functional.one_hot(y, 10)
+            caches[split] = _cache(tmp_path, f"{kind}-{split}", x, y)
+        torch.manual_seed(0)
+        curve = train_head(
+            task, task.head(32), caches["train"], caches["val"], 5, 1e-2, 0.0, 64, 0,
+            torch.device("cpu"),
+        )  # fmt: skip
+        scores[kind] = max(c["top1"] for c in curve)
+    assert scores["linear"] == 1.0
+    assert 0.05 < scores["random"] < 0.16
+
+
+def test_features_stream_to_and_from_disk_in_bounded_chunks(tmp_path):
+    """Writing holds at most a chunk (+ one batch) of rows before they reach the disk;
+    reading holds one chunk at a time; the rows come back in order, as float16."""
+    from safetensors import safe_open
+
+    n, batch, chunk = 1000, 30, 100
+    x = torch.randn(n, 8)
+    y = torch.arange(n)
+    folder = tmp_path / "c"
+    held = []
+
+    def on_disk() -> int:
+        rows = 0
+        for f in folder.glob("chunk-*.safetensors"):
+            with safe_open(str(f), "pt") as fh:
+                rows += fh.get_slice("x").get_shape()[0]
+        return rows
+
+    def batches():
+        for i in range(0, n, batch):
+            held.append(i - on_disk())  # rows produced so far and not yet on disk
+            yield x[i : i + batch], y[i : i + batch]
+
+    cache = FeatureCache.write(folder, "key", batches(), chunk_rows=chunk)
+    assert max(held) <= chunk and cache.peak_rows < chunk + batch
+    assert cache.rows == n and len(cache.meta["chunks"]) == n // chunk
+    reader = FeatureCache.open(folder, "key")
+    got = list(reader.chunks())
+    assert max(c[0].shape[0] for c in got) == chunk and reader.peak_rows == chunk
+    assert torch.equal(torch.cat([c[0] for c in got]), x.half().float())
+    assert torch.equal(torch.cat([c[1] for c in got]), y)
+    shuffled = torch.cat([b[1] for b in reader.batches(64, shuffle=random.Random(0))])
+    assert sorted(shuffled.tolist()) == y.tolist() and not torch.equal(shuffled, y)
+    assert FeatureCache.open(folder, "another key") is None
+
+
+def test_a_rerun_reuses_the_cache_and_a_new_layer_builds_its_own(
+    tiny_teacher, digits_shards, tmp_path, capsys
+):
+    args = probe_args(
+        tiny_teacher, digits_shards, tmp_path, **{"probe.models": "[teacher,identity]"}
+    )
+    assert cli_main(["probe", config(tmp_path), *args]) == 0
+    result = tmp_path / "out" / "probe.json"
+    first = json.loads(result.read_text())
+    files = sorted((tmp_path / "cache").rglob("chunk-*"))
+    stamps = [f.stat().st_mtime_ns for f in files]
+    assert [m["features_reused"] for m in first["models"]] == [False, False]
+    assert cli_main(["probe", config(tmp_path), *args]) == 0
+    again = json.loads(result.read_text())
+    assert [m["features_reused"] for m in again["models"]] == [True, True]
+    assert [f.stat().st_mtime_ns for f in sorted((tmp_path / "cache").rglob("chunk-*"))] == stamps
+    assert again["models"][0]["at_init"] == first["models"][0]["at_init"]
+    assert cli_main(["probe", config(tmp_path), *args, "probe.layer=2"]) == 0
+    layered = json.loads((tmp_path / "out" / "probe.json").read_text())
+    assert layered["layer"] == 2 and not layered["models"][0]["features_reused"]
+    table = (tmp_path / "out" / "probe.md").read_text()
+    assert "| teacher |" in table and "| identity |" in table
+    assert (tmp_path / "out" / "probe_curve.png").is_file()
+    capsys.readouterr()
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("task=nope", "probe.task"),
+        ("probe.models=[{bad}]", "is not a Raptor run folder"),
+        ("probe.layer=9", "probe.layer=9 is out of range: the teacher has layers 0..4"),
+    ],
+)
+def test_wrong_input_is_one_line(override, message, tiny_teacher, digits_shards, tmp_path, capsys):
+    bad = tmp_path / "not_a_run"
+    bad.mkdir()
+    args = probe_args(tiny_teacher, digits_shards, tmp_path)
+    assert cli_main(["probe", config(tmp_path), *args, override.format(bad=bad)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and "\n" not in err and "Traceback" not in err
+
+
+def test_config_names_every_task():
+    from raptor.config import PROBE_TASKS
+
+    assert set(PROBE_TASKS) == set(TASKS)
+
+
+def test_the_pipeline_probes_after_every_raptor_and_the_summary_shows_it(tmp_path):
+    """pipeline.probes adds a probe/TASK step consuming every Raptor's last stage, in
+    probe/TASK; the summary gains its table."""
+    from raptor.config import load_config
+    from raptor.eval.probe.run import probe_table
+    from raptor.eval.summary import write_summary
+    from raptor.pipeline import pipeline_steps
+
+    cfg = load_config("configs/demo.yaml", ["pipeline.probes=[]", f"run_dir={tmp_path}"])
+    assert not [s for s in pipeline_steps(cfg, tmp_path) if s.name.startswith("probe")]
+    cfg.pipeline.probes = ["cls"]
+    steps = pipeline_steps(cfg, tmp_path)
+    probe = steps[-1]
+    assert probe.name == "probe/cls" and probe.folder == tmp_path / "probe" / "cls"
+    assert {"k2/stage2", "k3/stage2", "teacher", "shards"} <= set(probe.after)
+    assert probe.values["probe.epochs"] == 5 and "probe.task" not in probe.values
+    curve = [{"epoch": 0, "top1": 0.5}, {"epoch": 1, "top1": 0.75}]
+    model = {"at_init": 0.5, "best": 0.75, "best_epoch": 1, "curve": curve}
+    result = {"task": "cls", "layer": 8, "num_layers": 8, "primary": "top1", "epochs": 1}
+    result["models"] = [
+        {"name": "teacher", "kind": "teacher", **model, "ratio": 1.0},
+        {"name": "k2", "kind": "raptor", **model, "best": 0.6, "ratio": 0.8},
+    ]
+    table = probe_table(result)
+    assert "| teacher | 50.0% | 75.0% | 1 | 1.000 |" in table
+    assert "| k2 | 50.0% | 60.0% | 1 | 0.800 |" in table
+    write_summary(
+        cfg, tmp_path, {"probe/cls": {"result": result, "wall_s": 1.0, "folder": str(tmp_path)}}
+    )
+    assert table in (tmp_path / "summary.md").read_text()
