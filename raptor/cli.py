@@ -45,6 +45,10 @@ COMMANDS = {
         "raptor.commands.eval",
         "evaluate a stage-2 run as the pipeline does (student, identity, DMD; top-1)",
     ),
+    "analyze": (
+        "raptor.commands.analyze",
+        "dynamics of the teacher and its Raptors: convergence, speed, ranks, DMD",
+    ),
     "pipeline": (
         "raptor.commands.pipeline",
         "the whole job: shards, teacher, phases, stages 1-2, DMD, export",
