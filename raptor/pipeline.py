@@ -8,6 +8,7 @@ reads and writes by default too:
     phases/    similarity matrix, phases.json, heat-map
     k{K}/stage1, k{K}/stage2, k{K}/eval, k{K}/export   for every K in pipeline.ks
                (`train.stages` [1] or [2]: only that stage, evaluated and exported)
+    analysis/  dynamics of the teacher and every Raptor (when pipeline.analyze)
     config.yaml, summary.md, summary.json, *.png
 
 Results cannot go stale. Each step depends on the config keys listed for it in `DEPENDS`
@@ -81,6 +82,7 @@ DEPENDS: Dict[str, Tuple[str, ...]] = {
     "stage2": ("model", "train.stage2") + _FIT + _DMD,
     "eval": ("trainer.precision", "trainer.extra") + _DMD,
     "export": ("export.onnx", "export.onnx_opset"),
+    "analyze": ("analyze", "!analyze.models", "trainer.precision"),
 }
 # Keys no step's results depend on: changing them reruns nothing. With DEPENDS these cover
 # every key of the schema (tests/test_pipeline.py checks), so a new key must be placed.
@@ -111,6 +113,7 @@ NO_RESULT_KEYS = (
     "dmd.sweep",  # `raptor dmd` only
     "export.out",  # the pipeline exports into k{K}/export/backbone
     "export.overwrite",
+    "analyze.models",  # `raptor analyze` only: the pipeline analyses its own Raptors
 )
 # Keys naming a file: their value in a record is the file's content hash, not its path.
 FILE_KEYS = ("teacher.weights", "teacher.head", "phases.file")
@@ -276,6 +279,22 @@ def pipeline_steps(cfg: DictConfig, root: Path) -> List[Step]:
             folders,
             data + teacher + phases,
             inputs,
+        )
+    if cfg.pipeline.analyze:  # the teacher and the run each Raptor's evaluation reads
+        from raptor.eval.dynamics.run import run_analysis
+
+        finals = [f"k{k}/stage{2 if 2 in cfg.train.stages else 1}" for k in cfg.pipeline.ks]
+        add(
+            "analyze",
+            folders.analysis,
+            data + teacher + DEPENDS["analyze"],
+            inputs + finals,
+            lambda done, folder: run_analysis(
+                given(done, run_dir=str(folder)),
+                ["teacher"] + [done[f]["result"]["checkpoint"] for f in finals],
+                folder,
+            ),
+            job="analyze",
         )
     return steps
 

@@ -53,15 +53,10 @@ def main(args: argparse.Namespace) -> int:
     cfg = config_from_args(args, "analyze")
     models = models or list(cfg.analyze.models) or default_models(cfg)
     models = [m if m == "teacher" else absolute(m) for m in models]
-    from raptor.eval.dynamics.run import analyze
-    from raptor.train.runs import make_loggers
+    from raptor.eval.dynamics.run import run_analysis
 
     out = Path(cfg.run_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    loggers = make_loggers(cfg, out, "analyze")
-    result = analyze(cfg, models, out, loggers)
-    for logger in loggers:
-        logger.finalize("success")
+    result = run_analysis(cfg, models, out)
     names = ", ".join(m["name"] for m in result["models"])
     print(f"raptor analyze: {names} on {result['images']} images")
     for line in result["summary"]:

@@ -11,7 +11,7 @@ one plot per analysis (`plots.py`) into `out_dir`, sending plots and tables to `
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Sequence
 
 import torch
 from omegaconf import DictConfig
@@ -23,6 +23,20 @@ from raptor.errors import UserError
 from raptor.eval.dynamics import plots, report
 from raptor.eval.dynamics.accumulate import Dynamics
 from raptor.eval.dynamics.models import Model, raptor_model, teacher_model, unique_names
+
+
+def run_analysis(cfg: DictConfig, sources: Sequence[str], folder: Path) -> Dict[str, Any]:
+    """`analyze` into `folder` with the loggers of the step "analyze" (CSV, TensorBoard, W&B
+    as configured); returns what `raptor pipeline` records: images, models, plots, summary."""
+    from raptor.train.runs import make_loggers
+
+    folder.mkdir(parents=True, exist_ok=True)
+    loggers = make_loggers(cfg, folder, "analyze")
+    result = analyze(cfg, sources, folder, loggers)
+    for logger in loggers:
+        logger.finalize("success")
+    keep = ("images", "models", "plots", "summary")
+    return {"folder": str(folder), **{k: result[k] for k in keep}}
 
 
 def load_models(sources: Sequence[str], teacher, device) -> List[Model]:
