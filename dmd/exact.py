@@ -32,7 +32,9 @@ def exact_dmd(x1: Tensor, x2: Tensor, rank: int, rtol: float = 1e-10) -> ExactDM
     min(`rank`, numerical rank of X1): singular values below `rtol` times the largest are
     left out, so a sequence confined to a subspace gives only the eigenvalues it determines."""
     if x1.ndim != 2 or x1.shape != x2.shape:
-        raise ValueError(f"X1 and X2 must be (d, n) of one shape, got {tuple(x1.shape)}, {tuple(x2.shape)}")
+        raise ValueError(
+            f"X1 and X2 must be (d, n) of one shape, got {tuple(x1.shape)}, {tuple(x2.shape)}"
+        )
     if rank < 1:
         raise ValueError(f"rank must be >= 1, got {rank}")
     x1, x2 = x1.to(torch.float64), x2.to(torch.float64)

@@ -11,6 +11,7 @@ from raptor.eval.dynamics import updates
 from raptor.eval.dynamics.accumulate import Dynamics
 from raptor.eval.dynamics.sensitivity import sensitivity
 
+
 def f64(values):
     return torch.tensor(values, dtype=torch.float64)
 
@@ -35,7 +36,9 @@ def test_constant_angle_rotation_has_that_angular_speed_and_cosine_convergence()
     d.update(rotating(L=L, theta=theta))
     out = d.compute()
     for g in ("cls", "reg", "patch", "all"):
-        torch.testing.assert_close(f64(out["speed"][g]["mean"]), torch.full((L,), theta, dtype=torch.float64))
+        torch.testing.assert_close(
+            f64(out["speed"][g]["mean"]), torch.full((L,), theta, dtype=torch.float64)
+        )
         assert max(out["speed"][g]["std"]) < 1e-6
         expected = torch.cos((L - torch.arange(L + 1, dtype=torch.float64)) * theta)
         torch.testing.assert_close(f64(out["gamma"][g]["mean"]), expected)
@@ -88,7 +91,9 @@ def test_rotation_on_the_sphere_gives_dmd_eigenvalues_on_the_unit_circle_at_that
     fit = exact_dmd(x[:-1].T, x[1:].T, rank=10)
     assert fit.rank == 2  # the rotation's plane: rank 10 is cut to the data's
     torch.testing.assert_close(fit.eigenvalues.abs(), torch.ones(2, dtype=torch.float64))
-    torch.testing.assert_close(fit.eigenvalues.angle().abs(), torch.full((2,), theta, dtype=torch.float64))
+    torch.testing.assert_close(
+        fit.eigenvalues.angle().abs(), torch.full((2,), theta, dtype=torch.float64)
+    )
     # the group-averaged unit states of a model rotating every token the same way
     traj = x[None, :, None].expand(2, L + 1, 4, x.shape[-1]) * 2.5
     d = Dynamics(L, x.shape[-1], {"cls": slice(0, 1), "patch": slice(1, None)}, 0, 10, 0.1)
@@ -112,7 +117,9 @@ def test_exact_dmd_of_a_full_rank_linear_map_recovers_its_eigenvalues():
     got = fit.eigenvalues
     assert sorted(want.abs().tolist()) == pytest.approx(sorted(got.abs().tolist()), rel=1e-6)
     # modes are eigenvectors of A: A phi = lambda phi
-    torch.testing.assert_close(A.to(torch.complex128) @ fit.modes, fit.modes * got, atol=1e-8, rtol=1e-6)
+    torch.testing.assert_close(
+        A.to(torch.complex128) @ fit.modes, fit.modes * got, atol=1e-8, rtol=1e-6
+    )
 
 
 def test_a_contraction_to_a_fixed_point_damps_perturbations_instead_of_growing_them():

@@ -150,7 +150,7 @@ def _collect_plots(root: Path, steps: Dict[str, Dict[str, Any]]) -> List[Path]:
     `<step>_<name>.png`."""
     out = []
     for name in (n for n in steps if n in ("phases", "analyze") or n.endswith("/eval")):
-        folder = root / name
+        folder = Path(steps[name]["folder"])  # analyze: runs/NAME/analysis
         for png in sorted(folder.glob("*.png")) if folder.is_dir() else []:
             dest = root / f"{name.replace('/', '_')}_{png.name}"
             shutil.copyfile(png, dest)

@@ -31,7 +31,13 @@ class Dynamics:
     perturbation size."""
 
     def __init__(
-        self, num_layers: int, dim: int, groups: Dict[str, slice], classes: int, rank: int, eps: float
+        self,
+        num_layers: int,
+        dim: int,
+        groups: Dict[str, slice],
+        classes: int,
+        rank: int,
+        eps: float,
     ) -> None:
         L = num_layers
         self.num_layers, self.dim, self.rank, self.eps = L, dim, int(rank), float(eps)
@@ -106,6 +112,7 @@ class Dynamics:
 
     def compute(self) -> Dict[str, Any]:
         """The statistics as JSON-ready lists (see `report.py` for the layout)."""
+
         def per_group(moments: Dict[str, Moments]) -> Dict[str, Any]:
             return {g: m.to_json() for g, m in moments.items() if m.count}
 

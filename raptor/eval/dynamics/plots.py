@@ -100,8 +100,14 @@ def path_figure(stats: Stats, groups: List[str] = ("cls", "patch")) -> Figure:
             for j, (cls, path) in enumerate(zip(classes, paths)):
                 p = (path - mean) @ basis
                 colour = COLOURS[(j + 1) % len(COLOURS)]
-                ax.plot(p[:, 0], p[:, 1], ls=_style(i)["ls"], color=colour, lw=1.2,
-                        label=f"class {cls}" if i == 0 else None)
+                ax.plot(
+                    p[:, 0],
+                    p[:, 1],
+                    ls=_style(i)["ls"],
+                    color=colour,
+                    lw=1.2,
+                    label=f"class {cls}" if i == 0 else None,
+                )
                 ax.plot(p[:1, 0], p[:1, 1], "o", color=colour, ms=3)
         ax.set(title=f"{g}: class paths, PCA of {names[0]}", xlabel="PC 1", ylabel="PC 2")
         ax.legend(fontsize=6)
@@ -112,8 +118,10 @@ def eigen_figure(stats: Stats) -> Figure:
     """DMD eigenvalues per token group in the complex plane, with the unit circle."""
     names = list(stats)
     panels = {
-        g: {n: np.asarray(stats[n]["dmd"][g]["real"]) + 1j * np.asarray(stats[n]["dmd"][g]["imag"])
-            for n in names}
+        g: {
+            n: np.asarray(stats[n]["dmd"][g]["real"]) + 1j * np.asarray(stats[n]["dmd"][g]["imag"])
+            for n in names
+        }
         for g in _groups(stats[names[0]]["dmd"])
     }
     return eigenvalue_figure(panels, "exact DMD eigenvalues of group-averaged unit states")
@@ -128,8 +136,14 @@ def spectrum_figure(stats: Stats) -> Figure:
         ax = axes[0][c]
         for i, name in enumerate(names):
             y = np.asarray(stats[name]["dmd"][g]["singular_values"]["mean"], dtype=float)
-            ax.semilogy(np.arange(1, len(y) + 1), np.clip(y, 1e-12, None), marker="o", ms=3,
-                        label=name, **_style(i))
+            ax.semilogy(
+                np.arange(1, len(y) + 1),
+                np.clip(y, 1e-12, None),
+                marker="o",
+                ms=3,
+                label=name,
+                **_style(i),
+            )
         ax.set(title=g, xlabel="index i", ylabel="sigma_i / sigma_1")
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=7)
@@ -147,18 +161,30 @@ def figures(stats: Stats, boundaries: Dict[str, List[int]]) -> Dict[str, Figure]
         ),
         "class_paths": path_figure(stats),
         "angular_speed": layer_figure(
-            stats, b, [("speed", "mean", "mean s_l (rad)"), ("speed", "var", "var s_l")], 1,
+            stats,
+            b,
+            [("speed", "mean", "mean s_l (rad)"), ("speed", "var", "var s_l")],
+            1,
             "angular speed (angle from layer l-1 to l)",
         ),
         "sensitivity": layer_figure(
-            stats, b, [("sensitivity", "mean", "d_cos / eps")], 0,
-            "perturbation sensitivity by injection layer", log=True,
+            stats,
+            b,
+            [("sensitivity", "mean", "d_cos / eps")],
+            0,
+            "perturbation sensitivity by injection layer",
+            log=True,
         ),
         "update_rank": layer_figure(
-            stats, b,
-            [("stable_rank", "mean", "stable rank"), ("effective_rank", "mean", "effective rank"),
-             ("coherence", "mean", "coherence kappa_l")],
-            1, "angular updates into layer l",
+            stats,
+            b,
+            [
+                ("stable_rank", "mean", "stable rank"),
+                ("effective_rank", "mean", "effective rank"),
+                ("coherence", "mean", "coherence kappa_l"),
+            ],
+            1,
+            "angular updates into layer l",
         ),
         "dmd_eigenvalues": eigen_figure(stats),
         "dmd_spectrum": spectrum_figure(stats),

@@ -38,8 +38,14 @@ def eigen_rows(stats: Dict[str, Dict[str, Any]]) -> List[Dict[str, Any]]:
     import math
 
     return [
-        {"model": name, "group": g, "real": re, "imag": im, "radius": math.hypot(re, im),
-         "angle": math.atan2(im, re)}
+        {
+            "model": name,
+            "group": g,
+            "real": re,
+            "imag": im,
+            "radius": math.hypot(re, im),
+            "angle": math.atan2(im, re),
+        }
         for name, st in stats.items()
         for g, e in st["dmd"].items()
         for re, im in zip(e["real"], e["imag"])

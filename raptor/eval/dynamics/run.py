@@ -40,7 +40,7 @@ def run_analysis(cfg: DictConfig, sources: Sequence[str], folder: Path) -> Dict[
 
 
 def load_models(sources: Sequence[str], teacher, device) -> List[Model]:
-    """"teacher" or a Raptor source (models.py) each; the teacher always comes first."""
+    """ "teacher" or a Raptor source (models.py) each; the teacher always comes first."""
     if not sources:
         raise UserError("raptor analyze: no model to analyse (model=teacher|RUN|EXPORT)")
     models = [teacher_model(teacher)]
@@ -72,7 +72,11 @@ def analyze(
     data = ShardDataModule(cfg.data, teacher.data_config, teacher.num_classes)
     gen = torch.Generator().manual_seed(int(a.seed))
     batches = stream_trajectories(
-        data.val_dataloader(), every_model, device, images=a.images, only_valid=True,
+        data.val_dataloader(),
+        every_model,
+        device,
+        images=a.images,
+        only_valid=True,
         progress="analyze" if cfg.logging.progress_bar else None,
     )
     with torch.no_grad():
@@ -90,7 +94,9 @@ def analyze(
         "images": dyn[0].images,
         "epsilon": float(a.epsilon),
         "dmd_rank": int(a.dmd_rank),
-        "models": [{"name": m.name, "source": m.source, "boundaries": m.boundaries} for m in models],
+        "models": [
+            {"name": m.name, "source": m.source, "boundaries": m.boundaries} for m in models
+        ],
         "plots": list(figs),
         "stats": stats,
     }
@@ -100,5 +106,7 @@ def analyze(
     for name, rows in written["tables"].items():
         for logger in loggers:
             if hasattr(logger, "log_table") and rows:
-                logger.log_table(f"analysis/{name}", list(rows[0]), [list(r.values()) for r in rows])
+                logger.log_table(
+                    f"analysis/{name}", list(rows[0]), [list(r.values()) for r in rows]
+                )
     return {**result, "summary": written["summary"]}
