@@ -60,6 +60,7 @@ def test_pipeline_wandb_runs_have_group_jobs_summary_tables_and_lineage(
         "k2/stage2": (run / "k2/stage2", "model", run / "k2/stage2/checkpoints/last.ckpt"),
         "k2/eval": (run / "k2/eval", "evaluation", run / "k2/eval/eval.json"),
         "k2/export": (run / "k2/export", "model", run / "k2/export/backbone/config.json"),
+        "analyze": (run / "analysis", "analysis", run / "analysis/analysis.json"),
     }
     files = {name: run_files(folder) for name, (folder, _, _) in steps.items()}
     for name, got in files.items():
@@ -84,6 +85,7 @@ def test_pipeline_wandb_runs_have_group_jobs_summary_tables_and_lineage(
     assert used("k2/stage2") == ["demo-k2-stage1", "demo-phases", "demo-teacher"]
     assert used("k2/eval") == ["demo-k2-stage2", "demo-phases", "demo-teacher"]
     assert used("k2/export") == ["demo-k2-eval", "demo-k2-stage2"]  # the card reads eval.json
+    assert used("analyze") == ["demo-k2-stage2", "demo-phases", "demo-teacher"]
     # a used artifact has the same content (digest) as the one its producer logged
     logged = {a: e for f in files.values() for a, _, e in f["logged"]}
     for f in files.values():
@@ -116,7 +118,7 @@ def test_pipeline_wandb_runs_have_group_jobs_summary_tables_and_lineage(
     # raptor sync: lists every current run, calls `wandb sync` on them, reports uploads
     assert cli_main(["sync", str(run), "--dry-run"]) == 0
     listed = capsys.readouterr().out
-    assert "would upload 6 offline run(s)" in listed
+    assert "would upload 7 offline run(s)" in listed
     [line] = [x for x in listed.splitlines() if "demo/k2/stage2 (stage2)" in x]
     assert line.endswith("logs demo-k2-stage2; uses demo-teacher, demo-phases, demo-k2-stage1")
     fake = tmp_path / "bin" / "wandb"
