@@ -49,6 +49,10 @@ COMMANDS = {
         "raptor.commands.probe",
         "linear probes of the teacher, Raptors and baselines on frozen features (`task=cls`)",
     ),
+    "analyze": (
+        "raptor.commands.analyze",
+        "dynamics of the teacher and its Raptors: convergence, speed, ranks, DMD",
+    ),
     "pipeline": (
         "raptor.commands.pipeline",
         "the whole job: shards, teacher, phases, stages 1-2, DMD, export",

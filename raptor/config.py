@@ -10,7 +10,7 @@ field (`valid(default, rule)`); `load_config` rejects a value outside it, naming
 the key, the value and the range. `None` is always valid for an Optional key.
 
 Sections: data, teacher, model, phases, train, dmd, logging, trainer (passed
-through to `lightning.Trainer`), export, pipeline, probe.
+through to `lightning.Trainer`), export, pipeline, probe, analyze (`raptor analyze`).
 """
 
 from __future__ import annotations
@@ -508,6 +508,7 @@ class PipelineConfig:
     export: bool = True
     # probe tasks run after every Raptor (runs/NAME/probe/TASK), with the probe section
     probes: List[str] = valid(list, OneOf(PROBE_TASKS))
+    analyze: bool = False  # the `raptor analyze` step after the Raptors' evaluation
 
 
 @dataclass
@@ -553,6 +554,22 @@ class DenseProbeConfig:
 
 
 @dataclass
+class AnalyzeConfig:
+    """`raptor analyze` (`raptor.eval.dynamics`): the same `images` validation images through
+    every model of `models` ("teacher", a `raptor fit` run folder or checkpoint, an export
+    folder; empty: the teacher and the pipeline's Raptors); the perturbation size `epsilon`
+    (eps u, u ~ N(0, I) per token, drawn with `seed`), the exact-DMD `dmd_rank`, and the
+    first `classes` class labels averaged for the PCA view of the paths."""
+
+    images: int = valid(256, POSITIVE)
+    models: List[str] = field(default_factory=list)
+    epsilon: float = valid(0.05, GREATER_THAN_0)
+    dmd_rank: int = valid(10, POSITIVE)
+    classes: int = valid(5, NON_NEGATIVE)
+    seed: int = valid(0, SEED)
+
+
+@dataclass
 class RaptorConfig:
     name: str = valid("raptor", nonempty=True)
     # the run folder; every command writes its resolved config here. Empty: the command's
@@ -569,6 +586,7 @@ class RaptorConfig:
     export: ExportConfig = field(default_factory=ExportConfig)
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
     probe: ProbeConfig = field(default_factory=ProbeConfig)
+    analyze: AnalyzeConfig = field(default_factory=AnalyzeConfig)
 
 
 # --------------------------------------------------------------------------- loading

@@ -10,6 +10,7 @@ reads and writes by default too:
                (`train.stages` [1] or [2]: only that stage, evaluated and exported)
     probe/TASK for every task in pipeline.probes: the teacher, every Raptor and the
                baselines probed side by side (`raptor probe`); probe/cache their features
+    analysis/  dynamics of the teacher and every Raptor (when pipeline.analyze)
     config.yaml, summary.md, summary.json, *.png
 
 Results cannot go stale. Each step depends on the config keys listed for it in `DEPENDS`
@@ -84,6 +85,7 @@ DEPENDS: Dict[str, Tuple[str, ...]] = {
     "eval": ("trainer.precision", "trainer.extra") + _DMD,
     "export": ("export.onnx", "export.onnx_opset"),
     "probe": ("probe", "!probe.task", "!probe.cache_dir", "trainer.precision"),
+    "analyze": ("analyze", "!analyze.models", "trainer.precision"),
 }
 # Keys no step's results depend on: changing them reruns nothing. With DEPENDS these cover
 # every key of the schema (tests/test_pipeline.py checks), so a new key must be placed.
@@ -116,6 +118,7 @@ NO_RESULT_KEYS = (
     "export.overwrite",
     "probe.task",  # set by the pipeline per probe step (pipeline.probes)
     "probe.cache_dir",  # where features are cached; a cache is reused only when it matches
+    "analyze.models",  # `raptor analyze` only: the pipeline analyses its own Raptors
 )
 # Keys naming a file: their value in a record is the file's content hash, not its path.
 FILE_KEYS = ("teacher.weights", "teacher.head", "phases.file")
@@ -299,6 +302,22 @@ def pipeline_steps(cfg: DictConfig, root: Path) -> List[Step]:
                 source=_with(cfg, **{"probe.task": task}),
                 job="probe",
             )
+    if cfg.pipeline.analyze:  # the teacher and the run each Raptor's evaluation reads
+        from raptor.eval.dynamics.run import run_analysis
+
+        finals = [f"k{k}/stage{2 if 2 in cfg.train.stages else 1}" for k in cfg.pipeline.ks]
+        add(
+            "analyze",
+            folders.analysis,
+            data + teacher + DEPENDS["analyze"],
+            inputs + finals,
+            lambda done, folder: run_analysis(
+                given(done, run_dir=str(folder)),
+                ["teacher"] + [done[f]["result"]["checkpoint"] for f in finals],
+                folder,
+            ),
+            job="analyze",
+        )
     return steps
 
 

@@ -11,6 +11,7 @@ reads and writes by default, so that commands run one by one compose as the pipe
       dmd/                       `raptor dmd`
       probe/TASK                 `raptor probe` (probe/TASK-layerN for probe.layer=N), and
       probe/cache                its feature cache
+      analysis/                  `raptor analyze` (teacher and Raptors side by side)
 
 A command writes into run_dir when given, else into its folder above. The shards' folder
 depends on the name alone (or data.shards_dir), never on run_dir. `command_config` also
@@ -65,6 +66,10 @@ class RunFolders:
     def dmd(self) -> Path:
         return self.root / "dmd"
 
+    @property
+    def analysis(self) -> Path:
+        return self.root / "analysis"
+
     def stage(self, k: int, stage: int) -> Path:
         return self.root / f"k{k}" / f"stage{stage}"
 
@@ -95,7 +100,15 @@ def command_folder(cfg: DictConfig, command: str) -> Path:
         return f.stage(k, int(cfg.train.stage))
     if command == "probe":
         return f.probe(str(cfg.probe.task), cfg.probe.layer)
-    return {"teacher": f.teacher, "phases": f.phases, "eval": f.eval(k), "dmd": f.dmd}[command]
+    folders = {"teacher": f.teacher, "phases": f.phases, "eval": f.eval(k), "dmd": f.dmd}
+    return {**folders, "analyze": f.analysis}[command]
+
+
+def final_runs(cfg: DictConfig) -> dict:
+    """k -> the run folder the pipeline evaluates for each k of pipeline.ks (stage 2, or
+    stage 1 when train.stages has no 2)."""
+    f, stage = run_folders(cfg), 2 if 2 in cfg.train.stages else 1
+    return {int(k): f.stage(int(k), stage) for k in cfg.pipeline.ks}
 
 
 def beside_stage2(run: str | Path, name: str) -> Path:

@@ -36,6 +36,7 @@ def test_default_folders_are_the_pipelines(tmp_path, monkeypatch):
         **{f"k{k}/{s}": runs / f"k{k}" / s for k in (2, 3) for s in ("stage1", "stage2", "eval")},
         **{f"k{k}/export": runs / f"k{k}" / "export" for k in (2, 3)},
         "probe/cls": runs / "probe" / "cls",  # the demo's pipeline.probes
+        "analyze": runs / "analysis",  # the demo's pipeline.analyze
     }
     # run_dir moves the command's own folder (or the pipeline's root), never the shards
     moved = load_config(DEMO, [f"run_dir={tmp_path / 'elsewhere'}"])

@@ -39,6 +39,7 @@ def tiny(run_dir: Path, shards: Path) -> list[str]:
         "train.val_batches=2",
         "dmd.calib_images=64",
         "dmd.rank=8",
+        "analyze.images=16",
         "logging.progress_bar=false",
     ]
 
@@ -70,6 +71,15 @@ def test_pipeline_runs_every_step_then_skips(tmp_path, digits_shards, capsys, mo
     assert f"raptor sync {run}" in out and str(run / "k2" / "export" / "backbone") in out
     assert f"raptor dashboard {run}" in out and list(run.glob("k2/stage2/events.out.tfevents.*"))
     assert (run / "phases_phases.png").is_file() and (run / "k2_eval_fidelity.png").is_file()
+    # the dynamics of the teacher and the Raptor it trained, in the summary with its plots
+    analysis = json.loads((run / "analysis" / "analysis.json").read_text())
+    assert [m["source"] for m in analysis["models"]] == [
+        "teacher",
+        str(run / "k2" / "stage2" / "checkpoints" / "last.ckpt"),
+    ]
+    assert "## Dynamics: teacher vs Raptors" in summary and "largest gap to teacher: k2" in summary
+    assert "![analyze_angular_speed](analyze_angular_speed.png)" in summary
+    assert (run / "analyze_angular_speed.png").is_file()
     # each step logs into its own offline W&B run
     assert len(list(run.glob("*/wandb/offline-run-*"))) >= 2
 
@@ -92,7 +102,7 @@ def test_pipeline_runs_every_step_then_skips(tmp_path, digits_shards, capsys, mo
     # rerun: every step is complete and skipped
     assert cli_main(args) == 0
     again = capsys.readouterr().out
-    assert again.count("complete, skipped") == 8  # with the demo's probe/cls
+    assert again.count("complete, skipped") == 9  # with the demo's probe/cls and analyze
     assert "running in" not in again
 
 
@@ -151,7 +161,7 @@ def test_pipeline_reruns_what_a_change_reaches(tmp_path, capsys, monkeypatch):
     args += ["logging.log_every_n_steps=3", "data.num_workers=2", "train.ckpt_every_n_steps=3"]
     assert cli_main(args) == 0
     out = capsys.readouterr().out
-    assert out.count("complete, skipped") == 8 and "running in" not in out, out
+    assert out.count("complete, skipped") == 9 and "running in" not in out, out
     assert snapshot(shards, *(run / s for s in all_steps)) == before
     assert root_config(run).logging.log_every_n_steps == 3
     assert not list(run.rglob("*.stale-*"))
@@ -162,10 +172,10 @@ def test_pipeline_reruns_what_a_change_reaches(tmp_path, capsys, monkeypatch):
     args += ["train.stage2.lr=5e-4"]
     assert cli_main(args) == 0
     out = capsys.readouterr().out
-    assert out.count("running in") == 4, out
+    assert out.count("running in") == 5, out
     for step in ("shards", "teacher", "phases", "k2/stage1"):
         assert f"{step}: complete, skipped" in out, out
-    for step in ("k2/stage2", "k2/eval", "k2/export", "probe/cls"):
+    for step in ("k2/stage2", "k2/eval", "k2/export", "probe/cls", "analyze"):
         assert f"{step}: running in" in out, out
     assert "train.stage2.lr: 0.001 -> 0.0005" in out
     assert "k2/stage2 reruns" in out
@@ -194,7 +204,7 @@ def test_pipeline_reruns_what_a_change_reaches(tmp_path, capsys, monkeypatch):
     assert cli_main(args) == 0
     out = capsys.readouterr().out
     assert "shards: complete, skipped" in out
-    assert out.count("running in") == 7
+    assert out.count("running in") == 8
     assert torch.load(run / "teacher/checkpoints/last.ckpt", weights_only=True)["epoch"] == (
         teacher_epochs + 1
     )

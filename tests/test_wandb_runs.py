@@ -61,6 +61,7 @@ def test_pipeline_wandb_runs_have_group_jobs_summary_tables_and_lineage(
         "k2/eval": (run / "k2/eval", "evaluation", run / "k2/eval/eval.json"),
         "k2/export": (run / "k2/export", "model", run / "k2/export/backbone/config.json"),
         "probe/cls": (run / "probe/cls", "evaluation", run / "probe/cls/probe.json"),
+        "analyze": (run / "analysis", "analysis", run / "analysis/analysis.json"),
     }
     files = {name: run_files(folder) for name, (folder, _, _) in steps.items()}
     for name, got in files.items():
@@ -86,6 +87,7 @@ def test_pipeline_wandb_runs_have_group_jobs_summary_tables_and_lineage(
     assert used("k2/eval") == ["demo-k2-stage2", "demo-phases", "demo-teacher"]
     assert used("k2/export") == ["demo-k2-eval", "demo-k2-stage2"]  # the card reads eval.json
     assert used("probe/cls") == ["demo-k2-stage2", "demo-phases", "demo-teacher"]
+    assert used("analyze") == ["demo-k2-stage2", "demo-phases", "demo-teacher"]
     # a used artifact has the same content (digest) as the one its producer logged
     logged = {a: e for f in files.values() for a, _, e in f["logged"]}
     for f in files.values():

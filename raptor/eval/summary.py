@@ -135,6 +135,10 @@ def write_summary(cfg: DictConfig, root: Path, steps: Dict[str, Dict[str, Any]])
         ]
     if tables["probes"]:
         md += ["## Probes (frozen features, validation split)", "", tables["probes"], ""]
+    if "analyze" in steps:  # raptor analyze: one comparison line per analysis
+        md += ["## Dynamics: teacher vs Raptors", ""]
+        md += steps["analyze"]["result"]["summary"]
+        md += ["", f"Tables and analysis.md in `{steps['analyze']['folder']}`.", ""]
     md += ["## Wall time per step", "", tables["wall_time"], ""]
     md += ["## Plots", ""] + [f"![{p.stem}]({p.name})" for p in plots] + [""]
     md += ["## Artefacts", ""] + [f"- exported backbone: `{e}`" for e in exports]
@@ -165,13 +169,15 @@ def report_files(root: Path) -> List[Path]:
 
 def _collect_plots(root: Path, steps: Dict[str, Dict[str, Any]]) -> List[Path]:
     """Copy the final plots (phases heat-map; per Raptor: fidelity per layer, DMD
-    eigenvalues and DMD vs student; per probe: its curves) to the run root as
-    `<step>_<name>.png`."""
+    eigenvalues and DMD vs student; per probe: its curves; the dynamics analyses) to the run
+    root as `<step>_<name>.png`."""
     out = []
     for name in (
-        n for n in steps if n == "phases" or n.endswith("/eval") or n.startswith("probe/")
+        n
+        for n in steps
+        if n in ("phases", "analyze") or n.endswith("/eval") or n.startswith("probe/")
     ):
-        folder = root / name
+        folder = Path(steps[name]["folder"])  # analyze: runs/NAME/analysis
         for png in sorted(folder.glob("*.png")) if folder.is_dir() else []:
             dest = root / f"{name.replace('/', '_')}_{png.name}"
             shutil.copyfile(png, dest)

@@ -34,7 +34,7 @@ CKPT_DIR = "checkpoints"
 LAST_CKPT = "last.ckpt"
 METRICS_FILE = "metrics.csv"
 # W&B job types; those of one Raptor (model.k) are named NAME/k{K}/JOB
-JOBS = ("teacher", "phases", "stage1", "stage2", "dmd", "eval", "export", "probe")
+JOBS = ("teacher", "phases", "stage1", "stage2", "dmd", "eval", "export", "probe", "analyze")
 PER_K_JOBS = ("stage1", "stage2", "eval", "export")
 # W&B summary reduction of the validation metrics (globs), the rest keep their last value
 METRIC_SUMMARIES = {"val/r2*": "max", "val/loss*": "min", "val/top1*": "last"}
@@ -301,6 +301,7 @@ ARTIFACTS = {
     "eval": ("evaluation", "eval.json"),
     "export": ("model", "backbone"),
     "probe": ("evaluation", "probe.json"),
+    "analyze": ("analysis", "analysis.json"),
 }
 
 
