@@ -208,7 +208,7 @@ def test_the_pipeline_probes_after_every_raptor_and_the_summary_shows_it(tmp_pat
     assert not [s for s in pipeline_steps(cfg, tmp_path) if s.name.startswith("probe")]
     cfg.pipeline.probes = ["cls"]
     steps = pipeline_steps(cfg, tmp_path)
-    probe = steps[-1]
+    (probe,) = [s for s in steps if s.name.startswith("probe")]
     assert probe.name == "probe/cls" and probe.folder == tmp_path / "probe" / "cls"
     assert {"k2/stage2", "k3/stage2", "teacher", "shards"} <= set(probe.after)
     assert probe.values["probe.epochs"] == 5 and "probe.task" not in probe.values
