@@ -95,6 +95,7 @@ NO_RESULT_KEYS = (
     "logging",
     "pipeline",  # which steps exist, not what they compute
     "data.num_workers",
+    "data.decode",  # where JPEGs are decoded (CPU workers or the device), not what comes out
     "data.allow_pipe",
     "data.max_bad_fraction",  # when to give up, not what is computed
     "trainer.accelerator",

@@ -120,7 +120,7 @@ def test_pipeline_wandb_runs_have_group_jobs_summary_tables_and_lineage(
     # raptor sync: lists every current run, calls `wandb sync` on them, reports uploads
     assert cli_main(["sync", str(run), "--dry-run"]) == 0
     listed = capsys.readouterr().out
-    assert "would upload 7 offline run(s)" in listed
+    assert "would upload 8 offline run(s)" in listed
     [line] = [x for x in listed.splitlines() if "demo/k2/stage2 (stage2)" in x]
     assert line.endswith("logs demo-k2-stage2; uses demo-teacher, demo-phases, demo-k2-stage1")
     fake = tmp_path / "bin" / "wandb"
