@@ -14,8 +14,8 @@ depth.png unit, "max": metres}}`.
   on the 8x8 digits (the demo teacher) decodes digits there and not scaled, off its grid
   or at another canvas size (its position embedding resampled): by hand, a linear probe on
   its final layer beat a random teacher's by 0.21 vs 0.05 mIoU on the default 8-px canvas
-  of 2 digits, but only 0.14 vs 0.11 on a 16-px canvas, and a grey canvas (tile edges
-  visible) did worse than a random teacher. A digit's depth is tied to its class,
+  of 2 digits, but only 0.14 vs 0.11 on a 16-px canvas (and no better depth), and a grey
+  canvas (tile edges visible) did worse than a random teacher. A digit's depth is tied to its class,
   NEAR + (FAR - NEAR) x class / 9 metres plus uniform noise of +-JITTER, so depth is
   decodable from what the digit is and from nothing else in the image. The depth sets the
   drawing: half the digits are shifted by SHIFT pixels (a patch of the demo teacher) up,
