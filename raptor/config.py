@@ -232,7 +232,7 @@ class DataConfig:
     split_seed: int = valid(0, SEED)
     store_crop: Optional[int] = valid(None, POSITIVE)  # store resize+center-crop JPEGs of this side
     scene_count: int = valid(2000, Range(2))  # digit_scenes: scenes in all (val: val_fraction)
-    scene_size: int = valid(16, Range(10))  # digit_scenes: canvas side in pixels
+    scene_size: int = valid(8, Range(8))  # digit_scenes: canvas side in pixels, a multiple of 8
     scene_digits: int = valid(2, POSITIVE)  # digit_scenes: digits per scene
     transform: TransformConfig = field(default_factory=TransformConfig)
 

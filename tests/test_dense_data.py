@@ -33,33 +33,55 @@ def _val_targets(folder, kind, side, **transform):
     return torch.cat(images), torch.cat(targets), dm
 
 
-def test_a_scene_draws_digits_far_to_near_with_their_class_and_depth():
-    a = np.full((8, 8), 200, dtype=np.uint8)
-    b = np.full((8, 8), 100, dtype=np.uint8)
-    # digit 3 at 1 m (8 px) at (0, 0); digit 7 nearer, 0.8 m (10 px) at (4, 6), drawn on top
-    image, seg, depth = dense.compose_scene([a, b], [3, 7], [1.0, 0.8], [(0, 0), (4, 6)], 16)
-    want_seg = np.full((16, 16), 10)
-    want_seg[0:8, 0:8] = 3
-    want_seg[4:14, 6:16] = 7
-    want_depth = np.where(want_seg == 10, dense.WALL, np.where(want_seg == 3, 1.0, 0.8))
-    assert (seg == want_seg).all() and np.allclose(depth, want_depth)
-    want_image = np.where(want_seg == 10, 0, np.where(want_seg == 3, 200, 100))
-    assert (image == want_image).all()
+def test_a_scene_draws_native_tiles_far_to_near_cut_at_the_canvas_edge():
+    rng = np.random.default_rng(0)
+    digits = [rng.integers(0, 256, (8, 8), dtype=np.uint8) for _ in range(3)]
+    labels, depths = [3, 7, 5], [1.0, 0.8, 1.2]
+    corners = [(0, 0), (2, 6), (-2, 10)]  # 7 nearest, overlaps 3; 5 sticks out of the canvas
+    image, seg, depth = dense.compose_scene(digits, labels, depths, corners, 16)
+    for y in range(16):  # per pixel: the nearest tile covering it, else the black wall
+        for x in range(16):
+            covering = [
+                i for i, (cy, cx) in enumerate(corners) if 0 <= y - cy < 8 and 0 <= x - cx < 8
+            ]
+            if not covering:
+                assert (image[y, x], seg[y, x], depth[y, x]) == (0, 10, dense.WALL)
+                continue
+            i = min(covering, key=lambda i: depths[i])
+            want = (digits[i][y - corners[i][0], x - corners[i][1]], labels[i], depths[i])
+            assert (image[y, x], seg[y, x], depth[y, x]) == want
+
+
+def test_digit_scenes_tie_depth_to_the_class_and_hide_the_farther_digit():
+    _, splits, manifest = dense.digit_scenes_source(40, 8, 2, 0.25, 0)
+    assert manifest["depth"]["max"] == dense.WALL and len(splits["val"]) == 10
+    strips = 0
+    for *_, targets in splits["train"] + splits["val"]:
+        seg, metres = targets["seg"], targets["depth"] * dense.SCENE_DEPTH_SCALE
+        for c in np.unique(seg[seg < 10]):
+            centre = dense.NEAR + (dense.FAR - dense.NEAR) * c / 9
+            assert np.abs(metres[seg == c] - centre).max() <= dense.JITTER + 1e-3
+        shown = [c for c in np.unique(seg) if c < 10]
+        # one 8-px cell: the nearer digit covers at least 6 of the 8 columns or rows
+        near = min(shown, key=lambda c: metres[seg == c].min())
+        assert (seg == near).sum() >= 6 * 8
+        strips += len(shown) == 2
+    assert strips > 0  # some scenes show a strip of the farther digit beside the nearer one
 
 
 def test_digit_scenes_shards_stream_the_generated_masks_and_depths(tmp_path):
     out = tmp_path / "scenes"
-    scenes = {"count": 20, "size": 12, "digits": 2}
+    scenes = {"count": 20, "size": 16, "digits": 2}
     manifest = write_shards(
         "digit_scenes", out, shard_size=3, seed=1, scenes=scenes, progress=False
     )
     assert {s: i["num_samples"] for s, i in manifest["splits"].items()} == {"train": 16, "val": 4}
     assert read_manifest(out)["dense"]["seg"]["classes"][10] == "background"
     assert all(problem is None for _, _, problem in verify_shards(out, progress=False))
-    _, splits, _ = dense.digit_scenes_source(20, 12, 2, 0.2, 1)
+    _, splits, _ = dense.digit_scenes_source(20, 16, 2, 0.2, 1)
     val = splits["val"]
-    _, seg, _ = _val_targets(out, "seg", 12)
-    images, depth, _ = _val_targets(out, "depth", 12)
+    _, seg, _ = _val_targets(out, "seg", 16)
+    images, depth, _ = _val_targets(out, "depth", 16)
     assert torch.equal(seg, torch.tensor(np.stack([item[4]["seg"] for item in val])).long())
     want = np.stack([item[4]["depth"] for item in val]).astype(np.float32) * np.float32(1e-3)
     assert torch.allclose(depth, torch.from_numpy(want))
@@ -146,9 +168,9 @@ def test_raptor_shards_writes_digit_scenes_from_the_command_line(tmp_path, capsy
 
     out = tmp_path / "s"
     args = ["shards", "--source", "digit_scenes", "--out", str(out), "--scenes", "10"]
-    assert main(args + ["--scene-size", "12", "--scene-digits", "1"]) == 0
+    assert main(args + ["--scene-size", "16", "--scene-digits", "1"]) == 0
     assert "dense targets: seg.png, depth.png" in capsys.readouterr().out
-    assert read_manifest(out)["options"]["scenes"] == {"count": 10, "size": 12, "digits": 1}
+    assert read_manifest(out)["options"]["scenes"] == {"count": 10, "size": 16, "digits": 1}
     assert (
         main(
             [

@@ -49,7 +49,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--val-fraction", type=float, default=0.2, help="digits, digit_scenes: validation fraction"
     )
     parser.add_argument("--scenes", type=int, default=2000, help="digit_scenes: scenes in all")
-    parser.add_argument("--scene-size", type=int, default=16, help="digit_scenes: canvas side")
+    parser.add_argument("--scene-size", type=int, default=8, help="digit_scenes: canvas side")
     parser.add_argument("--scene-digits", type=int, default=2, help="digit_scenes: digits each")
     parser.add_argument("--seed", type=int, default=0, help="split and shuffle seed")
     parser.add_argument(

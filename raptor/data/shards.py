@@ -73,7 +73,7 @@ MANIFEST = "manifest.json"
 FORMAT = "raptor-shards/1"
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm"}
 JPEG_QUALITY = 95
-SCENE_DEFAULTS = {"count": 2000, "size": 16, "digits": 2}  # digit_scenes (raptor.data.dense)
+SCENE_DEFAULTS = {"count": 2000, "size": 8, "digits": 2}  # digit_scenes (raptor.data.dense)
 
 # One sample to encode: (key, label, source, payload[, targets]); payload is uint8 pixels
 # (an ndarray) or the image file's Path (picklable, for the encoding pool); `source` names
