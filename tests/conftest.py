@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import io
+import os
 import socket
+from pathlib import Path
 
 import pytest
+
+DEMO = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
 
 
 @pytest.fixture(scope="session")
@@ -129,3 +135,57 @@ def fit_config(teacher, shards, **extra):
     from raptor.config import load_config
 
     return load_config(None, fit_overrides(teacher, shards, **extra))
+
+
+def demo_overrides(run_dir: Path, shards: Path) -> list[str]:
+    """The demo config (`DEMO`) shrunk to seconds: a 4-layer teacher, k=2 only, a few steps,
+    one probe epoch, 32 analysed images."""
+    return [
+        f"run_dir={run_dir}",
+        f"data.shards_dir={shards}",
+        "teacher.depth=4",
+        "teacher.embed_dim=32",
+        "teacher.num_heads=2",
+        "teacher.train.epochs=2",
+        "phases.ks=[2]",
+        "phases.num_images=64",
+        "pipeline.ks=[2]",
+        "train.stage1.steps=6",
+        "train.stage2.steps=6",
+        "train.stage1.warmup_steps=1",
+        "train.stage2.warmup_steps=1",
+        "train.val_every_n_steps=6",
+        "train.ckpt_every_n_steps=6",
+        "train.val_batches=2",
+        "dmd.calib_images=64",
+        "dmd.rank=8",
+        "probe.epochs=1",
+        "analyze.images=32",
+        "logging.progress_bar=false",
+    ]
+
+
+@pytest.fixture(scope="session")
+def demo_pipeline(tmp_path_factory):
+    """One `raptor pipeline DEMO` with `demo_overrides`, stage 2 all but frozen (6 AdamW
+    steps at lr 1e-9: its weights show where it started) and W&B offline, shared by the
+    tests that read it (a rerun of it skips every step): (run folder, argv, its stdout)."""
+    import torch
+
+    from raptor.cli import main as cli_main
+
+    root = tmp_path_factory.mktemp("demo_pipeline")
+    run = root / "run"
+    args = ["pipeline", str(DEMO), *demo_overrides(run, root / "shards")]
+    args += ["train.stage2.lr=1e-9", "train.stage2.min_lr=0", "logging.wandb=offline"]
+    threads, env = torch.get_num_threads(), dict(os.environ)  # as _isolate_process_state
+    os.environ["WANDB_SILENT"] = "true"
+    out = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(out):
+            assert cli_main(args) == 0
+    finally:
+        torch.set_num_threads(threads)
+        os.environ.clear()
+        os.environ.update(env)
+    return run, args, out.getvalue()

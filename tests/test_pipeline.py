@@ -10,52 +10,21 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import DEMO, demo_overrides
 from omegaconf import OmegaConf
 
 from raptor.cli import main as cli_main
 from raptor.config import all_keys
 from raptor.pipeline import DEPENDS, NO_RESULT_KEYS, _selected
 
-DEMO = Path(__file__).parents[1] / "configs" / "demo.yaml"
-
-
-def tiny(run_dir: Path, shards: Path) -> list[str]:
-    return [
-        f"run_dir={run_dir}",
-        f"data.shards_dir={shards}",
-        "teacher.depth=4",
-        "teacher.embed_dim=32",
-        "teacher.num_heads=2",
-        "teacher.train.epochs=2",
-        "phases.ks=[2]",
-        "phases.num_images=64",
-        "pipeline.ks=[2]",
-        "train.stage1.steps=6",
-        "train.stage2.steps=6",
-        "train.stage1.warmup_steps=1",
-        "train.stage2.warmup_steps=1",
-        "train.val_every_n_steps=6",
-        "train.ckpt_every_n_steps=6",
-        "train.val_batches=2",
-        "dmd.calib_images=64",
-        "dmd.rank=8",
-        "analyze.images=16",
-        "logging.progress_bar=false",
-    ]
-
 
 @pytest.mark.slow
-def test_pipeline_runs_every_step_then_skips(tmp_path, digits_shards, capsys, monkeypatch):
+def test_pipeline_runs_every_step_then_skips(demo_pipeline, capsys, monkeypatch):
     monkeypatch.setenv("WANDB_SILENT", "true")
-    run = tmp_path / "run"
-    # stage 2 all but frozen (6 AdamW steps of at most ~3 lr each): its weights show its start
-    args = ["pipeline", str(DEMO), *tiny(run, tmp_path / "shards")]
-    args += ["train.stage2.lr=1e-9", "train.stage2.min_lr=0"]
-    assert cli_main(args) == 0
-    out = capsys.readouterr().out
+    run, args, out = demo_pipeline
     steps = ("shards", "teacher", "phases", "k2/stage1", "k2/stage2", "k2/eval", "k2/export")
     for step in (*steps, "probe/cls"):
-        folder = tmp_path / "shards" if step == "shards" else run / step
+        folder = run.parent / "shards" if step == "shards" else run / step
         assert (folder / "step.json").is_file(), step
 
     ev = json.loads((run / "k2" / "eval" / "eval.json").read_text())
@@ -150,7 +119,7 @@ def select(cfg, key: str):
 def test_pipeline_reruns_what_a_change_reaches(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("WANDB_SILENT", "true")
     run, shards = tmp_path / "run", tmp_path / "shards"
-    args = ["pipeline", str(DEMO), *tiny(run, shards)]
+    args = ["pipeline", str(DEMO), *demo_overrides(run, shards)]
     assert cli_main(args) == 0
     capsys.readouterr()
     assert root_config(run).teacher.train.epochs == 2

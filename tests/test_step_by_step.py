@@ -35,6 +35,8 @@ TINY = [
     "train.val_batches=2",
     "dmd.calib_images=64",
     "dmd.rank=8",
+    "probe.epochs=1",
+    "analyze.images=32",
     "logging.wandb=disabled",
     "logging.progress_bar=false",
 ]

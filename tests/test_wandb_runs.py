@@ -14,7 +14,6 @@ import pytest
 
 from raptor.cli import main as cli_main
 from raptor.commands.sync import read_records
-from tests.test_pipeline import DEMO, tiny
 
 
 def run_files(folder: Path) -> dict:
@@ -44,13 +43,9 @@ def run_files(folder: Path) -> dict:
 
 @pytest.mark.slow
 def test_pipeline_wandb_runs_have_group_jobs_summary_tables_and_lineage(
-    tmp_path, digits_shards, capsys, monkeypatch
+    demo_pipeline, tmp_path, capsys, monkeypatch
 ):
-    monkeypatch.setenv("WANDB_SILENT", "true")
-    run = tmp_path / "run"
-    args = ["pipeline", str(DEMO), *tiny(run, tmp_path / "shards"), "logging.wandb=offline"]
-    assert cli_main(args) == 0
-    out = capsys.readouterr().out
+    run, _, out = demo_pipeline
     assert f"raptor sync {run}" in out
 
     steps = {
