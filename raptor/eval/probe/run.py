@@ -10,14 +10,26 @@
   paper reuses DINOv2's frozen final norm; computed once per model, layer and split into
   a `FeatureCache` (probe.feature_dtype) under probe.cache_dir (default `probe/cache` in
   the run's root) and
-  reused while the model's weights, the layer, the data and the task stay the same.
+  reused while the model's weights, the layer, the data and the task stay the same; the
+  targets beside them (labels int64, masks uint8, depth float32).
+- Data: the data section's shards, or probe.data's. seg / depth read dense shards
+  (`ShardDataModule(target=TASK)`; seg's classes from the manifest's `dense.seg.classes`);
+  on the digits without probe.data, digit_scenes shards are written once into
+  runs/NAME/scenes (`probe_data`). digit_scenes are read at their canvas size; the dense
+  heads' patch grid is the data's input size // the patch size.
 - Head: `task.head` trained with AdamW and a cosine learning rate over `probe.epochs` on
   the training split's features, scored on the validation split's after every epoch;
   epoch 0 is the head as initialised. For classification at the last layer the head
-  starts as the teacher's own classifier (`teacher_head_state`), for every model.
-Writes into `out_dir`: probe.json, probe.md (per model: the primary metric at
-initialisation, the best and its epoch, the ratio to the teacher's best), probe_curve.png,
-and the per-epoch metrics to the loggers (CSV, W&B, TensorBoard) as `probe/MODEL/METRIC`.
+  starts as the teacher's own classifier (`teacher_head_state`), for every model; dense
+  heads start fresh.
+Writes into `out_dir`: probe.json (per model every metric per epoch, the best epoch's
+metrics, and `ratio`: the best against the teacher's, best / teacher's when higher is
+better, teacher's / best when lower is (RMSE): < 1 is worse than the teacher either way),
+probe.md (per model: the primary metric at initialisation, the best and its epoch, the
+other metrics at that epoch, the ratio), probe_curve.png, heads/MODEL.safetensors (each
+final head), for dense tasks examples-MODEL.png (teacher and Raptors: validation images,
+truth, prediction), and the per-epoch metrics to the loggers (CSV, W&B, TensorBoard) as
+`probe/MODEL/METRIC`.
 """
 
 from __future__ import annotations
