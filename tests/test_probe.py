@@ -212,6 +212,16 @@ def test_the_pipeline_probes_after_every_raptor_and_the_summary_shows_it(tmp_pat
     assert probe.name == "probe/cls" and probe.folder == tmp_path / "probe" / "cls"
     assert {"k2/stage2", "k3/stage2", "teacher", "shards"} <= set(probe.after)
     assert probe.values["probe.epochs"] == 5 and "probe.task" not in probe.values
+    cfg.pipeline.probes = ["cls", "seg", "depth"]
+    dense = pipeline_steps(cfg, tmp_path)[-2:]
+    assert [(s.name, s.folder.name) for s in dense] == [
+        ("probe/seg", "seg"),
+        ("probe/depth", "depth"),
+    ]
+    assert (
+        dense[0].values["data.scene_count"] == cfg.data.scene_count
+        and "probe.dense.depth_bins" in dense[1].values
+    )
     curve = [{"epoch": 0, "top1": 0.5}, {"epoch": 1, "top1": 0.75}]
     model = {"at_init": 0.5, "best": 0.75, "best_epoch": 1, "curve": curve}
     result = {"task": "cls", "layer": 8, "num_layers": 8, "primary": "top1", "epochs": 1}
@@ -313,6 +323,12 @@ def test_dense_probes_on_generated_scenes_report_the_heads_metrics(
     assert out["ratio"] == ("best / teacher's best" if task == "seg" else "teacher's best / best")
     assert (out_dir / "examples-teacher.png").is_file()
     assert not (out_dir / "examples-identity.png").exists()
+    if task == "depth":  # other scene settings: the scenes are written again
+        assert cli_main(["probe", config(tmp_path), *args, "data.scene_count=50"]) == 0
+        assert (
+            json.loads((scenes / "manifest.json").read_text())["options"]["scenes"]["count"] == 50
+        )
+        assert json.loads((out_dir / "probe.json").read_text())["models"][0]["val_rows"] == 10
 
 
 def test_a_dense_probe_on_shards_without_its_targets_is_one_line(

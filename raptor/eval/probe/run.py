@@ -15,7 +15,7 @@
 - Data: the data section's shards, or probe.data's. seg / depth read dense shards
   (`ShardDataModule(target=TASK)`; seg's classes from the manifest's `dense.seg.classes`);
   on the digits without probe.data, digit_scenes shards are written once into
-  runs/NAME/scenes (`probe_data`). digit_scenes are read at their canvas size; the dense
+  runs/NAME/scenes (again when data.scene_* change; `probe_data`). digit_scenes are read at their canvas size; the dense
   heads' patch grid is the data's input size // the patch size.
 - Head: `task.head` trained with AdamW and a cosine learning rate over `probe.epochs` on
   the training split's features, scored on the validation split's after every epoch;
@@ -265,8 +265,8 @@ def file_name(name: str) -> str:
 def probe_data(cfg: DictConfig, root: Path) -> str:
     """The probe's shards folder: probe.data when set; else "" (the data section's shards),
     except for seg / depth when the data are the digits (data.source=digits, or shards
-    written from them): digit_scenes shards (the data.scene_* settings), written once into
-    ROOT/scenes. UserError naming probe.data when a dense task has no dense shards."""
+    written from them): digit_scenes shards (the data.scene_* settings), written into
+    ROOT/scenes once (again when those settings change). UserError naming probe.data when a dense task has no dense shards."""
     from raptor.data.shards import DENSE_PREFIXES, MANIFEST, ensure_shards, read_manifest
 
     p, d = cfg.probe, cfg.data
@@ -283,6 +283,15 @@ def probe_data(cfg: DictConfig, root: Path) -> str:
             "written by `raptor shards` from a dense source (digit_scenes, ade20k:PATH, nyuv2:PATH)"
         )
     out = root / SCENES_DIR
+    want = {"count": d.scene_count, "size": d.scene_size, "digits": d.scene_digits}
+    if (out / MANIFEST).is_file():
+        opts = read_manifest(out)["options"]
+        if [opts.get("scenes"), opts["val_fraction"], opts["seed"]] != [
+            want,
+            d.val_fraction,
+            d.split_seed,
+        ]:
+            (out / MANIFEST).unlink()  # scenes of other settings: written again
     if not (out / MANIFEST).is_file():
         print(
             f"raptor probe: probe.task={p.task} on the digits and no probe.data: writing "
