@@ -339,3 +339,6 @@ def test_a_dense_probe_on_shards_without_its_targets_is_one_line(
     err = capsys.readouterr().err.strip()
     assert f"probe.data={digits_shards} holds no seg targets" in err
     assert "\n" not in err and "raptor shards" in err
+    assert cli_main(["probe", config(tmp_path), *args, f"probe.data={tmp_path / 'no'}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert f"probe.data={tmp_path / 'no'} is not a folder" in err and "\n" not in err

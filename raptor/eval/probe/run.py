@@ -270,6 +270,12 @@ def probe_data(cfg: DictConfig, root: Path) -> str:
     from raptor.data.shards import DENSE_PREFIXES, MANIFEST, ensure_shards, read_manifest
 
     p, d = cfg.probe, cfg.data
+    local = p.data and not any(c in str(p.data) for c in "{:")  # not a URL or a pattern
+    if local and not Path(p.data).is_dir():
+        raise UserError(
+            f"probe.data={p.data} is not a folder: write shards there with `raptor shards "
+            f"--source SOURCE --out {p.data}` (seg / depth: digit_scenes, ade20k:PATH, nyuv2:PATH)"
+        )
     if p.data or p.task == "cls":
         return str(p.data)
     origin = str(d.source)
