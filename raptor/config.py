@@ -157,7 +157,11 @@ PHASE_SPLITS = ("train", "val")
 TEACHER_PRECISIONS = ("bf16", "fp32")  # teacher.precision: the teacher forward's on GPU
 TOKEN_MODES = ("all", "cls+patchmean")
 DMD_SOLVERS = ("ridge", "pcr", "rrr")
-PROBE_TASKS = ("cls",)  # the names of raptor.eval.probe.tasks.TASKS (tests/test_probe.py checks)
+PROBE_TASKS = (
+    "cls",
+    "seg",
+    "depth",
+)  # the names of raptor.eval.probe.tasks.TASKS (tests/test_probe.py checks)
 DMD_SELECTIONS = ("span", "anchor", "endpoint", "replaceme", "identity")
 DMD_ALPHA_MODES = ("relative", "absolute")
 TEACHER_FORCING = ("anneal", "always", "never")  # stage 1: r annealed, 1 throughout, 0 throughout
@@ -512,30 +516,6 @@ class PipelineConfig:
 
 
 @dataclass
-class ProbeConfig:
-    """`raptor probe` and the pipeline's probe steps (`raptor.eval.probe.run`): a `task`
-    head trained on frozen features of `layer` (None: the last) of each of `models`
-    (teacher, raptors = the pipeline's Raptors for pipeline.ks, identity = a_0, random =
-    random weights, or a Raptor run folder / .ckpt / exported backbone folder), `epochs`
-    of AdamW at `lr` (cosine to 0) with `weight_decay` on batches of `batch_size` features;
-    `data`: a shards folder with train and val splits (empty: the data section's shards);
-    features cached as `feature_dtype` (float16; float32 keeps them exact) in `cache_dir`
-    (empty: runs/NAME/probe/cache)."""
-
-    task: str = valid("cls", OneOf(PROBE_TASKS))
-    layer: Optional[int] = valid(None, NON_NEGATIVE)
-    models: List[str] = valid(lambda: ["teacher", "raptors", "identity", "random"], nonempty=True)
-    epochs: int = valid(10, NON_NEGATIVE)
-    lr: float = valid(1e-3, NON_NEGATIVE)
-    weight_decay: float = valid(0.0, NON_NEGATIVE)
-    batch_size: int = valid(256, POSITIVE)
-    seed: int = valid(0, SEED)
-    data: str = ""
-    feature_dtype: str = valid("float16", OneOf(("float16", "float32")))
-    cache_dir: str = ""
-
-
-@dataclass
 class DenseProbeConfig:
     """The dense linear probes' heads (`raptor.eval.probe.dense`; nested under `probe`).
     seg: a 1x1 conv on the patch tokens, after a BatchNorm when `seg_batchnorm` (DINOv2's
@@ -551,6 +531,32 @@ class DenseProbeConfig:
     depth_max: float = valid(10.0, GREATER_THAN_0)  # metres (NYUv2's range)
     depth_cls: bool = True
     silog_lambda: float = valid(0.85, PROBABILITY)
+
+
+@dataclass
+class ProbeConfig:
+    """`raptor probe` and the pipeline's probe steps (`raptor.eval.probe.run`): a `task`
+    head trained on frozen features of `layer` (None: the last) of each of `models`
+    (teacher, raptors = the pipeline's Raptors for pipeline.ks, identity = a_0, random =
+    random weights, or a Raptor run folder / .ckpt / exported backbone folder), `epochs`
+    of AdamW at `lr` (cosine to 0) with `weight_decay` on batches of `batch_size` features;
+    `data`: a shards folder with train and val splits (empty: the data section's shards;
+    seg / depth on the digits: digit_scenes shards written once into runs/NAME/scenes);
+    features cached as `feature_dtype` (float16; float32 keeps them exact) in `cache_dir`
+    (empty: runs/NAME/probe/cache); `dense`: the seg / depth heads (DenseProbeConfig)."""
+
+    task: str = valid("cls", OneOf(PROBE_TASKS))
+    layer: Optional[int] = valid(None, NON_NEGATIVE)
+    models: List[str] = valid(lambda: ["teacher", "raptors", "identity", "random"], nonempty=True)
+    epochs: int = valid(10, NON_NEGATIVE)
+    lr: float = valid(1e-3, NON_NEGATIVE)
+    weight_decay: float = valid(0.0, NON_NEGATIVE)
+    batch_size: int = valid(256, POSITIVE)
+    seed: int = valid(0, SEED)
+    data: str = ""
+    feature_dtype: str = valid("float16", OneOf(("float16", "float32")))
+    cache_dir: str = ""
+    dense: DenseProbeConfig = field(default_factory=DenseProbeConfig)
 
 
 @dataclass

@@ -84,7 +84,9 @@ DEPENDS: Dict[str, Tuple[str, ...]] = {
     "stage2": ("model", "train.stage2") + _FIT + _DMD,
     "eval": ("trainer.precision", "trainer.extra") + _DMD,
     "export": ("export.onnx", "export.onnx_opset"),
-    "probe": ("probe", "!probe.task", "!probe.cache_dir", "trainer.precision"),
+    # dense probes on the digits generate their scenes (raptor.eval.probe.run.probe_data)
+    "probe": ("probe", "!probe.task", "!probe.cache_dir", "trainer.precision", "data.scene_count")
+    + ("data.scene_size", "data.scene_digits"),
     "analyze": ("analyze", "!analyze.models", "trainer.precision"),
 }
 # Keys no step's results depend on: changing them reruns nothing. With DEPENDS these cover

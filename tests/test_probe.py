@@ -212,6 +212,16 @@ def test_the_pipeline_probes_after_every_raptor_and_the_summary_shows_it(tmp_pat
     assert probe.name == "probe/cls" and probe.folder == tmp_path / "probe" / "cls"
     assert {"k2/stage2", "k3/stage2", "teacher", "shards"} <= set(probe.after)
     assert probe.values["probe.epochs"] == 5 and "probe.task" not in probe.values
+    cfg.pipeline.probes = ["cls", "seg", "depth"]
+    dense = pipeline_steps(cfg, tmp_path)[-2:]
+    assert [(s.name, s.folder.name) for s in dense] == [
+        ("probe/seg", "seg"),
+        ("probe/depth", "depth"),
+    ]
+    assert (
+        dense[0].values["data.scene_count"] == cfg.data.scene_count
+        and "probe.dense.depth_bins" in dense[1].values
+    )
     curve = [{"epoch": 0, "top1": 0.5}, {"epoch": 1, "top1": 0.75}]
     model = {"at_init": 0.5, "best": 0.75, "best_epoch": 1, "curve": curve}
     result = {"task": "cls", "layer": 8, "num_layers": 8, "primary": "top1", "epochs": 1}
@@ -226,3 +236,109 @@ def test_the_pipeline_probes_after_every_raptor_and_the_summary_shows_it(tmp_pat
         cfg, tmp_path, {"probe/cls": {"result": result, "wall_s": 1.0, "folder": str(tmp_path)}}
     )
     assert table in (tmp_path / "summary.md").read_text()
+
+
+def _miou_and_accuracy(pred, target, classes):
+    """Brute force: mean IoU over the classes in the prediction or the target (void 255
+    left out) and the fraction of non-void pixels right."""
+    keep = target != 255
+    pred, target = pred[keep], target[keep]
+    ious = [
+        ((pred == c) & (target == c)).sum() / ((pred == c) | (target == c)).sum()
+        for c in range(classes)
+        if ((pred == c) | (target == c)).any()
+    ]
+    return sum(ious) / len(ious), (pred == target).double().mean()
+
+
+def _depth_errors(pred, target):
+    """Brute force: RMSE, abs-rel, delta<1.25 per image over depth > 0, then the mean."""
+    rows = []
+    for p, t in zip(pred.double(), target.double()):
+        p, t = p[t > 0], t[t > 0]
+        ratio = torch.maximum(p / t, t / p)
+        rows.append(
+            [
+                ((p - t) ** 2).mean().sqrt(),
+                ((p - t).abs() / t).mean(),
+                (ratio < 1.25).double().mean(),
+            ]
+        )
+    return torch.tensor(rows).mean(dim=0).tolist()
+
+
+@pytest.mark.parametrize("task", ["seg", "depth"])
+def test_dense_probes_on_generated_scenes_report_the_heads_metrics(
+    task, tiny_teacher, digits_shards, tmp_path, monkeypatch, capsys
+):
+    """`raptor probe task=seg|depth` on the digits writes digit_scenes once into
+    runs/NAME/scenes, reads them at their 16 px (the tiny teacher's 4 px patches: a 4x4
+    grid) and reports, per model, metrics equal to a brute-force recomputation from the
+    saved final head on the cached validation features; the ratio follows probe.json's
+    definition; the teacher gets an example plot."""
+    from safetensors.torch import load_file
+
+    from raptor.config import load_config
+    from raptor.eval.probe.dense import upsample
+
+    monkeypatch.chdir(tmp_path)  # runs/NAME under tmp_path
+    torch.set_num_threads(1)
+    args = probe_args(
+        tiny_teacher, digits_shards, tmp_path, **{"probe.task": task,
+            "probe.models": "[teacher,identity]", "probe.epochs": 1, "probe.batch_size": 16,
+            "probe.feature_dtype": "float32", "data.scene_count": 40, "data.shard_size": 20,
+        },
+    )  # fmt: skip
+    assert cli_main(["probe", config(tmp_path), *args]) == 0
+    assert "writing 40 digit_scenes" in capsys.readouterr().err
+    scenes = tmp_path / "runs" / "probe_test" / "scenes"
+    assert json.loads((scenes / "manifest.json").read_text())["source"] == "digit_scenes"
+    out_dir = tmp_path / "out"
+    out = json.loads((out_dir / "probe.json").read_text())
+    assert out["task"] == task and out["init"] == "fresh"
+    cfg = load_config(None, args)
+    probe = TASKS[task](11, cfg.probe.dense)
+    ref = out["models"][0]["best"]
+    for model in out["models"]:
+        folder = tmp_path / "cache" / task / model["name"] / "L4-val"
+        cache = FeatureCache.open(folder, json.loads((folder / "cache.json").read_text())["key"])
+        x, y = (torch.cat(t) for t in zip(*cache.chunks()))
+        assert x.shape[1] == 16 and y.shape[1:] == (16, 16) and model["val_rows"] == 8
+        assert y.dtype == (torch.uint8 if task == "seg" else torch.float32)
+        head = probe.head(x.shape[-1], (4, 4))
+        head.load_state_dict(load_file(str(out_dir / "heads" / f"{model['name']}.safetensors")))
+        with torch.no_grad():
+            outs = upsample(head.eval()(x), (16, 16))
+        last = model["curve"][-1]
+        if task == "seg":
+            got = [last["miou"], last["pixel_acc"]]
+            want = _miou_and_accuracy(outs.argmax(dim=1), y.long(), 11)
+        else:
+            got = [last["rmse"], last["abs_rel"], last["delta1"]]
+            want = _depth_errors(outs[:, 0], y)
+        assert got == pytest.approx([float(w) for w in want], abs=1e-6)
+        assert model["at_best"] == model["curve"][model["best_epoch"]]
+        ratio = model["best"] / ref if task == "seg" else ref / model["best"]
+        assert model["ratio"] == pytest.approx(ratio)
+    assert out["ratio"] == ("best / teacher's best" if task == "seg" else "teacher's best / best")
+    assert (out_dir / "examples-teacher.png").is_file()
+    assert not (out_dir / "examples-identity.png").exists()
+    if task == "depth":  # other scene settings: the scenes are written again
+        assert cli_main(["probe", config(tmp_path), *args, "data.scene_count=50"]) == 0
+        assert (
+            json.loads((scenes / "manifest.json").read_text())["options"]["scenes"]["count"] == 50
+        )
+        assert json.loads((out_dir / "probe.json").read_text())["models"][0]["val_rows"] == 10
+
+
+def test_a_dense_probe_on_shards_without_its_targets_is_one_line(
+    tiny_teacher, digits_shards, tmp_path, capsys
+):
+    args = probe_args(tiny_teacher, digits_shards, tmp_path, **{"probe.data": str(digits_shards)})
+    assert cli_main(["probe", config(tmp_path), *args, "task=seg"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert f"probe.data={digits_shards} holds no seg targets" in err
+    assert "\n" not in err and "raptor shards" in err
+    assert cli_main(["probe", config(tmp_path), *args, f"probe.data={tmp_path / 'no'}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert f"probe.data={tmp_path / 'no'} is not a folder" in err and "\n" not in err

@@ -1,10 +1,12 @@
-"""`raptor probe CONFIG [task=cls] [k=v ...]`: probes of the teacher, the pipeline's Raptors
+"""`raptor probe CONFIG [task=cls|seg|depth] [k=v ...]`: probes of the teacher, the pipeline's Raptors
 and baselines on frozen features, side by side (`raptor.eval.probe.run`).
 
 The models are probe.models (default: teacher, the Raptors of pipeline.ks, the identity
 a_0 and random weights; any Raptor run folder, .ckpt or exported backbone folder may be
-listed); the layer probe.layer (default the last). Writes probe.json, probe.md and
-probe_curve.png into runs/NAME/probe/TASK (run_dir when given) and prints the table.
+listed); the layer probe.layer (default the last); seg / depth read probe.data's dense
+shards (on the digits: digit_scenes written once into runs/NAME/scenes). Writes probe.json,
+probe.md, probe_curve.png, the heads (dense tasks: example predictions) into
+runs/NAME/probe/TASK (run_dir when given) and prints the table.
 """
 
 from __future__ import annotations

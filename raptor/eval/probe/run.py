@@ -10,14 +10,26 @@
   paper reuses DINOv2's frozen final norm; computed once per model, layer and split into
   a `FeatureCache` (probe.feature_dtype) under probe.cache_dir (default `probe/cache` in
   the run's root) and
-  reused while the model's weights, the layer, the data and the task stay the same.
+  reused while the model's weights, the layer, the data and the task stay the same; the
+  targets beside them (labels int64, masks uint8, depth float32).
+- Data: the data section's shards, or probe.data's. seg / depth read dense shards
+  (`ShardDataModule(target=TASK)`; seg's classes from the manifest's `dense.seg.classes`);
+  on the digits without probe.data, digit_scenes shards are written once into
+  runs/NAME/scenes (again when data.scene_* change; `probe_data`). digit_scenes are read at their canvas size; the dense
+  heads' patch grid is the data's input size // the patch size.
 - Head: `task.head` trained with AdamW and a cosine learning rate over `probe.epochs` on
   the training split's features, scored on the validation split's after every epoch;
   epoch 0 is the head as initialised. For classification at the last layer the head
-  starts as the teacher's own classifier (`teacher_head_state`), for every model.
-Writes into `out_dir`: probe.json, probe.md (per model: the primary metric at
-initialisation, the best and its epoch, the ratio to the teacher's best), probe_curve.png,
-and the per-epoch metrics to the loggers (CSV, W&B, TensorBoard) as `probe/MODEL/METRIC`.
+  starts as the teacher's own classifier (`teacher_head_state`), for every model; dense
+  heads start fresh.
+Writes into `out_dir`: probe.json (per model every metric per epoch, the best epoch's
+metrics, and `ratio`: the best against the teacher's, best / teacher's when higher is
+better, teacher's / best when lower is (RMSE): < 1 is worse than the teacher either way),
+probe.md (per model: the primary metric at initialisation, the best and its epoch, the
+other metrics at that epoch, the ratio), probe_curve.png, heads/MODEL.safetensors (each
+final head), for dense tasks examples-MODEL.png (teacher and Raptors: validation images,
+truth, prediction), and the per-epoch metrics to the loggers (CSV, W&B, TensorBoard) as
+`probe/MODEL/METRIC`.
 """
 
 from __future__ import annotations
@@ -27,6 +39,7 @@ import json
 import math
 import random
 import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Tuple
@@ -40,8 +53,16 @@ from raptor.eval.probe.features import CacheWriter, FeatureCache, cache_key, ten
 from raptor.eval.probe.tasks import TASKS, ProbeTask
 
 PROBE_FILE = "probe.json"
+HEADS_DIR = "heads"
 TABLE_FILE = "probe.md"
 SPLITS = ("train", "val")
+SCENES_DIR = "scenes"  # runs/NAME/scenes: the digit_scenes shards of dense probes on the digits
+EXAMPLES = 4  # validation images in each dense example plot
+# targets as cached: masks uint8 (void 255), depth float32 metres; labels stay int64
+TARGET_DTYPES = {"seg": torch.uint8, "depth": torch.float32}
+# how `ratio` compares a model's best with the teacher's: a fraction of the teacher's
+# quality, 1 = as good, < 1 = worse, for metrics where higher or lower is better alike
+RATIO_DEFINITIONS = {True: "best / teacher's best", False: "teacher's best / best"}
 
 
 @dataclass
@@ -233,6 +254,87 @@ def teacher_head_state(teacher: Any) -> Optional[Dict[str, Tensor]]:
     return {"weight": w.detach().float().clone(), "bias": b.detach().float().clone()}
 
 
+def file_name(name: str) -> str:
+    """A model's name as a file or folder name."""
+    return re.sub(r"[^\w.-]+", "_", name)
+
+
+# --------------------------------------------------------------------------- data
+
+
+def probe_data(cfg: DictConfig, root: Path) -> str:
+    """The probe's shards folder: probe.data when set; else "" (the data section's shards),
+    except for seg / depth when the data are the digits (data.source=digits, or shards
+    written from them): digit_scenes shards (the data.scene_* settings), written into
+    ROOT/scenes once (again when those settings change). UserError naming probe.data when a dense task has no dense shards."""
+    from raptor.data.shards import DENSE_PREFIXES, MANIFEST, ensure_shards, read_manifest
+
+    p, d = cfg.probe, cfg.data
+    local = p.data and not any(c in str(p.data) for c in "{:")  # not a URL or a pattern
+    if local and not Path(p.data).is_dir():
+        raise UserError(
+            f"probe.data={p.data} is not a folder: write shards there with `raptor shards "
+            f"--source SOURCE --out {p.data}` (seg / depth: digit_scenes, ade20k:PATH, nyuv2:PATH)"
+        )
+    if p.data or p.task == "cls":
+        return str(p.data)
+    origin = str(d.source)
+    if origin == "shards" and d.shards_dir and (Path(d.shards_dir) / MANIFEST).is_file():
+        origin = str(read_manifest(d.shards_dir).get("source", ""))
+    if origin == "digit_scenes" or origin.startswith(DENSE_PREFIXES):
+        return ""
+    if origin != "digits":
+        raise UserError(
+            f"probe.task={p.task} needs shards with {p.task} targets: set probe.data to a folder "
+            "written by `raptor shards` from a dense source (digit_scenes, ade20k:PATH, nyuv2:PATH)"
+        )
+    out = root / SCENES_DIR
+    want = {"count": d.scene_count, "size": d.scene_size, "digits": d.scene_digits}
+    if (out / MANIFEST).is_file():
+        opts = read_manifest(out)["options"]
+        if [opts.get("scenes"), opts["val_fraction"], opts["seed"]] != [
+            want,
+            d.val_fraction,
+            d.split_seed,
+        ]:
+            (out / MANIFEST).unlink()  # scenes of other settings: written again
+    if not (out / MANIFEST).is_file():
+        print(
+            f"raptor probe: probe.task={p.task} on the digits and no probe.data: writing "
+            f"{d.scene_count} digit_scenes into {out} (once; later probes reuse them)",
+            file=sys.stderr,
+        )
+    scenes = copy.deepcopy(cfg)
+    scenes.data.source, scenes.data.shards_dir = "digit_scenes", str(out)
+    return str(ensure_shards(scenes, out, overwrite=True).data.shards_dir)
+
+
+def _read_scenes_natively(data: DictConfig, folder: str) -> None:
+    """digit_scenes shards are read at their canvas size, without resampling (the digits
+    keep the scale the teacher saw; its patch grid grows with the image)."""
+    from raptor.data.shards import MANIFEST, read_manifest
+
+    if not (Path(folder) / MANIFEST).is_file():
+        return
+    manifest = read_manifest(folder)
+    if manifest.get("source") == "digit_scenes":
+        side = int(manifest["options"]["scenes"]["size"])
+        data.transform.input_size, data.transform.resize, data.transform.crop_pct = side, side, None
+
+
+def _dense_classes(dm: Any, task: str, folder: str) -> int:
+    """The seg classes of the shards' manifest (0 for depth); UserError naming probe.data
+    when the shards carry no `task` targets."""
+    info = (dm.shards("train").dense or {}).get(task)
+    if not isinstance(info, dict):
+        where = f"probe.data={folder}" if folder else "the data section's shards"
+        raise UserError(
+            f"{where} holds no {task} targets: set probe.data to shards written by `raptor "
+            "shards` from a dense source (digit_scenes, ade20k:PATH, nyuv2:PATH)"
+        )
+    return len(info["classes"]) if task == "seg" else 0
+
+
 # --------------------------------------------------------------------------- features
 
 
@@ -257,6 +359,7 @@ def extract(
             if not bool(keep.any()):
                 continue
             images, target = batch["image"][keep].to(device), batch[task.target_key][keep]
+            target = target.to(TARGET_DTYPES.get(task.name, target.dtype))
             yield [(task.select(m.tokens(images, layer), m.groups), target) for m in models]
 
 
@@ -288,8 +391,7 @@ def cached_features(
                     "dtype": str(dtype),
                 }
             )
-            name = re.sub(r"[^\w.-]+", "_", m.name)
-            folder = cache_dir / task.name / name / f"L{layer}-{split}"
+            folder = cache_dir / task.name / file_name(m.name) / f"L{layer}-{split}"
             cache = FeatureCache.open(folder, key)
             if cache is None:
                 todo.append((m, CacheWriter(folder, key, dtype=dtype)))
@@ -360,6 +462,15 @@ def train_head(
     return curve
 
 
+def _ratio(best: float, ref: Optional[float], higher: bool) -> Optional[float]:
+    """A model's best against the teacher's (RATIO_DEFINITIONS); None without a teacher."""
+    if not ref:
+        return None
+    if higher:
+        return best / ref
+    return ref / best if best else float("inf")
+
+
 def best_of(curve: List[Dict[str, float]], primary: str, higher: bool) -> Dict[str, float]:
     values = [c[primary] for c in curve]
     i = max(range(len(values)), key=lambda j: values[j] if higher else -values[j])
@@ -391,19 +502,26 @@ def run_probe(
     layer = L if p.layer is None else int(p.layer)
     if not 0 <= layer <= L:
         raise UserError(f"probe.layer={layer} is out of range: the teacher has layers 0..{L}")
+    root = run_folders(cfg, root).root
+    dense = str(p.task) != "cls"
     data = copy.deepcopy(cfg.data)
     data.val_batch_size = int(p.batch_size)  # features are extracted in probe batches too
-    if p.data:  # the probe's own shards folder (e.g. dense targets)
-        data.shards_dir, data.train_urls, data.val_urls = str(p.data), "", ""
-    dm = ShardDataModule(data, teacher.data_config, teacher.num_classes or None)
-    classes = teacher.num_classes or len(dm.shards("train").classes or [])
+    folder = probe_data(cfg, root)
+    if folder:  # the probe's own shards folder (e.g. dense targets)
+        data.shards_dir, data.train_urls, data.val_urls = folder, "", ""
+        _read_scenes_natively(data, folder)
+    if dense:
+        dm = ShardDataModule(data, teacher.data_config, None, target=str(p.task))
+        classes = _dense_classes(dm, str(p.task), folder)
+    else:
+        dm = ShardDataModule(data, teacher.data_config, teacher.num_classes or None)
+        classes = teacher.num_classes or len(dm.shards("train").classes or [])
     if p.task == "cls" and not classes:
         raise UserError(
             "probe.task=cls: no class count (the teacher has no head and the shards' manifest "
             "lists no classes)"
         )
-    task = TASKS[str(p.task)](classes)
-    root = run_folders(cfg, root).root
+    task = TASKS[str(p.task)](classes, p.dense)
     models = probe_models(cfg, teacher, root)
     for m in models:
         if m.num_layers < layer:
@@ -412,7 +530,8 @@ def run_probe(
             )
     cache_dir = Path(p.cache_dir) if p.cache_dir else root / "probe" / "cache"
     init = teacher_head_state(teacher) if task.name == "cls" and layer == L else None
-    grid = tuple(teacher.vit.patch_embed.grid_size)
+    side = dm.transform_config["input_size"][-2:]  # the data's images, not the teacher's
+    grid = tuple(int(s) // int(q) for s, q in zip(side, teacher.vit.patch_embed.patch_size))
 
     results = []
     bar = tqdm(
@@ -425,6 +544,7 @@ def run_probe(
     splits = SPLITS if p.epochs else ("val",)  # no training: no training features
     dtype = getattr(torch, str(p.feature_dtype))
     features, written = cached_features(models, task, dm, layer, cache_dir, device, splits, dtype)
+    heads = {}
     for m in models:
         caches = features[m.name]
         bar.set_postfix_str(m.name)
@@ -444,6 +564,8 @@ def run_probe(
             device,
             on_epoch=lambda: bar.update(1),
         )
+        heads[m.name] = head
+        best = best_of(curve, task.primary, task.higher_is_better)
         results.append(
             {
                 "name": m.name,
@@ -454,13 +576,14 @@ def run_probe(
                 "val_rows": caches["val"].rows,
                 "curve": curve,
                 "at_init": curve[0][task.primary],
-                **best_of(curve, task.primary, task.higher_is_better),
+                **best,
+                "at_best": curve[best["best_epoch"]],
             }
         )
     bar.close()
     ref = next((r["best"] for r in results if r["kind"] == "teacher"), None)
     for r in results:
-        r["ratio"] = r["best"] / ref if ref else None
+        r["ratio"] = _ratio(r["best"], ref, task.higher_is_better)
     out = {
         "task": task.name,
         "layer": layer,
@@ -468,37 +591,50 @@ def run_probe(
         "primary": task.primary,
         "higher_is_better": task.higher_is_better,
         "init": "teacher head" if init is not None else "fresh",
+        "ratio": RATIO_DEFINITIONS[task.higher_is_better],
         "epochs": int(p.epochs),
         "models": results,
     }
     if distributed.is_rank_zero():
         loggers = make_loggers(cfg, out_dir, "probe")
         write_outputs(out, out_dir, loggers)
+        save_heads(heads, out_dir)
+        if dense:
+            plot_predictions(task, models, heads, dm, layer, out_dir, device, loggers)
         for logger in loggers:
             logger.finalize("success")
     return out
 
 
+PERCENT_METRICS = ("top1", "miou", "pixel_acc", "delta1")  # fractions, shown in percent
+
+
+def _fmt(metric: str, value: float) -> str:
+    return f"{100 * value:.1f}%" if metric in PERCENT_METRICS else f"{value:.4f}"
+
+
 def probe_table(out: Dict[str, Any]) -> str:
     """The markdown table of probe.json's content: per model the primary metric at
-    initialisation, the best and its epoch, and the ratio to the teacher's best."""
+    initialisation, the best and its epoch, the other metrics at that epoch, and the
+    ratio to the teacher's best (probe.json's `ratio` says how it is defined)."""
     from raptor.train.runs import markdown_table
 
     m = out["primary"]
-    fmt = (lambda v: f"{100 * v:.1f}%") if m in ("top1", "miou") else (lambda v: f"{v:.4f}")
+    first = out["models"][0]["curve"][0] if out["models"] else {}
+    others = [k for k in first if k not in ("epoch", m)]
     rows = [
         [
             r["name"],
-            fmt(r["at_init"]),
-            fmt(r["best"]),
+            _fmt(m, r["at_init"]),
+            _fmt(m, r["best"]),
             r["best_epoch"],
+            *(_fmt(k, r["curve"][r["best_epoch"]][k]) for k in others),
             "n/a" if r["ratio"] is None else f"{r['ratio']:.3f}",
         ]
         for r in out["models"]
     ]
-    return markdown_table(
-        ["model", f"{m} at init", f"best {m}", "best epoch", "ratio to teacher"], rows
-    )
+    head = ["model", f"{m} at init", f"best {m}", "best epoch", *(f"{k} at best" for k in others)]
+    return markdown_table([*head, "ratio to teacher"], rows)
 
 
 def write_outputs(out: Dict[str, Any], out_dir: Path, loggers: List[Any]) -> None:
@@ -507,7 +643,9 @@ def write_outputs(out: Dict[str, Any], out_dir: Path, loggers: List[Any]) -> Non
 
     (out_dir / PROBE_FILE).write_text(json.dumps(out, indent=1))
     title = f"# Probe: {out['task']}, layer {out['layer']} of {out['num_layers']}"
-    (out_dir / TABLE_FILE).write_text(f"{title}\n\n{probe_table(out)}\n")
+    better = "higher" if out["higher_is_better"] else "lower"
+    note = f"{out['primary']}: {better} is better; ratio to teacher = {out['ratio']}."
+    (out_dir / TABLE_FILE).write_text(f"{title}\n\n{probe_table(out)}\n\n{note}\n")
     for epoch in range(out["epochs"] + 1):
         values = {
             f"probe/{r['name']}/{k}": v
@@ -518,6 +656,51 @@ def write_outputs(out: Dict[str, Any], out_dir: Path, loggers: List[Any]) -> Non
         for logger in loggers:
             logger.log_metrics(values, step=epoch)
     save_figure(curve_figure(out), out_dir, "probe_curve", loggers)
+
+
+def save_heads(heads: Dict[str, nn.Module], out_dir: Path) -> None:
+    """Each model's head after the last epoch: heads/NAME.safetensors (its state dict)."""
+    from safetensors.torch import save_file
+
+    (out_dir / HEADS_DIR).mkdir(exist_ok=True)
+    for name, head in heads.items():
+        state = {k: v.detach().cpu().contiguous() for k, v in head.state_dict().items()}
+        save_file(state, str(out_dir / HEADS_DIR / f"{file_name(name)}.safetensors"))
+
+
+def plot_predictions(
+    task: ProbeTask,
+    models: List[ProbeModel],
+    heads: Dict[str, nn.Module],
+    dm: Any,
+    layer: int,
+    out_dir: Path,
+    device: torch.device,
+    loggers: List[Any],
+) -> None:
+    """examples-NAME.png for the teacher and each Raptor: the first EXAMPLES validation
+    images, their ground truth and the final head's prediction (`dense.plot_examples`)."""
+    from raptor.eval.probe.dense import plot_examples
+
+    batch = next(b for b in dm.val_dataloader("val") if bool(b["valid"].any()))
+    keep = batch["valid"]
+    images = batch["image"][keep][:EXAMPLES]
+    target = batch[task.target_key][keep][:EXAMPLES]
+    t = dm.transform_config
+    for m in models:
+        if m.kind in ("identity", "random"):
+            continue
+        head = heads[m.name].eval()
+        with torch.no_grad():
+            outs = head(task.select(m.tokens(images.to(device), layer), m.groups)).cpu()
+        name = f"examples-{file_name(m.name)}"
+        path = plot_examples(
+            task, images, target, outs, out_dir / f"{name}.png", t["mean"], t["std"],
+            title=f"{task.name} probe, layer {layer}: {m.name}",
+        )  # fmt: skip
+        for logger in loggers:
+            if hasattr(logger, "log_image"):
+                logger.log_image(key=name, images=[str(path)])
 
 
 def curve_figure(out: Dict[str, Any]):

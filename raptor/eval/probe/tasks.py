@@ -2,17 +2,21 @@
 its metrics (the interface the runner `raptor.eval.probe.run` drives, the same for every
 task).
 
-`TASKS` maps a task name to its factory `make(num_classes: int) -> ProbeTask`, with
-`num_classes` the labels' classes (the teacher's head, else the shards' manifest).
+`TASKS` maps a task name to its factory `make(num_classes: int, dense) -> ProbeTask`, with
+`num_classes` the labels' classes (cls: the teacher's head, else the shards' manifest;
+seg: the manifest's `dense.seg.classes`) and `dense` the `probe.dense` config section
+(the seg / depth heads, `raptor.eval.probe.dense`).
 """
 
 from __future__ import annotations
 
-from typing import Callable, Dict, Optional, Protocol
+from typing import Any, Callable, Dict, Optional, Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from raptor.eval.probe.dense import DepthTask, SegTask
 
 
 class ProbeMetrics(Protocol):
@@ -71,6 +75,11 @@ class ClsTask:
     def __init__(self, num_classes: int) -> None:
         self.num_classes = int(num_classes)
 
+    @classmethod
+    def from_config(cls, num_classes: int, dense: Any = None) -> ClsTask:
+        """The TASKS factory (the dense section is not used)."""
+        return cls(num_classes)
+
     def select(self, tokens: Tensor, groups: Dict[str, slice]) -> Tensor:
         cls = tokens[:, groups["cls"]].mean(dim=1)  # the one cls token
         return torch.cat([cls, tokens[:, groups["patch"]].mean(dim=1)], dim=-1)
@@ -85,4 +94,8 @@ class ClsTask:
         return Top1()
 
 
-TASKS: Dict[str, Callable[[int], ProbeTask]] = {"cls": ClsTask}
+TASKS: Dict[str, Callable[[int, Any], ProbeTask]] = {
+    "cls": ClsTask.from_config,
+    "seg": SegTask.from_config,
+    "depth": DepthTask.from_config,
+}
