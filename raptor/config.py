@@ -521,14 +521,15 @@ class DenseProbeConfig:
     seg: a 1x1 conv on the patch tokens, after a BatchNorm when `seg_batchnorm` (DINOv2's
     linear protocol). depth: on [patch ; cls] when `depth_cls` (the Raptor paper's NYUv2
     probe), `depth_bins` > 0: softmax over that many bins evenly spaced in
-    [depth_min, depth_max], depth = the probability-weighted bin centre (DINOv2's linear
+    [depth_min, depth_max] (depth_max None: the shards' manifest's maximum, 1.5 m for digit
+    scenes, 10 m for NYUv2), depth = the probability-weighted bin centre (DINOv2's linear
     depth head); 0: depth = sigmoid(1x1 conv) x depth_max. Loss: scale-invariant log
     (Bhat et al. 2021) with `silog_lambda`, on valid pixels (depth > 0)."""
 
     seg_batchnorm: bool = True
     depth_bins: int = valid(256, NON_NEGATIVE)
     depth_min: float = valid(1e-3, GREATER_THAN_0)  # metres
-    depth_max: float = valid(10.0, GREATER_THAN_0)  # metres (NYUv2's range)
+    depth_max: Optional[float] = valid(None, GREATER_THAN_0)  # metres; None: the shards' max
     depth_cls: bool = True
     silog_lambda: float = valid(0.85, PROBABILITY)
 

@@ -287,6 +287,7 @@ def test_dense_probes_on_generated_scenes_report_the_heads_metrics(
         tiny_teacher, digits_shards, tmp_path, **{"probe.task": task,
             "probe.models": "[teacher,identity]", "probe.epochs": 1, "probe.batch_size": 16,
             "probe.feature_dtype": "float32", "data.scene_count": 40, "data.shard_size": 20,
+            "data.scene_size": 16,
         },
     )  # fmt: skip
     assert cli_main(["probe", config(tmp_path), *args]) == 0
@@ -297,7 +298,12 @@ def test_dense_probes_on_generated_scenes_report_the_heads_metrics(
     out = json.loads((out_dir / "probe.json").read_text())
     assert out["task"] == task and out["init"] == "fresh"
     cfg = load_config(None, args)
-    probe = TASKS[task](11, cfg.probe.dense)
+    heads = cfg.probe.dense
+    if task == "depth":  # unset depth_max: the bins span the scenes' depths (their manifest)
+        heads.depth_max = json.loads((scenes / "manifest.json").read_text())["dense"]["depth"][
+            "max"
+        ]
+    probe = TASKS[task](11, heads)
     ref = out["models"][0]["best"]
     for model in out["models"]:
         folder = tmp_path / "cache" / task / model["name"] / "L4-val"
@@ -307,6 +313,8 @@ def test_dense_probes_on_generated_scenes_report_the_heads_metrics(
         assert y.dtype == (torch.uint8 if task == "seg" else torch.float32)
         head = probe.head(x.shape[-1], (4, 4))
         head.load_state_dict(load_file(str(out_dir / "heads" / f"{model['name']}.safetensors")))
+        if task == "depth":  # the runner's bins ended at the manifest's maximum depth
+            assert float(head.centres.max()) == pytest.approx(heads.depth_max)
         with torch.no_grad():
             outs = upsample(head.eval()(x), (16, 16))
         last = model["curve"][-1]

@@ -322,9 +322,9 @@ def _read_scenes_natively(data: DictConfig, folder: str) -> None:
         data.transform.input_size, data.transform.resize, data.transform.crop_pct = side, side, None
 
 
-def _dense_classes(dm: Any, task: str, folder: str) -> int:
-    """The seg classes of the shards' manifest (0 for depth); UserError naming probe.data
-    when the shards carry no `task` targets."""
+def _dense_targets(dm: Any, task: str, folder: str) -> Dict[str, Any]:
+    """The shards' manifest entry for `task` targets (seg: its classes; depth: its scale and
+    max in metres); UserError naming probe.data when the shards carry none."""
     info = (dm.shards("train").dense or {}).get(task)
     if not isinstance(info, dict):
         where = f"probe.data={folder}" if folder else "the data section's shards"
@@ -332,7 +332,7 @@ def _dense_classes(dm: Any, task: str, folder: str) -> int:
             f"{where} holds no {task} targets: set probe.data to shards written by `raptor "
             "shards` from a dense source (digit_scenes, ade20k:PATH, nyuv2:PATH)"
         )
-    return len(info["classes"]) if task == "seg" else 0
+    return info
 
 
 # --------------------------------------------------------------------------- features
@@ -503,7 +503,7 @@ def run_probe(
     if not 0 <= layer <= L:
         raise UserError(f"probe.layer={layer} is out of range: the teacher has layers 0..{L}")
     root = run_folders(cfg, root).root
-    dense = str(p.task) != "cls"
+    dense, heads = str(p.task) != "cls", p.dense
     data = copy.deepcopy(cfg.data)
     data.val_batch_size = int(p.batch_size)  # features are extracted in probe batches too
     folder = probe_data(cfg, root)
@@ -512,7 +512,11 @@ def run_probe(
         _read_scenes_natively(data, folder)
     if dense:
         dm = ShardDataModule(data, teacher.data_config, None, target=str(p.task))
-        classes = _dense_classes(dm, str(p.task), folder)
+        targets = _dense_targets(dm, str(p.task), folder)
+        classes = len(targets["classes"]) if p.task == "seg" else 0
+        if p.task == "depth" and p.dense.depth_max is None:  # bins over the data's range
+            heads = copy.deepcopy(p.dense)
+            heads.depth_max = float(targets["max"])
     else:
         dm = ShardDataModule(data, teacher.data_config, teacher.num_classes or None)
         classes = teacher.num_classes or len(dm.shards("train").classes or [])
@@ -521,7 +525,7 @@ def run_probe(
             "probe.task=cls: no class count (the teacher has no head and the shards' manifest "
             "lists no classes)"
         )
-    task = TASKS[str(p.task)](classes, p.dense)
+    task = TASKS[str(p.task)](classes, heads)
     models = probe_models(cfg, teacher, root)
     for m in models:
         if m.num_layers < layer:
