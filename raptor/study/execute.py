@@ -134,7 +134,7 @@ def run_local(study: Study, jobs: int = 1) -> List[Dict[str, Any]]:
             records.append(run_cell(study, cell))
             aggregate(study)
         return records
-    running: Dict[Cell, tuple] = {}  # cell -> (process, log file, its pending shared steps)
+    running: Dict[int, tuple] = {}  # cell index -> (process, log file, its pending shared steps)
     while todo or running:
         busy = set().union(*(r[2] for r in running.values())) if running else set()
         while todo and len(running) < jobs:
@@ -147,14 +147,15 @@ def run_local(study: Study, jobs: int = 1) -> List[Dict[str, Any]]:
             cmd += ["--out", str(study.out), "--cell", str(pick.index)]
             print(f"[study] {pick.name}: started (log: {log})", flush=True)
             proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT)
-            running[pick] = (proc, fh, _shared_pending(study, pick))
-            busy |= running[pick][2]
+            running[pick.index] = (proc, fh, _shared_pending(study, pick))
+            busy |= running[pick.index][2]
         time.sleep(0.5)
-        for cell, (proc, fh, _) in list(running.items()):
+        for index, (proc, fh, _) in list(running.items()):
             if proc.poll() is None:
                 continue
             fh.close()
-            del running[cell]
+            del running[index]
+            cell = study.cells[index]
             rec = cell_record(study, cell)
             if rec is None or proc.returncode != 0 and rec["status"] == "ok":
                 rec = {"cell": cell.name, "index": cell.index, "status": "failed", "steps": {}}
