@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import subprocess
 import sys
 import time
@@ -107,14 +108,10 @@ def run_cell(study: Study, cell: Cell) -> Dict[str, Any]:
     return record
 
 
-def _shared_pending(study: Study, cell: Cell) -> set:
-    """The shared step folders of `cell` not complete yet."""
+def _shared_folders(study: Study, cell: Cell) -> List[Path]:
+    """The folders of the shared steps of `cell`."""
     steps = cell_steps(cell_config(study, cell), study.shared)
-    return {
-        f
-        for name, f in steps.items()
-        if Path(f).parent == study.shared and not (Path(f) / "step.json").is_file()
-    }
+    return [Path(f) for f in steps.values() if Path(f).parent == study.shared]
 
 
 def run_local(study: Study, jobs: int = 1) -> List[Dict[str, Any]]:
@@ -134,20 +131,26 @@ def run_local(study: Study, jobs: int = 1) -> List[Dict[str, Any]]:
             records.append(run_cell(study, cell))
             aggregate(study)
         return records
+    shared = {c.index: _shared_folders(study, c) for c in todo}
+
+    def pending(cell: Cell) -> set:  # its shared steps not complete yet
+        return {f for f in shared[cell.index] if not (f / "step.json").is_file()}
+
     running: Dict[int, tuple] = {}  # cell index -> (process, log file, its pending shared steps)
     while todo or running:
         busy = set().union(*(r[2] for r in running.values())) if running else set()
         while todo and len(running) < jobs:
-            pick = next((c for c in todo if not (_shared_pending(study, c) & busy)), todo[0])
+            pick = next((c for c in todo if not (pending(c) & busy)), todo[0])
             todo.remove(pick)
             log = study.cell_dir(pick) / LOG_FILE
             log.parent.mkdir(parents=True, exist_ok=True)
             fh = open(log, "a")
             cmd = [sys.executable, "-m", "raptor.cli", "study", str(study.file), *study.overrides]
-            cmd += ["--out", str(study.out), "--cell", str(pick.index)]
+            cmd += ["--out", str(study.out), "--cell", str(pick.index), "--no-aggregate"]
             print(f"[study] {pick.name}: started (log: {log})", flush=True)
-            proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT)
-            running[pick.index] = (proc, fh, _shared_pending(study, pick))
+            env = {**os.environ, "PYTHONUNBUFFERED": "1"}  # the log follows the cell
+            proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env)
+            running[pick.index] = (proc, fh, pending(pick))
             busy |= running[pick.index][2]
         time.sleep(0.5)
         for index, (proc, fh, _) in list(running.items()):

@@ -41,6 +41,7 @@ component) and `seed=S`; its folder is `cells/NAME`.
 
 from __future__ import annotations
 
+import copy
 import itertools
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -69,10 +70,13 @@ class Cell:
     seed: Optional[int]
     config: Path
     overrides: List[str]
+    _cfg: Optional[DictConfig] = field(default=None, repr=False, compare=False)
 
     def load(self) -> DictConfig:
-        """The cell's validated pipeline config."""
-        return load_config(self.config, self.overrides)
+        """The cell's validated pipeline config (a copy of the one loaded first)."""
+        if self._cfg is None:
+            self._cfg = load_config(self.config, self.overrides)
+        return copy.deepcopy(self._cfg)
 
     @property
     def group(self) -> str:
@@ -185,11 +189,14 @@ def _derived(file: Path, spec: Any, base: DictConfig) -> Dict[str, List[Any]]:
 
 
 def load_study(
-    file: str | Path, overrides: Optional[List[str]] = None, out: Optional[str | Path] = None
+    file: str | Path,
+    overrides: Optional[List[str]] = None,
+    out: Optional[str | Path] = None,
+    validate: bool = True,
 ) -> Study:
     """Read and expand a study file (module docstring); `overrides` (key=value) apply to
-    every cell; `out` replaces runs/studies/NAME. Every cell's config is validated here,
-    so a bad value fails before anything runs."""
+    every cell; `out` replaces runs/studies/NAME. With `validate`, every cell's config is
+    loaded here, so a bad value fails before anything runs (a cell's own task skips it)."""
     file = Path(file)
     if not file.is_file():
         raise ConfigError(f"study file not found: {file}")
@@ -249,7 +256,8 @@ def load_study(
         cell_overrides += [] if seed is None else [f"{k}={seed}" for k in seed_keys]
         name_ = "_".join(parts) or "cell"
         cell = Cell(len(cells), name_, entry_name, values, seed, config, cell_overrides)
-        cell.load()
+        if validate:
+            cell.load()
         cells.append(cell)
     names = [c.name for c in cells]
     if len(set(names)) != len(names):
