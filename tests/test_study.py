@@ -23,7 +23,9 @@ from conftest import fit_overrides
 from raptor.cli import main as cli_main
 from raptor.config import ConfigError
 from raptor.study.aggregate import partition_contrast
+from raptor.study.execute import cell_config
 from raptor.study.spec import load_study, random_partitions
+from raptor.train.runs import wandb_settings
 
 ROOT = Path(__file__).resolve().parents[1]
 SBATCH = ROOT / "launch" / "slurm" / "study_array.sbatch"
@@ -66,6 +68,9 @@ def test_cells_grid_entries_seeds_and_derived(tmp_path):
     picks = np.random.default_rng(1).choice(len(every), size=4, replace=False)
     assert drawn == [every[i] for i in picks] and len({tuple(b) for b in drawn}) == 4
     assert study.shared == (tmp_path / "shared").absolute()
+    # W&B: the study is the group of every cell's runs, each named for its cell
+    settings = wandb_settings(cell_config(study, c), tmp_path / "run", "stage1")
+    assert (settings["group"], settings["name"]) == ("s", c.name)
     with pytest.raises(ConfigError, match="only 10 exist"):
         random_partitions(6, 3, 11, seed=0)
     bad = write_study(tmp_path / "bad.yaml", name="x", config="base.yaml", grids={"a": [1]})

@@ -23,11 +23,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--jobs", type=int, default=1, help="cells at a time (local; SLURM: %%N)")
     how = parser.add_mutually_exclusive_group()
     how.add_argument("--cell", type=int, default=None, help="run cell I only (array tasks)")
-    parser.add_argument(
-        "--no-aggregate",
-        action="store_true",
-        help="with --cell: leave the aggregate to the caller (`--jobs` runs cells so)",
-    )
     how.add_argument("--list", action="store_true", help="list the cells and stop")
     how.add_argument("--aggregate", action="store_true", help="only aggregate finished cells")
     how.add_argument(
@@ -61,8 +56,7 @@ def main(args: argparse.Namespace) -> int:
         if not 0 <= args.cell < len(study.cells):
             raise UserError(f"--cell {args.cell}: the study has cells 0..{len(study.cells) - 1}")
         record = run_cell(study, study.cells[args.cell])
-        if not args.no_aggregate:
-            aggregate(study)
+        aggregate(study)
         if record["status"] != "ok":
             raise RunFailed(f"cell {record['cell']} failed: {record['error']}")
         return 0

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import multiprocessing
 import os
 import subprocess
 import sys
@@ -114,9 +115,22 @@ def _shared_folders(study: Study, cell: Cell) -> List[Path]:
     return [Path(f) for f in steps.values() if Path(f).parent == study.shared]
 
 
+def _cell_process(study: Study, cell: Cell, log: Path) -> None:
+    """A forked process running one cell, its output appended to `log`; exit status 1
+    when the cell failed."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "a") as fh:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.dup2(fh.fileno(), 1)
+        os.dup2(fh.fileno(), 2)
+    sys.stdout.reconfigure(line_buffering=True)
+    sys.exit(0 if run_cell(study, cell)["status"] == "ok" else 1)
+
+
 def run_local(study: Study, jobs: int = 1) -> List[Dict[str, Any]]:
-    """Run every unfinished cell, `jobs` at a time (1: in this process; more: each cell a
-    `raptor study FILE --cell I` process with its output in cells/NAME/cell.log). The next
+    """Run every unfinished cell, `jobs` at a time (1: in this process; more: each cell in
+    a process forked from this one, its output in cells/NAME/cell.log). The next
     cell to start is the first one that does not wait on a shared step another running
     cell computes. Aggregates after every cell; returns the records of the cells run."""
     from raptor.study.aggregate import aggregate
@@ -136,33 +150,30 @@ def run_local(study: Study, jobs: int = 1) -> List[Dict[str, Any]]:
     def pending(cell: Cell) -> set:  # its shared steps not complete yet
         return {f for f in shared[cell.index] if not (f / "step.json").is_file()}
 
-    running: Dict[int, tuple] = {}  # cell index -> (process, log file, its pending shared steps)
+    fork = multiprocessing.get_context("fork")  # a cell's process starts with our imports
+    running: Dict[int, tuple] = {}  # cell index -> (process, its pending shared steps)
     while todo or running:
-        busy = set().union(*(r[2] for r in running.values())) if running else set()
+        busy = set().union(*(r[1] for r in running.values())) if running else set()
         while todo and len(running) < jobs:
             pick = next((c for c in todo if not (pending(c) & busy)), todo[0])
             todo.remove(pick)
             log = study.cell_dir(pick) / LOG_FILE
-            log.parent.mkdir(parents=True, exist_ok=True)
-            fh = open(log, "a")
-            cmd = [sys.executable, "-m", "raptor.cli", "study", str(study.file), *study.overrides]
-            cmd += ["--out", str(study.out), "--cell", str(pick.index), "--no-aggregate"]
             print(f"[study] {pick.name}: started (log: {log})", flush=True)
-            env = {**os.environ, "PYTHONUNBUFFERED": "1"}  # the log follows the cell
-            proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env)
-            running[pick.index] = (proc, fh, pending(pick))
-            busy |= running[pick.index][2]
+            proc = fork.Process(target=_cell_process, args=(study, pick, log), daemon=False)
+            proc.start()
+            running[pick.index] = (proc, pending(pick))
+            busy |= running[pick.index][1]
         time.sleep(0.5)
-        for index, (proc, fh, _) in list(running.items()):
-            if proc.poll() is None:
+        for index, (proc, _) in list(running.items()):
+            if proc.is_alive():
                 continue
-            fh.close()
+            proc.join()
             del running[index]
             cell = study.cells[index]
             rec = cell_record(study, cell)
-            if rec is None or proc.returncode != 0 and rec["status"] == "ok":
+            if rec is None or proc.exitcode != 0 and rec["status"] == "ok":
                 rec = {"cell": cell.name, "index": cell.index, "status": "failed", "steps": {}}
-                rec["error"] = f"exit status {proc.returncode} without a cell record"
+                rec["error"] = f"exit status {proc.exitcode} without a cell record"
                 _write(study.cell_dir(cell) / CELL_FILE, {**rec, "fingerprint": ""})
             print(f"[study] {cell.name}: {rec['status']} {rec.get('error', '')}", flush=True)
             records.append(rec)
