@@ -42,7 +42,7 @@ def main(args: argparse.Namespace) -> int:
     if args.list:
         for cell in study.cells:
             rec = cell_record(study, cell)
-            state = "finished" if finished(study, cell) else (rec or {}).get("status", "not run")
+            state = "finished" if finished(study, cell) else (rec or {}).get("status", "unfinished")
             print(f"{cell.index:3d}  {cell.name:<40}  {state:<8}  {' '.join(cell.overrides)}")
         return 0
     if args.aggregate:

@@ -83,7 +83,7 @@ def cell_rows(study: Study) -> List[Dict[str, Any]]:
             phases_of[steps.get("teacher", "")] = steps["phases"]
     rows = []
     for cell in study.cells:
-        rec = records[cell.name] or {"status": "not run", "steps": {}, "error": ""}
+        rec = records[cell.name] or {"status": "unfinished", "steps": {}, "error": ""}
         base = {"cell": cell.name, "group": cell.group, "entry": cell.entry, "seed": cell.seed}
         base.update(values=cell.values, status=rec["status"], error=rec.get("error", ""))
         teacher = rec["steps"].get("teacher", "")
