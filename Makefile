@@ -26,9 +26,11 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q tests
 
 # A one-node SLURM cluster on this machine (root; apt-installs SLURM when missing), fit.sbatch
-# requeued mid-run against an untouched run. Not part of `test`.
+# requeued mid-run against an untouched run, then a 2-cell `raptor study --slurm` array.
+# Not part of `test`.
 test-slurm: $(STAMP)
 	$(BIN)/python tests/slurm_requeue.py
+	$(BIN)/python tests/study_slurm.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check raptor dmd tests

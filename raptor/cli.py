@@ -71,6 +71,10 @@ COMMANDS = {
         "upload a pipeline's offline W&B runs (`wandb sync`), saying what went up",
     ),
     "bench": ("raptor.commands.bench", "throughput and memory benchmarks (train, dmd, data)"),
+    "study": (
+        "raptor.commands.study",
+        "many pipelines as one experiment, locally or as a SLURM array (docs/STUDIES.md)",
+    ),
 }
 
 

@@ -49,6 +49,7 @@ from omegaconf import DictConfig, OmegaConf
 from raptor.config import save_config
 from raptor.distributed import is_rank_zero
 from raptor.errors import read_json
+from raptor.eval.phases import PHASES_FILE
 from raptor.eval.summary import report_files, write_summary
 from raptor.run_folders import RunFolders, absolute_paths, run_folders
 from raptor.train.runs import log_lineage
@@ -222,15 +223,19 @@ def pipeline_steps(cfg: DictConfig, root: Path) -> List[Step]:
         values = depend_values(source, keys)
         steps.append(Step(name, Path(folder), values, tuple(after), run, job=job, cfg=source))
 
+    def folder(name: str) -> Path:
+        """Where step `name` runs now (a study may move shared steps: raptor.study.share)."""
+        return next(s.folder for s in steps if s.name == name)
+
     def given(done: Dict[str, Dict[str, Any]], **updates: Any) -> DictConfig:
         """cfg with what the finished upstream steps provide, plus `updates`."""
         new = {}
         if "shards" in done:
-            new.update({"data.source": "shards", "data.shards_dir": str(shards_dir)})
+            new.update({"data.source": "shards", "data.shards_dir": str(folder("shards"))})
         if "teacher" in done:
             new["teacher.weights"] = done["teacher"]["result"]["weights"]
         if "phases" in done:
-            new["phases.file"] = str(folders.phases_file)
+            new["phases.file"] = str(folder("phases") / PHASES_FILE)
         return _with(cfg, **new, **updates)
 
     data, teacher, phases = DEPENDS["data"], DEPENDS["given_teacher"], DEPENDS["given_phases"]
@@ -493,15 +498,23 @@ def run_step(
     return record
 
 
-def run_pipeline(cfg: DictConfig, plan_only: bool = False) -> Optional[Dict[str, Any]]:
+def run_pipeline(
+    cfg: DictConfig, plan_only: bool = False, shared: Optional[Path] = None
+) -> Optional[Dict[str, Any]]:
     """Plan every step of the module docstring, print the plan, move the folders of steps
     that rerun aside, then run them in order; returns `write_summary`'s result (None with
-    `plan_only`)."""
+    `plan_only`). With `shared` (a study's cells), the shards, teacher and phases steps
+    live in that folder by input hash and run under a lock (`raptor.study.share`)."""
     cfg = absolute_paths(cfg)
     root = run_folders(cfg, cfg.run_dir or None).root
     cfg.run_dir = str(root)
     steps = pipeline_steps(cfg, root)
     plan = plan_steps(steps)
+    run = run_step
+    if shared is not None:
+        from raptor.study.share import share_steps
+
+        plan, run = share_steps(steps, Path(shared))
     stamp = time.strftime("%Y%m%d-%H%M%S")
     print_plan(plan, steps, stamp)
     reruns = [s.folder for s in steps if plan[s.name][0] == "rerun"]
@@ -524,7 +537,7 @@ def run_pipeline(cfg: DictConfig, plan_only: bool = False) -> Optional[Dict[str,
     by_name = {s.name: s for s in steps}
     for step in steps:
         upstream = [by_name[name] for name in step.after]
-        done[step.name] = run_step(step, plan[step.name][0], done, upstream)
+        done[step.name] = run(step, plan[step.name][0], done, upstream)
     if is_rank_zero():
         save_config(cfg, root, CONFIG_FILE)  # every step is complete: it describes them
 

@@ -29,6 +29,7 @@ def test_scripts_exist_and_parse():
     assert names == [
         "launch/slurm/fit.sbatch",
         "launch/slurm/stage1_array.sbatch",
+        "launch/slurm/study_array.sbatch",
         "launch/torchrun.sh",
     ]
     for script in SCRIPTS:
