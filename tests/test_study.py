@@ -224,6 +224,7 @@ def test_array_task_entry_point_shares_one_teacher(tmp_path):
     tiny.pop("teacher.weights")
     tiny.update({"teacher.depth": 4, "teacher.embed_dim": 32, "teacher.num_heads": 2})
     tiny.update({"teacher.train.epochs": 1, "data.train_samples": 128, "logging.wandb": "disabled"})
+    tiny.update({"pipeline.probes": [], "pipeline.analyze": False})  # the demo's extra steps
     f = write_study(
         tmp_path / "t.yaml",
         name="t",
