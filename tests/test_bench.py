@@ -15,6 +15,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from raptor import cli
 from raptor.bench import flops
+from raptor.bench.gpu import TINY_CONFIG
 
 
 def counted(fn) -> int:
@@ -234,26 +235,6 @@ def test_checkpointed_block_gives_the_same_gradients():
 
 # --------------------------------------------------------------------------- commands
 
-TINY = """
-name: tiny
-data: {batch_size: 4}
-teacher:
-  name: vit_tiny_patch16_224
-  img_size: 8
-  patch_size: 4
-  embed_dim: 32
-  depth: 4
-  num_heads: 2
-  mlp_ratio: 2.0
-  reg_tokens: 1
-  num_classes: 0
-model: {k: 2, mlp_ratio: 2.0}
-phases: {boundaries: [3]}
-train:
-  stage1: {steps: 100, warmup_steps: 2}
-  stage2: {steps: 100, warmup_steps: 2}
-"""
-
 
 def finite_numbers(obj) -> list:
     """Every number in a JSON value (bools excluded); asserts they are finite."""
@@ -274,7 +255,7 @@ def run_cli(argv, capsys):
 
 def test_bench_train_stage1_and_stage2(tmp_path, capsys):
     config = tmp_path / "tiny.yaml"
-    config.write_text(TINY)
+    config.write_text(TINY_CONFIG)  # the GPU suite's dry-run model
     out1 = tmp_path / "s1.json"
     common = [
         "--steps",

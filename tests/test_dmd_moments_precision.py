@@ -9,6 +9,7 @@ import torch
 
 from dmd import MomentAccumulator, fit
 from dmd.fit import DMDFitWarning
+from raptor.bench.dmd import allocator_peak  # checked on a known sequence in test_bench_dmd
 
 MiB = 2**20
 
@@ -72,21 +73,6 @@ def test_float32_products_stay_within_the_measured_bound_of_float64():
             assert pred < 1e-4, (alpha, block)
 
 
-def _peak_allocated(work):
-    """The largest total, above the start, of the live allocations torch's CPU allocator
-    made while `work()` ran (every alloc and free, from the profiler's memory events)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        work()
-    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
-    live = peak = 0
-    for e in sorted(events, key=lambda e: e.start_ns()):
-        live += e.nbytes()
-        peak = max(peak, live)
-    return peak
-
-
 def test_an_update_at_a_large_trajectory_stays_within_its_memory_setting():
     limit_mib = 2
     L, T, D = 24, 197, 256  # a (B, 25, 197, 256) float32 batch: 19 MiB for B = 4
@@ -96,7 +82,7 @@ def test_an_update_at_a_large_trajectory_stays_within_its_memory_setting():
     acc = MomentAccumulator(
         L, D, endpoints=[(0, 12)], compute_dtype="float32", max_update_bytes=limit_mib * MiB
     )
-    peak = _peak_allocated(lambda: acc.update(traj, valid))
+    peak = allocator_peak(lambda: acc.update(traj, valid))
     assert 3 * acc.block_rows * D * 4 <= peak <= limit_mib * MiB  # its scratch, nothing more
     x = traj[valid].double()  # the moments are still those of the valid rows
     for a, b, got in ((0, 0, acc.grams[0]), (11, 12, acc.crosses[11]), (0, 12, acc.ends[0])):
