@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import yaml
 from conftest import fit_overrides
 
@@ -115,6 +116,7 @@ def tiny_set(teacher, **extra) -> dict:
             "train.ckpt_every_n_steps": "4",
             "train.val_batches": "2",
             "logging.tensorboard": "false",
+            "trainer.num_threads": "1",
             **extra,
         }
     )
@@ -147,8 +149,10 @@ def run_study(capsys, *args) -> tuple[int, str]:
 def test_study_runs_shares_reports_failures_and_skips(seeds_study, capsys, monkeypatch):
     monkeypatch.setenv("WANDB_SILENT", "true")
     f, out = seeds_study
+    torch.set_num_threads(2)
     rc, text = run_study(capsys, f, "--out", out)
     assert rc == 1  # two cells failed, the others ran
+    assert torch.get_num_threads() == 1  # each cell applies its trainer.num_threads
     shared = out.parent / "shared"
     assert sorted(p.name.split("-")[0] for p in shared.iterdir() if p.is_dir()) == [
         "phases",

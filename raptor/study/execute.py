@@ -83,6 +83,7 @@ def _write(path: Path, record: Dict[str, Any]) -> None:
 def run_cell(study: Study, cell: Cell) -> Dict[str, Any]:
     """Run one cell in this process unless finished; returns its record (module docstring).
     Exceptions become a failed record (traceback in cells/NAME/error.txt)."""
+    from raptor.cli import apply_threads
     from raptor.pipeline import run_pipeline
 
     folder = study.cell_dir(cell)
@@ -93,6 +94,7 @@ def run_cell(study: Study, cell: Cell) -> Dict[str, Any]:
     print(f"[study] {cell.name}: running in {folder}", flush=True)
     record = {"cell": cell.name, "index": cell.index, "fingerprint": fingerprint(cfg)}
     start = time.perf_counter()
+    apply_threads(cfg)  # as every command does: trainer.num_threads for this cell
     try:
         run_pipeline(cfg, shared=study.shared)
         record.update(status="ok", error="", steps=cell_steps(cfg, study.shared))
@@ -115,9 +117,8 @@ def _shared_folders(study: Study, cell: Cell) -> List[Path]:
 
 def _start_cell(study: Study, cell: Cell, log: Path) -> subprocess.Popen:
     """One cell in a fresh interpreter (`raptor study FILE ... --cell I`, the SLURM array
-    task's command), its output appended to `log`. Not a fork of this process: torch's
-    thread pools do not survive a fork well (measured: a forked cell's teacher trained about
-    7x slower per CPU second than the same command run on its own)."""
+    task's command), its output appended to `log`: a cell runs as it would on the cluster,
+    with nothing inherited from this process but the environment."""
     log.parent.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, "-m", "raptor.cli", "study", str(study.file), *study.overrides]
     cmd += ["--out", str(study.out), "--cell", str(cell.index)]
