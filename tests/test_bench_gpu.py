@@ -16,8 +16,8 @@ from raptor.bench import gpu
 
 def make_recipe(*variables: str) -> list:
     """The command `make bench-gpu` runs (make -n; the venv stamp taken as up to date)."""
-    out = subprocess.run(
-        ["make", "-n", "-o", ".venv/.installed", "bench-gpu", *variables],
+    out = subprocess.run(  # --no-print-directory: under `make test`, make[1] names its folder
+        ["make", "--no-print-directory", "-n", "-o", ".venv/.installed", "bench-gpu", *variables],
         capture_output=True,
         text=True,
         check=True,
