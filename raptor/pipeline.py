@@ -293,27 +293,26 @@ def pipeline_steps(cfg: DictConfig, root: Path) -> List[Step]:
             data + teacher + phases,
             inputs,
         )
+    # the run each Raptor's evaluation reads: what the probes and the analysis read too
+    finals = [f"k{k}/stage{2 if 2 in cfg.train.stages else 1}" for k in cfg.pipeline.ks]
     if cfg.pipeline.probes:
         from raptor.eval.probe.run import run_probe
 
-        last = "stage2" if 2 in cfg.train.stages else "stage1"
-        raptors = [f"k{k}/{last}" for k in cfg.pipeline.ks]
         for task in cfg.pipeline.probes:
             add(
                 f"probe/{task}",
                 folders.probe(task),
                 data + teacher + phases + DEPENDS["probe"],
-                inputs + raptors,
+                inputs + finals,
                 lambda done, folder, task=task: run_probe(
                     given(done, **{"probe.task": task, "run_dir": str(folder)}), folder, root
                 ),
                 source=_with(cfg, **{"probe.task": task}),
                 job="probe",
             )
-    if cfg.pipeline.analyze:  # the teacher and the run each Raptor's evaluation reads
+    if cfg.pipeline.analyze:
         from raptor.eval.dynamics.run import run_analysis
 
-        finals = [f"k{k}/stage{2 if 2 in cfg.train.stages else 1}" for k in cfg.pipeline.ks]
         add(
             "analyze",
             folders.analysis,
