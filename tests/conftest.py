@@ -137,6 +137,35 @@ def fit_config(teacher, shards, **extra):
     return load_config(None, fit_overrides(teacher, shards, **extra))
 
 
+def write_raptor(run, cfg, teacher):
+    """A stage-2 checkpoint of a k=2 Raptor (boundary 2) with blocks far from the identity,
+    in the run folder `run`; returns the Raptor in eval mode."""
+    import torch
+    from omegaconf import OmegaConf
+
+    from raptor.model.partition import Partition
+    from raptor.model.raptor import Raptor
+
+    torch.manual_seed(5)
+    model = Raptor.from_config(cfg.model, teacher, Partition(teacher.num_layers, [2]))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("gamma"):
+                p.uniform_(0.2, 0.6)
+    ckpt = {
+        "state_dict": {f"raptor.{k}": v for k, v in model.state_dict().items()},
+        "hyper_parameters": {
+            "config": OmegaConf.to_container(cfg),
+            "arch": model.arch_config(),
+            "stage": 2,
+        },
+        "global_step": 1,
+    }
+    (run / "checkpoints").mkdir(parents=True)
+    torch.save(ckpt, run / "checkpoints" / "last.ckpt")
+    return model.eval()
+
+
 def demo_overrides(run_dir: Path, shards: Path) -> list[str]:
     """The demo config (`DEMO`) shrunk to seconds: a 4-layer teacher, k=2 only, a few steps,
     one probe epoch, 32 analysed images."""

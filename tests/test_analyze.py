@@ -7,37 +7,12 @@ import json
 
 import pytest
 import torch
-from omegaconf import OmegaConf
 
 from raptor.cli import main as cli_main
-from raptor.model.partition import Partition
-from raptor.model.raptor import Raptor
 from raptor.model.teacher import Teacher
-from tests.conftest import fit_config, fit_overrides, read_csv
+from tests.conftest import fit_config, fit_overrides, read_csv, write_raptor
 
 IMAGES = 24
-
-
-def write_raptor(run, cfg, teacher) -> Raptor:
-    """A stage-2 checkpoint of a k=2 Raptor with blocks far from the identity."""
-    torch.manual_seed(5)
-    model = Raptor.from_config(cfg.model, teacher, Partition(teacher.num_layers, [2]))
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("gamma"):
-                p.uniform_(0.2, 0.6)
-    ckpt = {
-        "state_dict": {f"raptor.{k}": v for k, v in model.state_dict().items()},
-        "hyper_parameters": {
-            "config": OmegaConf.to_container(cfg),
-            "arch": model.arch_config(),
-            "stage": 2,
-        },
-        "global_step": 1,
-    }
-    (run / "checkpoints").mkdir(parents=True)
-    torch.save(ckpt, run / "checkpoints" / "last.ckpt")
-    return model.eval()
 
 
 def test_analyze_equals_a_direct_computation_on_the_same_images(

@@ -2,6 +2,8 @@
 
 import csv
 
+import pytest
+
 from raptor.config import load_config
 from raptor.train.runs import make_loggers, truncate_metrics, wandb_run_id
 
@@ -39,6 +41,38 @@ def test_truncate_metrics_drops_what_a_resume_logs_again(tmp_path):
     ]
     truncate_metrics(tmp_path, 0)  # a fresh start in the same folder
     assert list(csv.DictReader(open(tmp_path / "metrics.csv"))) == []
+
+
+def test_a_kill_while_new_columns_rewrite_the_file_keeps_its_rows(tmp_path, monkeypatch):
+    """Lightning rewrites metrics.csv when new keys come (the first val/ metrics): a process
+    that dies half-way through must leave the old file whole, not a header alone."""
+    cfg = load_config(None, [])
+    logger = make_loggers(cfg, tmp_path)[0]
+    for step in range(3):
+        logger.log_metrics({"a": float(step)}, step=step)
+    logger.save()
+    before = (tmp_path / "metrics.csv").read_text()
+
+    def dies(self, rows):
+        raise KeyboardInterrupt("killed while writing the rows")
+
+    monkeypatch.setattr(csv.DictWriter, "writerows", dies)
+    logger.log_metrics({"val/r2": 0.5}, step=3)
+    with pytest.raises(KeyboardInterrupt):
+        logger.save()
+    assert (tmp_path / "metrics.csv").read_text() == before
+
+
+def test_a_row_cut_by_a_kill_is_dropped_with_a_message_on_resume(tmp_path, capsys):
+    path = tmp_path / "metrics.csv"
+    path.write_text("a,b,step\n0.0,,0\n1.0,,1\n2.0,0.5")  # the last row cut short
+    truncate_metrics(tmp_path, 5)
+    assert "dropped 1 row(s) cut short" in capsys.readouterr().err
+    resumed = make_loggers(load_config(None, []), tmp_path)[0]
+    resumed.log_metrics({"a": 2.5}, step=2)
+    resumed.save()
+    rows = list(csv.DictReader(open(path)))
+    assert [(r["step"], r["a"]) for r in rows] == [("0", "0.0"), ("1", "1.0"), ("2", "2.5")]
 
 
 def test_wandb_id_is_stable(tmp_path):

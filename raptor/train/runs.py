@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import csv
 import os
+import sys
 import uuid
 from pathlib import Path
 from typing import Any, Iterable, List, Optional
@@ -62,35 +63,60 @@ def wandb_run_id(run_dir: Path) -> str:
     return path.read_text().strip()
 
 
+def _read_metrics(path: Path) -> tuple[list[str], list[dict]]:
+    """The header and rows of a metrics.csv, without the rows a kill cut short (fewer or
+    more fields than the header: a row being appended when the process died), each
+    dropped with a message on stderr."""
+    with open(path, newline="") as fh:
+        reader = csv.DictReader(fh)
+        keys, rows = reader.fieldnames or [], list(reader)
+    whole = [r for r in rows if None not in r and None not in r.values()]
+    if len(whole) < len(rows):
+        print(
+            f"raptor: {path}: dropped {len(rows) - len(whole)} row(s) cut short by an "
+            "interrupted write (the resumed run logs its steps again)",
+            file=sys.stderr,
+        )
+    return keys, whole
+
+
+def _write_metrics(path: Path, keys: list[str], rows: list[dict]) -> None:
+    """Replace `path` by these rows at once (a temporary file renamed over it): a process
+    killed meanwhile leaves the old file whole."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=keys)
+        writer.writeheader()
+        writer.writerows(rows)
+    os.replace(tmp, path)
+
+
 class _AppendingCSVWriter:
     """Mixin for Lightning's CSV writer: keep the interrupted run's `metrics.csv` and
     append to it (Lightning deletes it when the folder is reused, losing a resumed
-    run's history)."""
+    run's history), and rewrite it for new columns atomically (Lightning truncates it
+    first: a run killed then, e.g. right after a validation logs its first val/ keys,
+    lost its rows or left a header cut in two)."""
 
     def _check_log_dir_exists(self) -> None:
         if self._fs.isfile(self.metrics_file_path):
             with self._fs.open(self.metrics_file_path, "r", newline="") as fh:
                 self.metrics_keys = next(csv.reader(fh), [])
 
+    def _rewrite_with_new_header(self, fieldnames: list[str]) -> None:
+        path = Path(self.metrics_file_path)
+        _write_metrics(path, fieldnames, _read_metrics(path)[1])
+
 
 def truncate_metrics(run_dir: Path, step: int) -> None:
     """Drop the rows of `run_dir/metrics.csv` logged at `step` or later (rank 0): a run
-    resumed from a checkpoint at `step` (0: a fresh start) logs them again."""
+    resumed from a checkpoint at `step` (0: a fresh start) logs them again; rows cut
+    short by the interruption go too (`_read_metrics`)."""
     path = Path(run_dir) / METRICS_FILE
     if not distributed.is_rank_zero() or not path.is_file():
         return
-    with open(path, newline="") as fh:
-        reader = csv.DictReader(fh)
-        keys, rows = reader.fieldnames or [], list(reader)
-    keep = [r for r in rows if int(r["step"]) < step]
-    if len(keep) == len(rows):
-        return
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=keys)
-        writer.writeheader()
-        writer.writerows(keep)
-    os.replace(tmp, path)
+    keys, rows = _read_metrics(path)
+    _write_metrics(path, keys, [r for r in rows if int(r["step"]) < step])
 
 
 def _csv_logger(run_dir: Path):

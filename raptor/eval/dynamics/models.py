@@ -1,19 +1,17 @@
 """The models `raptor analyze` compares, each as a trajectory and the step that continues it:
 the teacher (Teacher.trajectory, Teacher.step), a Raptor from a `raptor fit` run folder or
 checkpoint (its rollout from the teacher's a_0, Raptor.step: a perturbation goes into its
-recurrent rollout), or an exported backbone folder (its own stem and Raptor)."""
+recurrent rollout), or an exported backbone folder (its own stem and Raptor); the Raptors
+are loaded and named by `raptor.eval.sources`, as `raptor probe` loads them."""
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Callable, Dict, List
 
-import torch
 from torch import Tensor
 
-from raptor.errors import UserError
+from raptor.eval.sources import load_source, raptor_trajectory
 
 
 @dataclass
@@ -43,61 +41,16 @@ def teacher_model(teacher) -> Model:
     )
 
 
-def label(source: str) -> str:
-    """A short name for a Raptor: its k{K} folder in the pipeline's layout, else its folder's
-    name; " export" for an exported backbone."""
-    parts = Path(source.split(",")[0]).absolute().parts
-    ks = [p for p in parts if re.fullmatch(r"k\d+", p)]
-    name = ks[-1] if ks else Path(source.split(",")[0]).absolute().name
-    return f"{name} export" if "export" in parts else name
-
-
-def raptor_model(source: str, teacher, device: torch.device | str) -> Model:
-    """A Raptor: an export folder (config.json inside) or what `load_raptor` reads; it must
-    have the teacher's depth and width."""
-    from raptor.model.backbone import CONFIG_NAME, RaptorBackbone
-
-    path = Path(source.split(",")[0]).expanduser()
-    if not path.exists():
-        raise UserError(
-            f"model={source}: no such run folder, checkpoint or export folder (or say model=teacher)"
-        )
-    if path.is_dir() and (path / CONFIG_NAME).is_file():
-        net = RaptorBackbone.from_pretrained(path).to(device).eval()
-        raptor, trajectory, groups = net.raptor, net.trajectory, net.groups
-    else:
-        from raptor.train.checkpoints import load_raptor
-
-        raptor = load_raptor(source, error=UserError)[0].to(device).eval()
-        groups = teacher.groups
-
-        @torch.no_grad()
-        def trajectory(images: Tensor) -> Tensor:
-            a0 = teacher.embed(images)
-            return torch.cat([a0[:, None], raptor(a0)], dim=1)
-
-    if (raptor.num_layers, raptor.dim) != (teacher.num_layers, teacher.embed_dim):
-        raise UserError(
-            f"model={source}: a Raptor of {raptor.num_layers} layers of width {raptor.dim}, but "
-            f"the teacher has {teacher.num_layers} of width {teacher.embed_dim}"
-        )
+def raptor_model(source: str, teacher) -> Model:
+    """A Raptor from a run folder, checkpoint or export folder (`raptor.eval.sources`)."""
+    src = load_source(source, teacher, f"model={source}")
     return Model(
-        label(source),
-        str(source),
-        trajectory,
-        raptor.step,
-        groups,
-        raptor.num_layers,
-        raptor.dim,
-        list(raptor.boundaries),
+        src.name,
+        src.source,
+        lambda images: raptor_trajectory(src, teacher, images),
+        src.raptor.step,
+        teacher.groups if src.backbone is None else src.backbone.groups,
+        src.raptor.num_layers,
+        src.raptor.dim,
+        list(src.raptor.boundaries),
     )
-
-
-def unique_names(models: List[Model]) -> List[Model]:
-    """Numbers repeated names (k2, k2 #2, ...) so every model has its own."""
-    seen: Dict[str, int] = {}
-    for m in models:
-        seen[m.name] = seen.get(m.name, 0) + 1
-        if seen[m.name] > 1:
-            m.name = f"{m.name} #{seen[m.name]}"
-    return models

@@ -22,7 +22,8 @@ from raptor import distributed
 from raptor.errors import UserError
 from raptor.eval.dynamics import plots, report
 from raptor.eval.dynamics.accumulate import Dynamics
-from raptor.eval.dynamics.models import Model, raptor_model, teacher_model, unique_names
+from raptor.eval.dynamics.models import Model, raptor_model, teacher_model
+from raptor.eval.sources import unique_names
 
 
 def run_analysis(cfg: DictConfig, sources: Sequence[str], folder: Path) -> Dict[str, Any]:
@@ -39,16 +40,18 @@ def run_analysis(cfg: DictConfig, sources: Sequence[str], folder: Path) -> Dict[
     return {"folder": str(folder), **{k: result[k] for k in keep}}
 
 
-def load_models(sources: Sequence[str], teacher, device) -> List[Model]:
+def load_models(sources: Sequence[str], teacher) -> List[Model]:
     """ "teacher" or a Raptor source (models.py) each; the teacher always comes first."""
     if not sources:
         raise UserError("raptor analyze: no model to analyse (model=teacher|RUN|EXPORT)")
     models = [teacher_model(teacher)]
-    models += [raptor_model(str(s), teacher, device) for s in sources if str(s) != "teacher"]
+    models += [raptor_model(str(s), teacher) for s in sources if str(s) != "teacher"]
     for m in models[1:]:
         if m.groups != teacher.groups:
             raise UserError(f"model={m.source}: token groups {m.groups} differ from the teacher's")
-    return unique_names(models)
+    for m, name in zip(models, unique_names([m.name for m in models])):
+        m.name = name
+    return models
 
 
 def analyze(
@@ -62,7 +65,7 @@ def analyze(
     a = cfg.analyze
     device = distributed.device(cfg.trainer.accelerator)
     teacher = Teacher.from_config(cfg.teacher).to(device).eval()
-    models = load_models(sources, teacher, device)
+    models = load_models(sources, teacher)
     L, D = teacher.num_layers, teacher.embed_dim
     dyn = [Dynamics(L, D, m.groups, a.classes, a.dmd_rank, a.epsilon) for m in models]
 

@@ -51,6 +51,7 @@ from torch import Tensor, nn
 from raptor.errors import UserError
 from raptor.eval.probe.features import CacheWriter, FeatureCache, cache_key, tensors_digest
 from raptor.eval.probe.tasks import TASKS, ProbeTask
+from raptor.eval.sources import RaptorSource, load_source, unique_names
 
 PROBE_FILE = "probe.json"
 HEADS_DIR = "heads"
@@ -125,73 +126,28 @@ def _random_model(teacher: Any, seed: int) -> ProbeModel:
     return _teacher_model("random", "random", rand.to(_device_of(teacher)))
 
 
-def _raptor_model(name: str, path: Path, teacher: Any, teacher_digest: str) -> ProbeModel:
-    from raptor.train.checkpoints import load_raptor
-
-    raptor, _, paths = load_raptor(path, error=UserError)
-    if raptor.num_layers != teacher.num_layers or raptor.dim != teacher.embed_dim:
-        raise UserError(
-            f"probe.models: {path} is a Raptor of {raptor.num_layers} layers of width "
-            f"{raptor.dim}, the teacher has {teacher.num_layers} of width {teacher.embed_dim}"
-        )
-    raptor = raptor.eval().to(_device_of(teacher))
-
-    def tokens(images: Tensor, layer: int) -> Tensor:
-        a = teacher.embed(images)
-        if layer:
-            a = raptor.rollout(a, 0, layer)[:, -1]
-        return teacher.final_norm(a)
-
-    digest = teacher_digest + ":" + tensors_digest(raptor.state_dict())
-    return ProbeModel(
-        name, "raptor", str(paths[0]), raptor.num_layers, teacher.groups, tokens, digest
-    )
-
-
-def _export_model(name: str, path: Path, device: torch.device) -> ProbeModel:
-    from raptor.model.backbone import RaptorBackbone
-
-    bb = RaptorBackbone.from_pretrained(path).to(device)
-
-    def tokens(images: Tensor, layer: int) -> Tensor:
-        a = bb.embed(images)
-        for i in range(1, layer + 1):
-            a = bb.raptor.step(a, i)
-        return bb.norm(a)
-
-    return ProbeModel(
-        name, "export", str(path), bb.num_layers, bb.groups, tokens, tensors_digest(bb.state_dict())
-    )
-
-
 def _device_of(module: nn.Module) -> torch.device:
     return next(module.parameters()).device
 
 
-def _label(path: Path) -> str:
-    """A short model name from a path: its k{K} folder (plus 'export' for an export)."""
-    ks = [p for p in path.parts if re.fullmatch(r"k\d+", p)]
-    if ks:
-        return ks[-1] + (" export" if "export" in path.parts else "")
-    return path.name
+def _raptor_model(src: RaptorSource, teacher: Any, teacher_digest: str) -> ProbeModel:
+    """A Raptor on top of the teacher's stem and final norm, or an export on its own."""
+    bb, raptor = src.backbone, src.raptor
+    embed, norm = (teacher.embed, teacher.final_norm) if bb is None else (bb.embed, bb.norm)
 
+    def tokens(images: Tensor, layer: int) -> Tensor:
+        a = embed(images)
+        if layer:
+            a = raptor.rollout(a, 0, layer)[:, -1]
+        return norm(a)
 
-def resolve_model(spec: str, teacher: Any, teacher_digest: str) -> ProbeModel:
-    """A path from probe.models: a Raptor run folder or .ckpt, or an exported backbone."""
-    from raptor.model.backbone import CONFIG_NAME
-    from raptor.train.runs import CKPT_DIR, LAST_CKPT
-
-    path = Path(spec).expanduser().absolute()
-    if path.is_dir() and (path / CONFIG_NAME).is_file():
-        return _export_model(_label(path), path, _device_of(teacher))
-    if (path.is_dir() and (path / CKPT_DIR / LAST_CKPT).is_file()) or (
-        path.is_file() and path.suffix == ".ckpt"
-    ):
-        return _raptor_model(_label(path), path, teacher, teacher_digest)
-    raise UserError(
-        f"probe.models: {spec} is not a Raptor run folder (with {CKPT_DIR}/{LAST_CKPT}), a "
-        f".ckpt file, or an exported backbone folder (with {CONFIG_NAME}); names allowed "
-        "besides paths: teacher, raptors, identity, random"
+    if bb is None:
+        digest = teacher_digest + ":" + tensors_digest(raptor.state_dict())
+    else:
+        digest = tensors_digest(bb.state_dict())
+    groups = teacher.groups if bb is None else bb.groups
+    return ProbeModel(
+        src.name, src.kind, str(src.paths[0]), raptor.num_layers, groups, tokens, digest
     )
 
 
@@ -202,6 +158,7 @@ def probe_models(cfg: DictConfig, teacher: Any, root: Path) -> List[ProbeModel]:
     from raptor.train.runs import CKPT_DIR, LAST_CKPT
 
     digest = tensors_digest(teacher.vit.state_dict())
+    names = "; names allowed besides paths: teacher, raptors, identity, random"
     models: List[ProbeModel] = []
     for spec in cfg.probe.models:
         spec = str(spec)
@@ -220,14 +177,14 @@ def probe_models(cfg: DictConfig, teacher: Any, root: Path) -> List[ProbeModel]:
                         f"probe.models: no Raptor k={k}: {run} holds no {CKPT_DIR}/{LAST_CKPT}; "
                         "train it (`raptor pipeline CONFIG`) or list the models to probe"
                     )
-                models.append(_raptor_model(f"k{k}", run, teacher, digest))
+                src = load_source(run, teacher, f"probe.models: k={k}")
+                src.name = f"k{k}"
+                models.append(_raptor_model(src, teacher, digest))
         else:
-            models.append(resolve_model(spec, teacher, digest))
-    seen: Dict[str, int] = {}
-    for m in models:
-        seen[m.name] = seen.get(m.name, 0) + 1
-        if seen[m.name] > 1:
-            m.name = f"{m.name} ({seen[m.name]})"
+            src = load_source(spec, teacher, f"probe.models: {spec}", hint=names)
+            models.append(_raptor_model(src, teacher, digest))
+    for m, name in zip(models, unique_names([m.name for m in models])):
+        m.name = name
     return models
 
 
