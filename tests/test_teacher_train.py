@@ -16,6 +16,7 @@ from raptor.config import load_config
 from raptor.data.stream import ShardDataModule
 from raptor.model.teacher import Teacher
 from raptor.train.teacher import TeacherTraining, train_teacher, warmup_cosine
+from tests.conftest import read_csv
 
 TINY = """
 name: tiny_teacher
@@ -92,7 +93,13 @@ def test_unfinished_run_resumes_from_its_last_checkpoint(config_file, tmp_path, 
     run = tmp_path / "run"
     tiny = ["teacher.depth=1", "teacher.train.epochs=1"]
     train_teacher(load_config(config_file, tiny), run)
-    (run / "teacher.json").unlink()  # as if killed after the epoch's checkpoint
+    (run / "teacher.json").unlink()  # as if killed after the epoch's checkpoint ...
+    before = read_csv(run / "metrics.csv")
+    key = next(k for k in before[0] if k != "step")
+    with open(run / "metrics.csv", "a", newline="") as fh:  # ... 9 steps into epoch 2
+        writer = csv.DictWriter(fh, fieldnames=list(before[0]))
+        writer.writerows({"step": 1438 // 32 + i, key: -1} for i in range(9))
+        fh.write("-1,")  # a row cut by the kill
     steps = []
     original = TeacherTraining.training_step
     monkeypatch.setattr(
@@ -103,6 +110,9 @@ def test_unfinished_run_resumes_from_its_last_checkpoint(config_file, tmp_path, 
     ckpt = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)  # written by this test
     assert ckpt["epoch"] == 1 and ckpt["global_step"] == 2 * (1438 // 32)
     assert (run / "teacher.json").is_file()
+    rows = read_csv(run / "metrics.csv")  # epoch 1's rows kept, the killed epoch's gone
+    assert rows[: len(before)] == before and all(r[key] != "-1" for r in rows)
+    assert len(rows) > len(before)
     cfg = load_config(config_file, [*tiny, f"teacher.weights={result['weights']}"])
     assert val_accuracy(Teacher.from_config(cfg.teacher), cfg.data) == pytest.approx(
         result["val_top1"], abs=1e-6

@@ -38,7 +38,7 @@ from raptor.data.shards import ensure_shards
 from raptor.errors import UserError, read_json
 from raptor.model.teacher import create_vit, default_data_config, save_teacher_file
 from raptor.run_folders import TEACHER_FILE
-from raptor.train.runs import CKPT_DIR, LAST_CKPT, make_trainer, prepare_run_dir
+from raptor.train.runs import CKPT_DIR, LAST_CKPT, make_trainer, prepare_run_dir, truncate_metrics
 
 RESULT_FILE = "teacher.json"
 
@@ -182,6 +182,12 @@ def train_teacher(
         job="teacher",
     )
     last = ckpt_dir / LAST_CKPT
+    if last.is_file():  # the rows an interrupted epoch logged after it are logged again
+        truncate_metrics(
+            run_dir, int(torch.load(last, weights_only=True, mmap=True)["global_step"])
+        )
+    else:
+        truncate_metrics(run_dir, 0)
     trainer.fit(module, datamodule=data, ckpt_path=str(last) if last.is_file() else None)
     metrics = trainer.callback_metrics
     if metrics.get("val/top1") is None:  # resumed a finished run: nothing was fitted, evaluate once
