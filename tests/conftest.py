@@ -167,8 +167,8 @@ def write_raptor(run, cfg, teacher):
 
 
 def demo_overrides(run_dir: Path, shards: Path) -> list[str]:
-    """The demo config (`DEMO`) shrunk to seconds: a 4-layer teacher, k=2 only, a few steps,
-    one probe epoch, 32 analysed images."""
+    """The demo config (`DEMO`) shrunk to seconds: a 4-layer teacher (2 epochs of 512
+    images), k=2 only, a few steps, one probe epoch, 32 analysed images."""
     return [
         f"run_dir={run_dir}",
         f"data.shards_dir={shards}",
@@ -176,6 +176,7 @@ def demo_overrides(run_dir: Path, shards: Path) -> list[str]:
         "teacher.embed_dim=32",
         "teacher.num_heads=2",
         "teacher.train.epochs=2",
+        "data.train_samples=512",
         "phases.ks=[2]",
         "phases.num_images=64",
         "pipeline.ks=[2]",
