@@ -7,8 +7,9 @@
 #   NNODES=2 NODE_RANK=0 MASTER_ADDR=10.0.0.1 launch/torchrun.sh fit CONFIG stage=1
 #   NNODES=2 NODE_RANK=1 MASTER_ADDR=10.0.0.1 launch/torchrun.sh fit CONFIG stage=1
 #
-# Arguments are those of `raptor COMMAND CONFIG [key=value ...]` (fit, teacher, dmd: any
-# config-driven command that trains with Lightning). torchrun starts NPROC_PER_NODE processes
+# Arguments are those of `raptor COMMAND CONFIG [key=value ...]` (fit, teacher: any
+# config-driven command that trains with Lightning; dmd and probe share the images over the
+# ranks, analyze runs on rank 0). torchrun starts NPROC_PER_NODE processes
 # per node with RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT set; Lightning
 # detects them (TorchElasticEnvironment) and joins that process group instead of starting
 # processes itself. trainer.devices and trainer.num_nodes are set from NPROC_PER_NODE and

@@ -7,18 +7,22 @@ SLURM_NTASKS, Lightning's own launcher sets LOCAL_RANK / NODE_RANK / WORLD_SIZE 
 processes it starts. RANK comes before SLURM_PROCID, so torchrun inside a SLURM allocation
 (where every process inherits the batch shell's SLURM_PROCID=0) is read correctly.
 A Lightning Trainer, when there is one, knows best (`rank_and_world(trainer)`).
-Also here: the device a process computes on (`device`) and the world size a Trainer will
-have, from its config, before it exists (`planned_world_size`).
+Also here: the device a process computes on (`device`), the world size a Trainer will
+have, from its config, before it exists (`planned_world_size`), and a process group for
+the commands that use several ranks without a Trainer (`join_process_group`, `barrier`).
 """
 
 from __future__ import annotations
 
+import atexit
 import os
 from collections.abc import Sequence
-from typing import Any, Optional
+from typing import Any, Callable, Optional, TypeVar
 
 import torch
 import torch.distributed as dist
+
+T = TypeVar("T")
 
 
 def initialised() -> bool:
@@ -97,6 +101,39 @@ def is_rank_zero() -> bool:
     return global_rank() == 0
 
 
+def join_process_group(accelerator: str = "auto") -> None:
+    """Start the default process group for a command started by torchrun (WORLD_SIZE > 1)
+    that has none yet: NCCL on GPUs, gloo on CPUs. It is kept for the process's life (a
+    pipeline's later steps use it; a group destroyed and made again in one process loses
+    its peers) and destroyed at exit. Nothing otherwise (one process, or a group already
+    there: Lightning's, an earlier step's)."""
+    if int(os.environ.get("WORLD_SIZE", 1)) <= 1 or initialised():
+        return
+    if uses_gpu(accelerator):
+        torch.cuda.set_device(device(accelerator))
+        dist.init_process_group("nccl")
+    else:
+        dist.init_process_group("gloo")
+    atexit.register(lambda: initialised() and dist.destroy_process_group())
+
+
+def barrier() -> None:
+    """Wait for every rank (a no-op without a process group of several ranks)."""
+    if initialised() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+def rank_zero_first(work: Callable[[], T]) -> T:
+    """`work()` on rank 0, then, once it is done, on every other rank: for work that
+    writes shared files the first time and finds them afterwards."""
+    if global_rank() == 0:
+        out = work()
+        barrier()
+        return out
+    barrier()
+    return work()
+
+
 def all_max(value: int, device: torch.device | str = "cpu") -> int:
     """The largest `value` over all ranks: one all-reduce that every rank must call
     (`device`: where the process group's backend wants the tensor, cuda for NCCL)."""
@@ -109,13 +146,16 @@ def all_max(value: int, device: torch.device | str = "cpu") -> int:
 
 __all__ = [
     "all_max",
+    "barrier",
     "device",
     "global_rank",
     "initialised",
     "is_rank_zero",
     "local_rank",
     "planned_world_size",
+    "join_process_group",
     "rank_and_world",
+    "rank_zero_first",
     "uses_gpu",
     "world_size",
 ]

@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import argparse
-import os
 from pathlib import Path
-
-import torch
 
 from raptor import distributed
 from raptor.cli import add_config_arguments, config_from_args
@@ -23,17 +20,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     cfg = config_from_args(args, "dmd")
     # under torchrun (RANK, WORLD_SIZE, MASTER_ADDR set) the ranks share the calibration images
-    if int(os.environ.get("WORLD_SIZE", 1)) > 1 and not distributed.initialised():
-        if distributed.uses_gpu(cfg.trainer.accelerator):
-            torch.cuda.set_device(distributed.device(cfg.trainer.accelerator))
-            torch.distributed.init_process_group("nccl")
-        else:
-            torch.distributed.init_process_group("gloo")
-    try:
-        report = run_dmd(cfg, overwrite=args.overwrite)
-    finally:
-        if distributed.initialised():
-            torch.distributed.destroy_process_group()
+    distributed.join_process_group(cfg.trainer.accelerator)
+    report = run_dmd(cfg, overwrite=args.overwrite)
     if report:
         print(
             f"raptor dmd: {report['calib_images']} calibration / {report['eval_images']} evaluation images"

@@ -985,9 +985,11 @@ class ShardDataModule(L.LightningDataModule):
         data_config: Optional[Dict[str, Any]] = None,
         num_classes: Optional[int] = None,
         target: Optional[str] = None,
+        ranks: Optional[Tuple[int, int]] = None,
     ):
         super().__init__()
         self.cfg, self.num_classes, self.target = data_cfg, num_classes, target
+        self.ranks = ranks  # (rank, world) to read as instead of the job's: (0, 1) reads all
         self.transform_config = resolve_transform_config(data_config, data_cfg.transform)
         self._shards: Dict[str, ShardSet] = {}
         self._counted: Dict[str, int] = {}
@@ -1041,7 +1043,7 @@ class ShardDataModule(L.LightningDataModule):
         return max(1, self._total("train") // (world * int(self.cfg.batch_size)))
 
     def _stream_kwargs(self, split: str, batch_size: int) -> Dict[str, Any]:
-        rank, world = distributed.rank_and_world(self.trainer)
+        rank, world = self.ranks or distributed.rank_and_world(self.trainer)
         return dict(
             image_shape=tuple(self.transform_config["input_size"]),
             batch_size=batch_size,

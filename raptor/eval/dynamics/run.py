@@ -10,6 +10,7 @@ one plot per analysis (`plots.py`) into `out_dir`, sending plots and tables to `
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any, Dict, List, Sequence
 
@@ -28,16 +29,25 @@ from raptor.eval.sources import unique_names
 
 def run_analysis(cfg: DictConfig, sources: Sequence[str], folder: Path) -> Dict[str, Any]:
     """`analyze` into `folder` with the loggers of the step "analyze" (CSV, TensorBoard, W&B
-    as configured); returns what `raptor pipeline` records: images, models, plots, summary."""
+    as configured); returns what `raptor pipeline` records: images, models, plots, summary.
+    With several ranks (torchrun, a pipeline's DDP) rank 0 analyses the images one process
+    would, alone, while the others wait and then read its analysis.json."""
     from raptor.train.runs import make_loggers
 
+    keep = ("images", "models", "plots")
+    distributed.join_process_group(str(cfg.trainer.accelerator))
+    if not distributed.is_rank_zero():
+        distributed.barrier()
+        result = json.loads((folder / report.REPORT_FILE).read_text())
+        summary = report.comparison(result["stats"])
+        return {"folder": str(folder), **{k: result[k] for k in keep}, "summary": summary}
     folder.mkdir(parents=True, exist_ok=True)
     loggers = make_loggers(cfg, folder, "analyze")
     result = analyze(cfg, sources, folder, loggers)
     for logger in loggers:
         logger.finalize("success")
-    keep = ("images", "models", "plots", "summary")
-    return {"folder": str(folder), **{k: result[k] for k in keep}}
+    distributed.barrier()
+    return {"folder": str(folder), **{k: result[k] for k in (*keep, "summary")}}
 
 
 def load_models(sources: Sequence[str], teacher) -> List[Model]:
@@ -72,7 +82,8 @@ def analyze(
     def every_model(images: torch.Tensor) -> torch.Tensor:
         return torch.stack([m.trajectory(images) for m in models], dim=1)
 
-    data = ShardDataModule(cfg.data, teacher.data_config, teacher.num_classes)
+    # every image of the stream, whatever the job's ranks (run_analysis: rank 0 alone)
+    data = ShardDataModule(cfg.data, teacher.data_config, teacher.num_classes, ranks=(0, 1))
     gen = torch.Generator().manual_seed(int(a.seed))
     batches = stream_trajectories(
         data.val_dataloader(),

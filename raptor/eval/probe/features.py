@@ -9,6 +9,8 @@ key)` returns the cache when it is complete and made with the same key (model we
 layer, data, task: `cache_key`), else None; `CacheWriter` (or `FeatureCache.write`)
 replaces whatever the folder held.
 `peak_rows` counts the most feature rows one FeatureCache held in memory at once.
+With several ranks each writes the rows it read into `part-RANK/` (a cache of its own)
+and `join_parts` then writes the folder's cache.json over all of them, in rank order.
 """
 
 from __future__ import annotations
@@ -171,3 +173,30 @@ class CacheWriter:
         }
         (self.folder / CACHE_FILE).write_text(json.dumps(self.cache.meta, indent=1))
         return self.cache
+
+
+def part_folder(folder: str | Path, rank: int) -> Path:
+    """Where rank `rank` writes its part of the cache in `folder`."""
+    return Path(folder) / f"part-{rank}"
+
+
+def join_parts(folder: str | Path, key: str, world: int) -> FeatureCache:
+    """The cache in `folder` over the complete parts of ranks 0..world-1 (each written
+    with `key`): its cache.json lists their chunks by relative path, in rank order."""
+    parts = [FeatureCache.open(part_folder(folder, r), key) for r in range(world)]
+    missing = [r for r, part in enumerate(parts) if part is None]
+    if missing:
+        raise RuntimeError(f"{folder}: ranks {missing} left no complete part of the cache")
+    shapes = {tuple(p.feature_shape) for p in parts if p.rows}
+    meta = {
+        "key": key,
+        "rows": sum(p.rows for p in parts),
+        "feature_shape": list(next(iter(shapes), ())),
+        "chunks": [
+            {**c, "file": f"{part_folder('', r)}/{c['file']}"}
+            for r, p in enumerate(parts)
+            for c in p.meta["chunks"]
+        ],
+    }
+    (Path(folder) / CACHE_FILE).write_text(json.dumps(meta, indent=1))
+    return FeatureCache(folder, meta)

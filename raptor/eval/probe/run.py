@@ -39,6 +39,7 @@ import json
 import math
 import random
 import re
+import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,7 +50,14 @@ from omegaconf import DictConfig
 from torch import Tensor, nn
 
 from raptor.errors import UserError
-from raptor.eval.probe.features import CacheWriter, FeatureCache, cache_key, tensors_digest
+from raptor.eval.probe.features import (
+    CacheWriter,
+    FeatureCache,
+    cache_key,
+    join_parts,
+    part_folder,
+    tensors_digest,
+)
 from raptor.eval.probe.tasks import TASKS, ProbeTask
 from raptor.eval.sources import RaptorSource, load_source, unique_names
 
@@ -332,7 +340,12 @@ def cached_features(
 ) -> Tuple[Dict[str, Dict[str, FeatureCache]], set]:
     """({model name: {split: FeatureCache}} of `layer`, the names of the models whose
     features were written): those missing or stale are written in one pass over each
-    split's images."""
+    split's images. With several ranks (a process group), each reads its share of the
+    images (`dm`'s split), writes it as a part of the cache, and rank 0 joins the parts
+    (features.py); every rank returns the whole caches."""
+    from raptor import distributed
+
+    rank, world = distributed.rank_and_world()
     out: Dict[str, Dict[str, FeatureCache]] = {m.name: {} for m in models}
     written = set()
     for split in splits:
@@ -351,17 +364,34 @@ def cached_features(
             folder = cache_dir / task.name / file_name(m.name) / f"L{layer}-{split}"
             cache = FeatureCache.open(folder, key)
             if cache is None:
-                todo.append((m, CacheWriter(folder, key, dtype=dtype)))
+                todo.append((m, folder, key))
             else:
                 out[m.name][split] = cache
-        if todo:
-            batches = extract([m for m, _ in todo], task, dm.val_dataloader(split), layer, device)
-            for per_model in batches:
-                for (_, writer), (x, y) in zip(todo, per_model):
-                    writer.add(x, y)
-            for m, writer in todo:
-                out[m.name][split] = writer.close()
-                written.add(m.name)
+        if not todo:
+            continue
+        if world > 1 and rank == 0:  # no part of an older cache may be joined
+            for _, folder, _ in todo:
+                shutil.rmtree(folder, ignore_errors=True)
+        distributed.barrier()
+        writers = [
+            CacheWriter(part_folder(folder, rank) if world > 1 else folder, key, dtype=dtype)
+            for _, folder, key in todo
+        ]
+        batches = extract([m for m, _, _ in todo], task, dm.val_dataloader(split), layer, device)
+        for per_model in batches:
+            for writer, (x, y) in zip(writers, per_model):
+                writer.add(x, y)
+        for (m, _, _), writer in zip(todo, writers):
+            out[m.name][split] = writer.close()
+            written.add(m.name)
+        if world > 1:
+            distributed.barrier()  # every part is complete
+            if rank == 0:
+                for _, folder, key in todo:
+                    join_parts(folder, key, world)
+            distributed.barrier()
+            for m, folder, key in todo:
+                out[m.name][split] = FeatureCache.open(folder, key)
     return out, written
 
 
@@ -442,7 +472,16 @@ def run_probe(
 ) -> Dict[str, Any]:
     """Probe every model of cfg.probe.models on cfg.probe.task (module docstring); writes
     the outputs into `out_dir` and returns probe.json's content. `root`: the pipeline's
-    root (default runs/NAME), where "raptors" and the default cache_dir are."""
+    root (default runs/NAME), where "raptors" and the default cache_dir are. Under
+    torchrun (or a pipeline's DDP), the ranks share the feature extraction
+    (`cached_features`) and each trains the same heads on the whole caches; rank 0 writes."""
+    from raptor import distributed
+
+    distributed.join_process_group(str(cfg.trainer.accelerator))
+    return _probe(cfg, out_dir, root)
+
+
+def _probe(cfg: DictConfig, out_dir: str | Path, root: Optional[str | Path]) -> Dict[str, Any]:
     from tqdm import tqdm
 
     from raptor import distributed
@@ -463,7 +502,7 @@ def run_probe(
     dense, heads = str(p.task) != "cls", p.dense
     data = copy.deepcopy(cfg.data)
     data.val_batch_size = int(p.batch_size)  # features are extracted in probe batches too
-    folder = probe_data(cfg, root)
+    folder = distributed.rank_zero_first(lambda: probe_data(cfg, root))
     if folder:  # the probe's own shards folder (e.g. dense targets)
         data.shards_dir, data.train_urls, data.val_urls = folder, "", ""
         _read_scenes_natively(data, folder)
