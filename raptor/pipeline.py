@@ -502,8 +502,9 @@ def run_pipeline(
 ) -> Optional[Dict[str, Any]]:
     """Plan every step of the module docstring, print the plan, move the folders of steps
     that rerun aside, then run them in order; returns `write_summary`'s result (None with
-    `plan_only`). With `shared` (a study's cells), the shards, teacher and phases steps
-    live in that folder by input hash and run under a lock (`raptor.study.share`)."""
+    `plan_only`, and on the ranks other than 0 of a DDP pipeline). With `shared` (a
+    study's cells), the shards, teacher and phases steps live in that folder by input
+    hash and run under a lock (`raptor.study.share`)."""
     cfg = absolute_paths(cfg)
     root = run_folders(cfg, cfg.run_dir or None).root
     cfg.run_dir = str(root)
@@ -537,7 +538,7 @@ def run_pipeline(
     for step in steps:
         upstream = [by_name[name] for name in step.after]
         done[step.name] = run(step, plan[step.name][0], done, upstream)
-    if is_rank_zero():
-        save_config(cfg, root, CONFIG_FILE)  # every step is complete: it describes them
-
+    if not is_rank_zero():  # the other ranks of a DDP pipeline: rank 0 reports
+        return None
+    save_config(cfg, root, CONFIG_FILE)  # every step is complete: it describes them
     return write_summary(cfg, root, done)
