@@ -47,7 +47,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 from omegaconf import DictConfig, OmegaConf
 
 from raptor.config import save_config
-from raptor.distributed import is_rank_zero
+from raptor.distributed import barrier, is_rank_zero
 from raptor.errors import read_json
 from raptor.eval.phases import PHASES_FILE
 from raptor.eval.summary import report_files, write_summary
@@ -494,6 +494,7 @@ def run_step(
     }
     if rank0:
         (step.folder / STEP_FILE).write_text(json.dumps(record, indent=2, default=str))
+    barrier()  # under DDP no rank starts the next step before rank 0 has written this one's files
     return record
 
 

@@ -1039,11 +1039,14 @@ class ShardDataModule(L.LightningDataModule):
     @property
     def num_train_batches(self) -> int:
         """Training batches per rank per epoch: samples // (world size x batch size), >= 1."""
-        world = distributed.rank_and_world(self.trainer)[1]
+        world = self._rank_and_world()[1]
         return max(1, self._total("train") // (world * int(self.cfg.batch_size)))
 
+    def _rank_and_world(self) -> Tuple[int, int]:
+        return self.ranks or distributed.rank_and_world(self.trainer)
+
     def _stream_kwargs(self, split: str, batch_size: int) -> Dict[str, Any]:
-        rank, world = self.ranks or distributed.rank_and_world(self.trainer)
+        rank, world = self._rank_and_world()
         return dict(
             image_shape=tuple(self.transform_config["input_size"]),
             batch_size=batch_size,

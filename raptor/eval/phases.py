@@ -481,8 +481,14 @@ def discover_phases(
 ) -> dict[str, Any]:
     """Similarity matrix of the teacher and its partitions for every k in
     `phases.ks`; writes phases.json (last), similarity.npy and phases.png into
-    run_dir. Skipped (the existing phases.json is returned) when phases.json exists."""
-    run_dir = Path(run_dir)
+    run_dir. Skipped (the existing phases.json is returned) when phases.json exists.
+    With several ranks (torchrun, a pipeline's DDP) rank 0 computes it on the images one
+    process reads, then the others read its phases.json."""
+    distributed.join_process_group(str(cfg.trainer.accelerator))
+    return distributed.rank_zero_first(lambda: _discover(cfg, Path(run_dir), loggers))
+
+
+def _discover(cfg: Any, run_dir: Path, loggers: Optional[list]) -> dict[str, Any]:
     out = run_dir / PHASES_FILE
     if out.is_file():
         print(f"[phases] {out} exists: skipped (delete it to recompute)")
@@ -504,7 +510,7 @@ def discover_phases(
             )
     device = distributed.device(cfg.trainer.accelerator)
     teacher.to(device)
-    data = ShardDataModule(cfg.data, teacher.data_config)
+    data = ShardDataModule(cfg.data, teacher.data_config, ranks=(0, 1))  # every image
     loader = data.train_dataloader() if pc.split == "train" else data.val_dataloader()
     similarity, used = layer_similarity(teacher, loader, pc.num_images, pc.token_mode, device)
     if used < pc.num_images:

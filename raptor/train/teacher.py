@@ -55,10 +55,11 @@ class TeacherTraining(L.LightningModule):
         self.vit, self.arch = create_vit(cfg.teacher)
         if self.vit.num_classes <= 0:
             raise ConfigError("teacher.num_classes must be > 0 to train a teacher from scratch")
-        from torchmetrics.aggregation import SumMetric
+        from torchmetrics.aggregation import MeanMetric, SumMetric
         from torchmetrics.classification import MulticlassAccuracy
 
         self.val_top1 = MulticlassAccuracy(num_classes=self.vit.num_classes, average="micro")
+        self.val_loss = MeanMetric()  # cross-entropy per validation sample
         self.val_missing = SumMetric()  # validation samples the data could not deliver
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
@@ -93,13 +94,17 @@ class TeacherTraining(L.LightningModule):
             return
         logits = self.vit(images)
         self.val_top1.update(logits, labels)
-        loss = F.cross_entropy(logits, labels)
-        self.log("val/loss", loss, sync_dist=True, batch_size=labels.numel())
-        self.log("val/top1", self.val_top1, prog_bar=True)
+        self.val_loss.update(F.cross_entropy(logits, labels, reduction="none"))
 
     def on_validation_epoch_end(self) -> None:
+        """The metrics over every rank's samples, computed on every rank: a rank may have
+        had only padding batches (one validation shard and two ranks), and a value logged
+        by some ranks only would leave the others waiting in its reduction forever."""
         from raptor.data.stream import validation_complete
 
+        for name, metric in (("val/loss", self.val_loss), ("val/top1", self.val_top1)):
+            self.log(name, metric.compute(), prog_bar=name == "val/top1", sync_dist=True)
+            metric.reset()
         missing = int(self.val_missing.compute())
         self.val_missing.reset()
         self.log("val/complete", float(validation_complete(missing, "val top-1")))
