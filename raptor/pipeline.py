@@ -31,6 +31,10 @@ Keys in `NO_RESULT_KEYS` (logging, devices, threads, workers, checkpoint cadence
 never rerun anything. `--plan` prints the plan and stops, to check a change first.
 The root config.yaml is written when every step is complete, so it describes the
 results in the folder; each step folder keeps its own config.yaml as well.
+On several devices (trainer.devices > 1: Lightning starts the other ranks at the first
+training step, and they run the pipeline from there) every rank takes each step in turn,
+with a barrier after it; rank 0 writes the step files, config.yaml and the summary; the
+phases and the analysis are rank 0's, the probes' features are shared by the ranks.
 """
 
 from __future__ import annotations
