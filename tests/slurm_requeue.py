@@ -30,6 +30,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
 ROOT = Path(__file__).resolve().parents[1]
 CLUSTER = ROOT / "launch" / "local_slurm.sh"
@@ -315,6 +316,14 @@ def main(argv=None) -> int:
         return 2
 
     work = args.workdir or Path(tempfile.mkdtemp(prefix="raptor-slurm-"))
+    return on_local_cluster(work, lambda: scenario(work, args.steps, args.timeout), args.keep)
+
+
+def on_local_cluster(work: Path, run: Callable[[], None], keep: bool = False) -> int:
+    """Start a SLURM cluster with its state in `work/slurm` (launch/local_slurm.sh), `run()`
+    the scenario there (RAPTOR runs this interpreter's raptor.cli, this checkout on
+    PYTHONPATH), then stop the daemons whatever happens; 0 when it passed (and `work` is
+    removed unless `keep`), 1 when it raised Failed or timed out (daemon log tails printed)."""
     work.mkdir(parents=True, exist_ok=True)
     cluster_env = {**os.environ, "SLURM_DIR": str(work / "slurm")}
     os.environ.update(
@@ -335,7 +344,7 @@ def main(argv=None) -> int:
     try:
         log(f"starting SLURM (state in {work / 'slurm'})")
         sh("bash", CLUSTER, "start", timeout=900, env=cluster_env)
-        scenario(work, args.steps, args.timeout)
+        run()
         ok = True
     except (Failed, subprocess.TimeoutExpired) as err:
         log(f"FAILED: {err}")
@@ -348,7 +357,7 @@ def main(argv=None) -> int:
         if (work / "slurm" / "pids").exists():
             cancel_all()
             print(sh("bash", CLUSTER, "stop", env=cluster_env, check=False), end="")
-    if ok and not args.keep:
+    if ok and not keep:
         shutil.rmtree(work, ignore_errors=True)
     log("PASSED" if ok else f"FAILED (files kept in {work})")
     return 0 if ok else 1

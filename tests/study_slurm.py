@@ -18,13 +18,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-from slurm_requeue import CLUSTER, Failed, cancel_all, job_info, log, sh, wait_for
+from slurm_requeue import Failed, job_info, log, on_local_cluster, sh, wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -102,30 +100,7 @@ def main(argv=None) -> int:
         print("study_slurm: run as root (it installs and starts SLURM)", file=sys.stderr)
         return 2
     work = Path(tempfile.mkdtemp(prefix="raptor-study-slurm-"))
-    cluster_env = {**os.environ, "SLURM_DIR": str(work / "slurm")}
-    os.environ.update(
-        SLURM_CONF=str(work / "slurm" / "slurm.conf"),
-        RAPTOR=f"{sys.executable} -m raptor.cli",
-        PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
-        OMP_NUM_THREADS="1",
-        WANDB_SILENT="true",
-    )
-    ok = False
-    try:
-        log(f"starting SLURM (state in {work / 'slurm'})")
-        sh("bash", CLUSTER, "start", timeout=900, env=cluster_env)
-        scenario(work, args.timeout)
-        ok = True
-    except (Failed, subprocess.TimeoutExpired) as err:
-        log(f"FAILED: {err}")
-    finally:
-        if (work / "slurm" / "pids").exists():
-            cancel_all()
-            print(sh("bash", CLUSTER, "stop", env=cluster_env, check=False), end="")
-    if ok and not args.keep:
-        shutil.rmtree(work, ignore_errors=True)
-    log("PASSED" if ok else f"FAILED (files kept in {work})")
-    return 0 if ok else 1
+    return on_local_cluster(work, lambda: scenario(work, args.timeout), args.keep)
 
 
 if __name__ == "__main__":
