@@ -63,10 +63,10 @@ def wandb_run_id(run_dir: Path) -> str:
     return path.read_text().strip()
 
 
-def _read_metrics(path: Path) -> tuple[list[str], list[dict]]:
+def _read_metrics(path: Path) -> tuple[list[str], list[dict], int]:
     """The header and rows of a metrics.csv, without the rows a kill cut short (fewer or
-    more fields than the header: a row being appended when the process died), each
-    dropped with a message on stderr."""
+    more fields than the header: a row being appended when the process died), and how
+    many those were (each dropped with a message on stderr)."""
     with open(path, newline="") as fh:
         reader = csv.DictReader(fh)
         keys, rows = reader.fieldnames or [], list(reader)
@@ -77,7 +77,7 @@ def _read_metrics(path: Path) -> tuple[list[str], list[dict]]:
             "interrupted write (the resumed run logs its steps again)",
             file=sys.stderr,
         )
-    return keys, whole
+    return keys, whole, len(rows) - len(whole)
 
 
 def _write_metrics(path: Path, keys: list[str], rows: list[dict]) -> None:
@@ -115,8 +115,10 @@ def truncate_metrics(run_dir: Path, step: int) -> None:
     path = Path(run_dir) / METRICS_FILE
     if not distributed.is_rank_zero() or not path.is_file():
         return
-    keys, rows = _read_metrics(path)
-    _write_metrics(path, keys, [r for r in rows if int(r["step"]) < step])
+    keys, rows, cut = _read_metrics(path)
+    keep = [r for r in rows if int(r["step"]) < step]
+    if cut or len(keep) < len(rows):
+        _write_metrics(path, keys, keep)
 
 
 def _csv_logger(run_dir: Path):

@@ -49,6 +49,7 @@ import torch
 from omegaconf import DictConfig
 from torch import Tensor, nn
 
+from raptor import distributed
 from raptor.errors import UserError
 from raptor.eval.probe.features import (
     CacheWriter,
@@ -185,8 +186,7 @@ def probe_models(cfg: DictConfig, teacher: Any, root: Path) -> List[ProbeModel]:
                         f"probe.models: no Raptor k={k}: {run} holds no {CKPT_DIR}/{LAST_CKPT}; "
                         "train it (`raptor pipeline CONFIG`) or list the models to probe"
                     )
-                src = load_source(run, teacher, f"probe.models: k={k}")
-                src.name = f"k{k}"
+                src = load_source(run, teacher, f"probe.models: k={k}")  # named k{K}
                 models.append(_raptor_model(src, teacher, digest))
         else:
             src = load_source(spec, teacher, f"probe.models: {spec}", hint=names)
@@ -343,8 +343,6 @@ def cached_features(
     split's images. With several ranks (a process group), each reads its share of the
     images (`dm`'s split), writes it as a part of the cache, and rank 0 joins the parts
     (features.py); every rank returns the whole caches."""
-    from raptor import distributed
-
     rank, world = distributed.rank_and_world()
     out: Dict[str, Dict[str, FeatureCache]] = {m.name: {} for m in models}
     written = set()
@@ -475,8 +473,6 @@ def run_probe(
     root (default runs/NAME), where "raptors" and the default cache_dir are. Under
     torchrun (or a pipeline's DDP), the ranks share the feature extraction
     (`cached_features`) and each trains the same heads on the whole caches; rank 0 writes."""
-    from raptor import distributed
-
     distributed.join_process_group(str(cfg.trainer.accelerator))
     return _probe(cfg, out_dir, root)
 
@@ -484,7 +480,6 @@ def run_probe(
 def _probe(cfg: DictConfig, out_dir: str | Path, root: Optional[str | Path]) -> Dict[str, Any]:
     from tqdm import tqdm
 
-    from raptor import distributed
     from raptor.data.stream import ShardDataModule
     from raptor.model.teacher import Teacher
     from raptor.run_folders import run_folders
