@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 import shutil
 import tarfile
 
@@ -201,3 +202,38 @@ def test_verify_without_a_readable_manifest_exits_2(tmp_path, capsys):
     (tmp_path / MANIFEST).write_text("{not json")
     assert cli_main(["shards", "verify", str(tmp_path), "--no-progress"]) == 2
     assert f"{tmp_path / MANIFEST}: not valid JSON" in capsys.readouterr().err
+
+
+def test_ranks_of_a_launched_job_write_the_shards_once(digits_shards, tmp_path):
+    """torchrun / srun start every rank before any process group exists, and each rank runs
+    `ensure_shards`: rank 1, started first, must wait for rank 0 rather than write the same
+    folder itself; both then read shards equal to one process's (the same sha256s)."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "shards"
+    code = (
+        "import sys; from raptor.config import load_config; "
+        "from raptor.data.shards import ensure_shards; "
+        "cfg = load_config(None, ['data.source=digits', 'data.shard_size=256', "
+        f"'data.shards_dir={out}']); "
+        "print(ensure_shards(cfg, 'unused').data.shards_dir)"
+    )
+
+    def rank(r: int) -> subprocess.Popen:
+        env = {**os.environ, "RANK": str(r), "WORLD_SIZE": "2"}
+        return subprocess.Popen(
+            [sys.executable, "-c", code], env=env, text=True,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        )  # fmt: skip
+
+    waiting = rank(1)
+    assert "rank 1: waiting for rank 0" in waiting.stderr.readline()
+    assert not out.exists() or not any(out.iterdir())  # rank 1 wrote nothing
+    writing = rank(0)
+    for proc in (writing, waiting):
+        stdout, stderr = proc.communicate(timeout=120)
+        assert proc.returncode == 0, stderr
+        assert stdout.strip() == str(out)
+    ours = json.loads((out / MANIFEST).read_text())["splits"]
+    assert ours == json.loads((digits_shards / MANIFEST).read_text())["splits"]

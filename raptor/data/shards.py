@@ -364,7 +364,9 @@ def write_shards(
         "skipped": {"count": len(skipped), "paths": skipped},
         **({"dense": dense} if dense else {}),
     }
-    (out / MANIFEST).write_text(json.dumps(manifest, indent=1))
+    tmp = out / (MANIFEST + ".tmp")  # renamed into place: a reader never sees half of it
+    tmp.write_text(json.dumps(manifest, indent=1))
+    os.replace(tmp, out / MANIFEST)
     return manifest
 
 
@@ -568,12 +570,19 @@ def ensure_shards(cfg: Any, default_dir: str | Path, overwrite: bool = False) ->
     ade20k:PATH, nyuv2:PATH), write the shards into data.shards_dir
     (default `default_dir`) unless a complete folder (manifest.json) is there; returns a
     copy of cfg that reads them (data.source=shards). cfg is a RaptorConfig. `overwrite`:
-    an incomplete folder may hold other files (its earlier shards are replaced)."""
+    an incomplete folder may hold other files (its earlier shards are replaced).
+
+    In a job of several ranks started by torchrun or srun (every rank runs this before
+    any process group exists) rank 0 writes and the others wait for its manifest."""
+    from raptor import distributed
+
     source = cfg.data.source
     if source == "shards":
         return cfg
     out = Path(cfg.data.shards_dir or default_dir)
-    if not (out / MANIFEST).is_file():
+    if not (out / MANIFEST).is_file() and distributed.global_rank() != 0:
+        _wait_for(out / MANIFEST, f"rank {distributed.global_rank()}: waiting for rank 0")
+    elif not (out / MANIFEST).is_file():
         d = cfg.data
         write_shards(
             source,
@@ -588,3 +597,14 @@ def ensure_shards(cfg: Any, default_dir: str | Path, overwrite: bool = False) ->
     cfg = copy.deepcopy(cfg)
     cfg.data.source, cfg.data.shards_dir = "shards", str(out)
     return cfg
+
+
+def _wait_for(path: Path, who: str, poll_s: float = 1.0) -> None:
+    """Block until `path` exists, saying once on stderr what is awaited (no timeout: a
+    launcher stops the waiting ranks when rank 0 fails)."""
+    import sys
+    import time
+
+    print(f"{who} to write {path}", file=sys.stderr, flush=True)
+    while not path.is_file():
+        time.sleep(poll_s)
