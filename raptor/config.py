@@ -540,7 +540,11 @@ class ProbeConfig:
     head trained on frozen features of `layer` (None: the last) of each of `models`
     (teacher, raptors = the pipeline's Raptors for pipeline.ks, identity = a_0, random =
     random weights, or a Raptor run folder / .ckpt / exported backbone folder), `epochs`
-    of AdamW at `lr` (cosine to 0) with `weight_decay` on batches of `batch_size` features;
+    of AdamW at peak `lr` with `weight_decay` on batches of `batch_size` features, the
+    learning rate warmed up linearly over `warmup_steps` then cosine-decayed to 0, the
+    gradient norm clipped at `grad_clip` (None: not clipped); `epochs`, `batch_size` and
+    `lr` left None take the task's values of the Raptor paper's Table 6
+    (`raptor.eval.probe.tasks.PAPER_TRAINING`), the other three are Table 6's already;
     `data`: a shards folder with train and val splits (empty: the data section's shards;
     seg / depth on the digits: digit_scenes shards written once into runs/NAME/scenes);
     features cached as `feature_dtype` (float16; float32 keeps them exact) in `cache_dir`
@@ -549,10 +553,12 @@ class ProbeConfig:
     task: str = valid("cls", OneOf(PROBE_TASKS))
     layer: Optional[int] = valid(None, NON_NEGATIVE)
     models: List[str] = valid(lambda: ["teacher", "raptors", "identity", "random"], nonempty=True)
-    epochs: int = valid(10, NON_NEGATIVE)
-    lr: float = valid(1e-3, NON_NEGATIVE)
-    weight_decay: float = valid(0.0, NON_NEGATIVE)
-    batch_size: int = valid(256, POSITIVE)
+    epochs: Optional[int] = valid(None, NON_NEGATIVE)
+    lr: Optional[float] = valid(None, NON_NEGATIVE)
+    weight_decay: float = valid(1e-2, NON_NEGATIVE)
+    warmup_steps: int = valid(100, NON_NEGATIVE)
+    grad_clip: Optional[float] = valid(1.0, GREATER_THAN_0)
+    batch_size: Optional[int] = valid(None, POSITIVE)
     seed: int = valid(0, SEED)
     data: str = ""
     feature_dtype: str = valid("float16", OneOf(("float16", "float32")))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import random
 
@@ -87,7 +88,7 @@ def _cache(tmp_path, name, x, y, chunk_rows=256):
 def test_linear_features_reach_100_and_random_features_chance(tmp_path):
     """A head trained on features that hold the label linearly is exact; on features
     independent of the label it scores about chance (1/10)."""
-    from raptor.eval.probe.run import train_head
+    from raptor.eval.probe.run import HeadTraining, train_head
 
     torch.set_num_threads(1)  # tiny matrices: threads only contend (restored by conftest)
     g = torch.Generator().manual_seed(0)
@@ -102,13 +103,92 @@ def test_linear_features_reach_100_and_random_features_chance(tmp_path):
                 x[:, :10] += 10 * torch.nn.functional.one_hot(y, 10)
             caches[split] = _cache(tmp_path, f"{kind}-{split}", x, y)
         torch.manual_seed(0)
+        training = HeadTraining(epochs=5, batch_size=64, lr=1e-2)
         curve = train_head(
-            task, task.head(32), caches["train"], caches["val"], 5, 1e-2, 0.0, 64, 0,
-            torch.device("cpu"),
-        )  # fmt: skip
+            task, task.head(32), caches["train"], caches["val"], training, 0, torch.device("cpu")
+        )
         scores[kind] = max(c["top1"] for c in curve)
     assert scores["linear"] == 1.0
     assert 0.05 < scores["random"] < 0.16
+
+
+@pytest.mark.parametrize(
+    "task, epochs, batch_size, lr",
+    [("cls", 15, 512, 1e-3), ("seg", 10, 32, 1e-3), ("depth", 25, 128, 1e-4)],
+)
+def test_heads_train_as_the_papers_table_6_unless_set(task, epochs, batch_size, lr):
+    """Appendix B.3, Table 6 (ImageNet-1k, ADE20k, NYUv2): per-task epochs, batch and
+    peak lr; AdamW with weight decay 1e-2, 100 warmup iterations, clip 1.0 for all.
+    Values the config sets win."""
+    from raptor.config import load_config
+    from raptor.eval.probe.run import HeadTraining
+
+    cfg = load_config(None, [f"probe.task={task}"])
+    assert HeadTraining.from_config(cfg.probe) == HeadTraining(
+        epochs, batch_size, lr, weight_decay=1e-2, warmup_steps=100, grad_clip=1.0
+    )
+    cfg = load_config(None, [f"probe.task={task}", "probe.epochs=2", "probe.batch_size=8",
+                             "probe.lr=0.5", "probe.grad_clip=null", "probe.warmup_steps=0"])  # fmt: skip
+    assert HeadTraining.from_config(cfg.probe) == HeadTraining(2, 8, 0.5, 1e-2, 0, None)
+
+
+def reference_head(head, train, t, seed, clip):
+    """The head `train_head` should give, in float64 from the same start and batches: lr
+    set by hand each step (linear warmup (s+1)/w, then half a cosine to 0 at the last
+    step), the gradient scaled to norm `clip` when above it; returns (weights, the largest
+    gradient norm seen)."""
+    import math
+
+    head = copy.deepcopy(head).double()
+    opt = torch.optim.AdamW(head.parameters(), lr=t.lr, weight_decay=t.weight_decay)
+    rng, step, largest = random.Random(seed), 0, 0.0
+    total = t.epochs * math.ceil(train.rows / t.batch_size)
+    for _ in range(t.epochs):
+        for x, y in train.batches(t.batch_size, shuffle=rng):
+            if step < t.warmup_steps:
+                factor = (step + 1) / t.warmup_steps
+            else:
+                progress = (step - t.warmup_steps) / (total - t.warmup_steps)
+                factor = 0.5 * (1 + math.cos(math.pi * progress))
+            opt.param_groups[0]["lr"] = t.lr * factor
+            loss = torch.nn.functional.cross_entropy(head(x.double()), y)
+            opt.zero_grad()
+            loss.backward()
+            norm = math.sqrt(sum(float((p.grad**2).sum()) for p in head.parameters()))
+            largest = max(largest, norm)
+            if clip is not None and norm > clip:
+                for p in head.parameters():
+                    p.grad *= clip / (norm + 1e-6)
+            opt.step()
+            step += 1
+    return head.state_dict(), largest
+
+
+def test_train_head_warms_up_decays_and_clips_as_a_float64_reference(tmp_path):
+    """Two epochs of 4 batches (64, 64, 64, 8 rows) with 3 warmup steps and the gradient
+    norm clipped at 0.5, against `reference_head`; the gradients are far above 0.5, so a
+    head trained without clipping (or without the schedule) ends elsewhere."""
+    from raptor.eval.probe.run import HeadTraining, train_head
+
+    g = torch.Generator().manual_seed(0)
+    caches = {}
+    for split, n in (("train", 200), ("val", 50)):
+        y = torch.randint(0, 10, (n,), generator=g)
+        x = 5 * torch.randn(n, 16, generator=g)
+        caches[split] = _cache(tmp_path, split, x, y)
+    task = ClsTask(10)
+    torch.manual_seed(1)
+    start = task.head(16)
+    t = HeadTraining(epochs=2, batch_size=64, lr=0.05, weight_decay=1e-2, warmup_steps=3,
+                     grad_clip=0.5)  # fmt: skip
+    head = copy.deepcopy(start)
+    train_head(task, head, caches["train"], caches["val"], t, 7, torch.device("cpu"))
+    want, largest = reference_head(start, caches["train"], t, seed=7, clip=0.5)
+    assert largest > 4 * 0.5  # the clip is active
+    for key, value in head.state_dict().items():
+        torch.testing.assert_close(value.double(), want[key], rtol=1e-5, atol=1e-6)
+    unclipped, _ = reference_head(start, caches["train"], t, seed=7, clip=None)
+    assert (unclipped["weight"] - want["weight"]).abs().max() > 1e-2
 
 
 def test_features_stream_to_and_from_disk_in_bounded_chunks(tmp_path):
@@ -164,11 +244,18 @@ def test_a_rerun_reuses_the_cache_and_a_new_layer_builds_its_own(
     assert [m["features_reused"] for m in again["models"]] == [True, True]
     assert [f.stat().st_mtime_ns for f in sorted((tmp_path / "cache").rglob("chunk-*"))] == stamps
     assert again["models"][0]["at_init"] == first["models"][0]["at_init"]
-    assert cli_main(["probe", config(tmp_path), *args, "probe.layer=2"]) == 0
+    capsys.readouterr()
+    assert cli_main(["probe", config(tmp_path), *args, "probe.layer=2", "probe.epochs=1"]) == 0
     layered = json.loads((tmp_path / "out" / "probe.json").read_text())
     assert layered["layer"] == 2 and not layered["models"][0]["features_reused"]
+    # Table 6's defaults but one epoch: 3 steps of 512 of the 1438 rows, all in the warmup
+    assert layered["training"] == {"epochs": 1, "batch_size": 512, "lr": 1e-3,
+                                   "weight_decay": 1e-2, "warmup_steps": 100, "grad_clip": 1.0}  # fmt: skip
+    err = capsys.readouterr().err
+    assert "probe.warmup_steps=100 covers all 3 training steps of each head" in err
     table = (tmp_path / "out" / "probe.md").read_text()
     assert "| teacher |" in table and "| identity |" in table
+    assert "Heads: 1 epoch in batches of 512, AdamW at lr 0.001 (100 warmup steps, then " in table
     assert (tmp_path / "out" / "probe_curve.png").is_file()
     capsys.readouterr()
 

@@ -103,14 +103,14 @@ def summary_tables(steps: Dict[str, Dict[str, Any]]) -> Dict[str, str]:
 def probe_tables(steps: Dict[str, Dict[str, Any]]) -> str:
     """One markdown table per probe step (`probe/TASK`), under a heading naming the task
     and layer, or "" without probe steps."""
-    from raptor.eval.probe.run import probe_table
+    from raptor.eval.probe.run import probe_table, training_note
 
     parts = []
     for name, step in steps.items():
         if name.startswith("probe/"):
             out = step["result"]
             title = f"### {out['task']}, layer {out['layer']} of {out['num_layers']}"
-            parts.append(f"{title}\n\n{probe_table(out)}")
+            parts.append(f"{title}\n\n{probe_table(out)}\n\n{training_note(out)}".rstrip())
     return "\n\n".join(parts)
 
 

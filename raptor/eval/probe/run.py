@@ -17,8 +17,10 @@
   on the digits without probe.data, digit_scenes shards are written once into
   runs/NAME/scenes (again when data.scene_* change; `probe_data`). digit_scenes are read at their canvas size; the dense
   heads' patch grid is the data's input size // the patch size.
-- Head: `task.head` trained with AdamW and a cosine learning rate over `probe.epochs` on
-  the training split's features, scored on the validation split's after every epoch;
+- Head: `task.head` trained as `HeadTraining.from_config` says (the Raptor paper's Table 6
+  unless the probe section sets otherwise: AdamW, linear warmup then cosine decay, the
+  gradient norm clipped) on the training split's features, scored on the validation
+  split's after every epoch;
   epoch 0 is the head as initialised. For classification at the last layer the head
   starts as the teacher's own classifier (`teacher_head_state`), for every model; dense
   heads start fresh.
@@ -41,7 +43,7 @@ import random
 import re
 import shutil
 import sys
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Tuple
 
@@ -59,7 +61,7 @@ from raptor.eval.probe.features import (
     part_folder,
     tensors_digest,
 )
-from raptor.eval.probe.tasks import TASKS, ProbeTask
+from raptor.eval.probe.tasks import PAPER_TRAINING, TASKS, ProbeTask
 from raptor.eval.sources import RaptorSource, load_source, unique_names
 
 PROBE_FILE = "probe.json"
@@ -406,43 +408,82 @@ def evaluate_head(task: ProbeTask, head: nn.Module, cache: FeatureCache, batch_s
     return metrics.compute()
 
 
+@dataclass(frozen=True)
+class HeadTraining:
+    """How a probe head is trained: `epochs` over the training features in batches of
+    `batch_size` rows, AdamW at peak `lr` with `weight_decay`, the learning rate linear
+    from lr/warmup_steps to lr over `warmup_steps` steps, then cosine to 0 at the last step
+    (`raptor.train.schedules.lr_at`), the gradient norm clipped at `grad_clip` (None: not)."""
+
+    epochs: int
+    batch_size: int
+    lr: float
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    grad_clip: Optional[float] = None
+
+    @classmethod
+    def from_config(cls, probe: DictConfig) -> HeadTraining:
+        """The probe section's values; epochs, batch_size and lr left None are the task's
+        in the Raptor paper's Table 6 (`PAPER_TRAINING`)."""
+        paper = PAPER_TRAINING[str(probe.task)]
+
+        def value(key: str) -> Any:
+            return paper[key] if probe[key] is None else probe[key]
+
+        clip = probe.grad_clip
+        return cls(
+            epochs=int(value("epochs")),
+            batch_size=int(value("batch_size")),
+            lr=float(value("lr")),
+            weight_decay=float(probe.weight_decay),
+            warmup_steps=int(probe.warmup_steps),
+            grad_clip=None if clip is None else float(clip),
+        )
+
+    def steps(self, train: FeatureCache) -> int:
+        """Optimizer steps over `epochs` of `train` (the last batch of a chunk may be short)."""
+        per_epoch = sum(math.ceil(c["rows"] / self.batch_size) for c in train.meta["chunks"])
+        return self.epochs * per_epoch
+
+
 def train_head(
     task: ProbeTask,
     head: nn.Module,
     train: Optional[FeatureCache],
     val: FeatureCache,
-    epochs: int,
-    lr: float,
-    weight_decay: float,
-    batch_size: int,
+    training: HeadTraining,
     seed: int,
     device: torch.device,
     on_epoch: Callable[[], None] = lambda: None,
 ) -> List[Dict[str, float]]:
-    """Fine-tune `head` on `train`; the metrics on `val` at epoch 0 (as given) and after
-    every epoch. AdamW, learning rate cosine-decayed from `lr` to 0 over all steps."""
-    head = head.to(device)
-    curve = [{"epoch": 0, **evaluate_head(task, head, val, batch_size, device)}]
-    if not epochs:
+    """Fine-tune `head` on `train` as `training` says, the batches shuffled with `seed`;
+    returns the metrics on `val` at epoch 0 (as given) and after every epoch. A warmup as
+    long as the run or longer is cut to the run's steps (the peak comes at the last step)."""
+    from raptor.train.schedules import lr_at
+
+    head, t = head.to(device), training
+    curve = [{"epoch": 0, **evaluate_head(task, head, val, t.batch_size, device)}]
+    if not t.epochs:
         return curve
-    steps_per_epoch = sum(math.ceil(c["rows"] / batch_size) for c in train.meta["chunks"])
-    opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=weight_decay)
-    total = max(1, epochs * steps_per_epoch)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total))
-    )
+    total = max(1, t.steps(train))
+    warmup = min(t.warmup_steps, total)
+    opt = torch.optim.AdamW(head.parameters(), lr=t.lr, weight_decay=t.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_at(s, 1.0, 0.0, warmup, total))
     rng = random.Random(seed)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        for epoch in range(1, epochs + 1):
+        for epoch in range(1, t.epochs + 1):
             head.train()
-            for x, y in train.batches(batch_size, shuffle=rng):
+            for x, y in train.batches(t.batch_size, shuffle=rng):
                 loss = task.loss(head(x.to(device)), y.to(device))
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
+                if t.grad_clip is not None:
+                    nn.utils.clip_grad_norm_(head.parameters(), t.grad_clip)
                 opt.step()
                 sched.step()
-            curve.append({"epoch": epoch, **evaluate_head(task, head, val, batch_size, device)})
+            curve.append({"epoch": epoch, **evaluate_head(task, head, val, t.batch_size, device)})
             on_epoch()
     return curve
 
@@ -496,7 +537,8 @@ def _probe(cfg: DictConfig, out_dir: str | Path, root: Optional[str | Path]) -> 
     root = run_folders(cfg, root).root
     dense, heads = str(p.task) != "cls", p.dense
     data = copy.deepcopy(cfg.data)
-    data.val_batch_size = int(p.batch_size)  # features are extracted in probe batches too
+    training = HeadTraining.from_config(p)
+    data.val_batch_size = training.batch_size  # features are extracted in probe batches too
     folder = distributed.rank_zero_first(lambda: probe_data(cfg, root))
     if folder:  # the probe's own shards folder (e.g. dense targets)
         data.shards_dir, data.train_urls, data.val_urls = folder, "", ""
@@ -530,15 +572,23 @@ def _probe(cfg: DictConfig, out_dir: str | Path, root: Optional[str | Path]) -> 
 
     results = []
     bar = tqdm(
-        total=len(models) * int(p.epochs),
+        total=len(models) * training.epochs,
         desc=f"probe {task.name}",
         unit="epoch",
         disable=not cfg.logging.progress_bar,
     )
     bar.set_postfix_str("features")
-    splits = SPLITS if p.epochs else ("val",)  # no training: no training features
+    splits = SPLITS if training.epochs else ("val",)  # no training: no training features
     dtype = getattr(torch, str(p.feature_dtype))
     features, written = cached_features(models, task, dm, layer, cache_dir, device, splits, dtype)
+    steps = training.steps(features[models[0].name]["train"]) if training.epochs else 0
+    if 0 < steps <= training.warmup_steps and distributed.is_rank_zero():
+        print(
+            f"raptor probe: probe.warmup_steps={training.warmup_steps} covers all {steps} "
+            "training steps of each head, so its learning rate never decays; set "
+            "probe.warmup_steps lower",
+            file=sys.stderr,
+        )
     heads = {}
     for m in models:
         caches = features[m.name]
@@ -551,10 +601,7 @@ def _probe(cfg: DictConfig, out_dir: str | Path, root: Optional[str | Path]) -> 
             head,
             caches.get("train"),
             caches["val"],
-            int(p.epochs),
-            float(p.lr),
-            float(p.weight_decay),
-            int(p.batch_size),
+            training,
             int(p.seed),
             device,
             on_epoch=lambda: bar.update(1),
@@ -587,7 +634,8 @@ def _probe(cfg: DictConfig, out_dir: str | Path, root: Optional[str | Path]) -> 
         "higher_is_better": task.higher_is_better,
         "init": "teacher head" if init is not None else "fresh",
         "ratio": RATIO_DEFINITIONS[task.higher_is_better],
-        "epochs": int(p.epochs),
+        "epochs": training.epochs,
+        "training": asdict(training),
         "models": results,
     }
     if distributed.is_rank_zero():
@@ -632,6 +680,19 @@ def probe_table(out: Dict[str, Any]) -> str:
     return markdown_table([*head, "ratio to teacher"], rows)
 
 
+def training_note(out: Dict[str, Any]) -> str:
+    """One line saying how probe.json's heads were trained ("" for a result without it)."""
+    t = out.get("training")
+    if not t or not t["epochs"]:
+        return "Heads as initialised (no training)." if t else ""
+    clip = f"gradient norm clipped at {t['grad_clip']:g}" if t["grad_clip"] else "no clipping"
+    return (
+        f"Heads: {t['epochs']} epoch{'s' * (t['epochs'] != 1)} in batches of {t['batch_size']}, AdamW at lr "
+        f"{t['lr']:g} ({t['warmup_steps']} warmup steps, then cosine to 0), weight decay "
+        f"{t['weight_decay']:g}, {clip}."
+    )
+
+
 def write_outputs(out: Dict[str, Any], out_dir: Path, loggers: List[Any]) -> None:
     """probe.json, probe.md, probe_curve.png, and every epoch's metrics to the loggers."""
     from dmd.plots import save_figure
@@ -640,6 +701,7 @@ def write_outputs(out: Dict[str, Any], out_dir: Path, loggers: List[Any]) -> Non
     title = f"# Probe: {out['task']}, layer {out['layer']} of {out['num_layers']}"
     better = "higher" if out["higher_is_better"] else "lower"
     note = f"{out['primary']}: {better} is better; ratio to teacher = {out['ratio']}."
+    note = f"{note} {training_note(out)}".strip()
     (out_dir / TABLE_FILE).write_text(f"{title}\n\n{probe_table(out)}\n\n{note}\n")
     for epoch in range(out["epochs"] + 1):
         values = {
