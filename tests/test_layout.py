@@ -12,21 +12,43 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def loaded_after(code: str) -> set:
-    """Names in sys.modules after running `code` in a fresh interpreter."""
-    script = textwrap.dedent(code) + "\nimport sys\nprint('MODULES', *sys.modules)\n"
-    proc = subprocess.run(
-        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120, cwd=ROOT
-    )
-    assert proc.returncode == 0, proc.stderr
-    return set(proc.stdout.split("MODULES", 1)[1].split())
+# What each layout test imports, in a fresh interpreter of its own. The four interpreters
+# start together (`loaded`): each pays the imports of torch and Lightning, 5-10 s on 2 cores.
+SCRIPTS = {
+    "model": "import raptor.model.raptor, raptor.model.teacher, raptor.model.backbone, "
+    "raptor.model.partition",
+    "config_show": """
+        import raptor
+        from raptor.cli import main
+        # demo.yaml sets trainer.num_threads, which does import torch to apply it
+        assert main(["config", "show", "configs/demo.yaml", "trainer.num_threads=null"]) == 0
+        """,
+    "dmd": "import dmd, dmd.callback, dmd.evaluate, dmd.sweeps, dmd.plots",
+    "evaluation": "import raptor.eval.validation, raptor.eval.phases, raptor.eval.dmd_baselines, "
+    "raptor.eval.summary",
+}
 
 
-def test_model_imports_without_lightning_or_the_command_line():
-    loaded = loaded_after(
-        "import raptor.model.raptor, raptor.model.teacher, raptor.model.backbone, "
-        "raptor.model.partition"
-    )
+@pytest.fixture(scope="module")
+def loaded() -> dict:
+    """SCRIPTS' names -> the names in sys.modules after running the script."""
+    procs = {}
+    for name, code in SCRIPTS.items():
+        script = textwrap.dedent(code) + "\nimport sys\nprint('MODULES', *sys.modules)\n"
+        procs[name] = subprocess.Popen(
+            [sys.executable, "-c", script], cwd=ROOT, text=True,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        )  # fmt: skip
+    out = {}
+    for name, proc in procs.items():
+        stdout, stderr = proc.communicate(timeout=180)
+        assert proc.returncode == 0, (name, stderr)
+        out[name] = set(stdout.split("MODULES", 1)[1].split())
+    return out
+
+
+def test_model_imports_without_lightning_or_the_command_line(loaded):
+    loaded = loaded["model"]
     assert "raptor.model.teacher" in loaded
     heavy = {m for m in loaded if m.split(".")[0] in ("lightning", "pytorch_lightning")}
     assert heavy == set()
@@ -34,15 +56,8 @@ def test_model_imports_without_lightning_or_the_command_line():
     assert outside == set()
 
 
-def test_import_raptor_and_config_show_stay_torch_free():
-    loaded = loaded_after(
-        """
-        import raptor
-        from raptor.cli import main
-        # demo.yaml sets trainer.num_threads, which does import torch to apply it
-        assert main(["config", "show", "configs/demo.yaml", "trainer.num_threads=null"]) == 0
-        """
-    )
+def test_import_raptor_and_config_show_stay_torch_free(loaded):
+    loaded = loaded["config_show"]
     assert "raptor.commands.config" in loaded
     assert "torch" not in loaded
 
@@ -62,18 +77,15 @@ def test_public_api_from_the_top_level():
         _ = raptor.Surrogate
 
 
-def test_dmd_imports_nothing_from_raptor():
-    loaded = loaded_after("import dmd, dmd.callback, dmd.evaluate, dmd.sweeps, dmd.plots")
+def test_dmd_imports_nothing_from_raptor(loaded):
+    loaded = loaded["dmd"]
     assert "dmd.callback" in loaded
     assert {m for m in loaded if m.split(".")[0] == "raptor"} == set()
 
 
-def test_evaluation_does_not_load_the_training_module():
+def test_evaluation_does_not_load_the_training_module(loaded):
     """Validation, phases, DMD baselines and summaries run without raptor.train.fit (the
     Distiller builds on raptor.eval.validation, not the other way round)."""
-    loaded = loaded_after(
-        "import raptor.eval.validation, raptor.eval.phases, raptor.eval.dmd_baselines, "
-        "raptor.eval.summary"
-    )
+    loaded = loaded["evaluation"]
     assert "raptor.eval.validation" in loaded
     assert "raptor.train.fit" not in loaded
