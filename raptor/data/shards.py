@@ -580,8 +580,9 @@ def ensure_shards(cfg: Any, default_dir: str | Path, overwrite: bool = False) ->
     if source == "shards":
         return cfg
     out = Path(cfg.data.shards_dir or default_dir)
-    if not (out / MANIFEST).is_file() and distributed.global_rank() != 0:
-        _wait_for(out / MANIFEST, f"rank {distributed.global_rank()}: waiting for rank 0")
+    rank = distributed.global_rank()
+    if not (out / MANIFEST).is_file() and rank != 0:
+        _wait_for(out / MANIFEST, f"rank {rank}: waiting for rank 0")
     elif not (out / MANIFEST).is_file():
         d = cfg.data
         write_shards(
